@@ -1,0 +1,1 @@
+"""ferryd's REST/JSON + websocket API: server and client."""

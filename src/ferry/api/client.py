@@ -1,0 +1,97 @@
+"""Async client of ferryd's API, over its Unix socket.
+
+Every error comes back as the FerryError subclass the daemon raised
+(structured JSON, never a string to parse); a daemon that can't be reached
+is a FerryError too, naming the socket.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from ferry.errors import FerryError
+
+DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
+
+
+class FerryClient:
+    def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float = 600.0) -> None:
+        self.socket = socket
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(socket)),
+            timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def __aenter__(self) -> FerryClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._session.request(
+                    method, "http://ferryd" + path,
+                    data=None if body is None else json.dumps(body),
+                    headers={"Content-Type": "application/json"}) as resp:
+                raw = await resp.read()
+                ctype = resp.content_type
+                status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            raise FerryError(f"cannot reach ferryd at {self.socket}: {exc.os_error.strerror}"
+                             ) from exc
+        except aiohttp.ClientError as exc:
+            raise FerryError(f"lost ferryd at {self.socket}: {exc}") from exc
+        if ctype != "application/json":
+            if status >= 400:
+                raise FerryError(f"ferryd answered {status}: {raw[:200]!r}")
+            return raw
+        data = json.loads(raw)
+        if status >= 400:
+            raise FerryError.from_json(data.get("error", {"message": str(data)}))
+        return data
+
+    # -- the API, one method per endpoint ----------------------------------------------
+    async def host(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/host")  # type: ignore[no-any-return]
+
+    async def domains(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/v1/domains")  # type: ignore[no-any-return]
+
+    async def domain(self, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/domains/{name}")  # type: ignore[no-any-return]
+
+    async def define(self, config: dict[str, Any], start: bool = False) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/v1/domains", {"config": config, "start": start})
+
+    async def undefine(self, name: str) -> None:
+        await self.request("DELETE", f"/v1/domains/{name}")
+
+    async def action(self, name: str, action: str, **body: Any) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/v1/domains/{name}/{action}", body or None)
+
+    async def console_log(self, name: str, tail: int | None = None) -> bytes:
+        query = f"?tail={tail}" if tail is not None else ""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/v1/domains/{name}/console/log{query}")
+
+    async def console(self, name: str) -> aiohttp.ClientWebSocketResponse:
+        """A websocket to the domain's console (binary frames both ways)."""
+        try:
+            return await self._session.ws_connect(f"http://ferryd/v1/domains/{name}/console")
+        except aiohttp.WSServerHandshakeError as exc:
+            # the daemon refused before upgrading: fetch the structured reason
+            await self.domain(name)
+            raise FerryError(f"console of {name} is not available ({exc.status})") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise FerryError(f"cannot reach ferryd at {self.socket}: {exc.os_error.strerror}"
+                             ) from exc

@@ -1,0 +1,197 @@
+"""ferryd's management API (aiohttp): REST/JSON, plus a websocket for consoles.
+
+Errors leave as ``{"error": {code, kind, message, details}}`` with a fitting
+HTTP status; anything that is not a FerryError is logged and reported as an
+internal error, never as a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import WSMsgType, web
+from pydantic import BaseModel, ValidationError
+
+from ferry.console import ConsoleHub, read_log
+from ferry.domains import DomainService
+from ferry.errors import FerryError, InvalidInput, NotFound
+from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
+from ferry.validation import describe
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SVC: web.AppKey[DomainService] = web.AppKey("svc", DomainService)
+HOSTINFO: web.AppKey[Callable[[], HostInfo]] = web.AppKey("hostinfo")
+HUBS: web.AppKey[dict[str, ConsoleHub]] = web.AppKey("hubs", dict)
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    if isinstance(data, BaseModel):
+        body = data.model_dump_json()
+    else:
+        body = json.dumps(data, default=_jsonable)
+    return web.Response(text=body, status=status, content_type="application/json")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def error_response(err: FerryError) -> web.Response:
+    return web.Response(text=json.dumps({"error": err.to_json()}, default=str),
+                        status=err.http_status, content_type="application/json")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except FerryError as err:
+        log.info("%s %s refused/failed: %s", request.method, request.path, err.message)
+        return error_response(err)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(FerryError(f"internal error in ferryd: {exc!r}"))
+
+
+async def body_as(request: web.Request, model: type[M]) -> M:
+    try:
+        raw = await request.read()
+        data = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc)) from exc
+
+
+def domain_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+# -- handlers --------------------------------------------------------------------------
+async def get_host(request: web.Request) -> web.Response:
+    return ok(request.app[HOSTINFO]())
+
+
+async def list_domains(request: web.Request) -> web.Response:
+    return ok([d.model_dump(mode="json", exclude={"config"})
+               for d in request.app[SVC].list()])
+
+
+async def define_domain(request: web.Request) -> web.Response:
+    req = await body_as(request, DefineRequest)
+    info = await request.app[SVC].define(req.config, start=req.start)
+    return ok(info, status=201)
+
+
+async def get_domain(request: web.Request) -> web.Response:
+    return ok(request.app[SVC].get(domain_name(request)).info(with_config=True))
+
+
+async def undefine_domain(request: web.Request) -> web.Response:
+    await request.app[SVC].undefine(domain_name(request))
+    return ok({"undefined": request.match_info["name"]})
+
+
+async def domain_action(request: web.Request) -> web.Response:
+    svc, name = request.app[SVC], domain_name(request)
+    action = request.match_info["action"]
+    if action == "shutdown":
+        req = await body_as(request, ShutdownRequest)
+        return ok(await svc.shutdown(name, req.timeout))
+    actions = {"start": svc.start, "pause": svc.pause, "unpause": svc.unpause,
+               "destroy": svc.destroy, "reboot": svc.reboot}
+    if action not in actions:
+        raise InvalidInput(f"unknown action {action!r}; one of: shutdown, "
+                           + ", ".join(actions))
+    return ok(await actions[action](name))
+
+
+async def console_log(request: web.Request) -> web.Response:
+    svc, name = request.app[SVC], domain_name(request)
+    svc.get(name)
+    tail = request.query.get("tail")
+    try:
+        tail_n = int(tail) if tail is not None else None
+    except ValueError as exc:
+        raise InvalidInput(f"tail must be a number of bytes, not {tail!r}") from exc
+    data = read_log(svc.paths(name).console_log, tail_n)
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def console_ws(request: web.Request) -> web.StreamResponse:
+    """Attach to a running domain's console: binary frames both ways."""
+    svc, name = request.app[SVC], domain_name(request)
+    dom = svc.get(name)
+    if dom.proc is None or not dom.config.serial:
+        raise NotFound(f"domain {name} has no running console ({dom.state.value})",
+                       domain=name)
+    hubs = request.app[HUBS]
+    hub = hubs.get(name)
+    if hub is None:
+        hub = hubs[name] = ConsoleHub(name, svc.paths(name).console)
+    try:
+        queue = await hub.attach()
+    except OSError as exc:
+        raise NotFound(f"console of {name} is not available: {exc}", domain=name) from exc
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+
+    async def outbound() -> None:
+        while (chunk := await queue.get()) is not None:
+            await ws.send_bytes(chunk)
+        await ws.close(message=b"console closed: the domain stopped")
+
+    out_task = asyncio.create_task(outbound())
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                await hub.send(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await hub.send(msg.data.encode())
+            elif msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+                break
+    finally:
+        out_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await out_task
+        await hub.detach(queue)
+    return ws
+
+
+def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo]) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+    app[SVC] = svc
+    app[HOSTINFO] = hostinfo
+    app[HUBS] = {}
+    app.router.add_get("/v1/host", get_host)
+    app.router.add_get("/v1/domains", list_domains)
+    app.router.add_post("/v1/domains", define_domain)
+    app.router.add_get("/v1/domains/{name}", get_domain)
+    app.router.add_delete("/v1/domains/{name}", undefine_domain)
+    app.router.add_post("/v1/domains/{name}/{action}", domain_action)
+    app.router.add_get("/v1/domains/{name}/console/log", console_log)
+    app.router.add_get("/v1/domains/{name}/console", console_ws)
+
+    async def close_hubs(app: web.Application) -> None:
+        for hub in app[HUBS].values():
+            await hub.close()
+
+    app.on_shutdown.append(close_hubs)
+    return app

@@ -1,0 +1,247 @@
+"""ferry: drive ferryd from the command line.
+
+Human tables by default, ``--json`` on every read command; every error is one
+line on stderr and a non-zero exit status (1: refused or failed, 2: usage).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ferry.api.client import DEFAULT_SOCKET, FerryClient
+from ferry.errors import FerryError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="ferry", no_args_is_help=True, add_completion=False,
+    help="Run QEMU domains on this host and move them between hosts.",
+    context_settings={"help_option_names": ["-h", "--help"]})
+
+SocketOpt = Annotated[Path, typer.Option(
+    "--socket", envvar="FERRY_SOCKET", help="ferryd's API socket.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+NameArg = Annotated[str, typer.Argument(help="The domain's name.", show_default=False)]
+
+_state: dict[str, Path] = {"socket": DEFAULT_SOCKET}
+
+
+@app.callback()
+def main(socket: SocketOpt = DEFAULT_SOCKET) -> None:
+    """Ferry: run QEMU domains ("xm" for QEMU hosts)."""
+    _state["socket"] = socket
+
+
+def fail(message: str, code: int = 1) -> None:
+    sys.stderr.write(f"ferry: error: {message}\n")
+    raise typer.Exit(code)
+
+
+def call(fn: Callable[[FerryClient], Awaitable[T]]) -> T:
+    """Run one API call against the configured socket; errors become one line."""
+    async def go() -> T:
+        async with FerryClient(_state["socket"]) as client:
+            return await fn(client)
+    try:
+        return asyncio.run(go())
+    except FerryError as err:
+        fail(err.message)
+        raise AssertionError("unreachable") from err
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _console() -> Any:
+    from rich.console import Console  # imported late: keeps `ferry list --json` quick
+    return Console()
+
+
+def _since(ts: float) -> str:
+    secs = max(0, int(time.time() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+# -- reading ---------------------------------------------------------------------------
+@app.command("list")
+def list_(as_json: JsonOpt = False) -> None:
+    """List this host's domains and their states."""
+    doms = call(lambda c: c.domains())
+    if as_json:
+        return print_json(doms)
+    from rich.table import Table
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "STATE", "MEM", "VCPUS", "PID", "SINCE", "REASON"):
+        table.add_column(col)
+    for d in doms:
+        table.add_row(d["name"], d["state"], f"{d['memory']}M", str(d["vcpus"]),
+                      str(d["pid"] or "-"), _since(d["state_since"]), d["state_reason"])
+    _console().print(table)
+
+
+@app.command()
+def info(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Show one domain: state, resources, definition."""
+    dom = call(lambda c: c.domain(name))
+    if as_json:
+        return print_json(dom)
+    cfg = dom["config"]
+    rows = [("name", dom["name"]), ("uuid", dom["uuid"]), ("state", dom["state"]),
+            ("reason", dom["state_reason"]), ("since", _since(dom["state_since"]) + " ago"),
+            ("pid", str(dom["pid"] or "-")), ("accel", dom["accel"] or "-"),
+            ("memory", f"{cfg['memory']} MiB"), ("vcpus", str(cfg["vcpus"])),
+            ("machine", cfg["machine"]), ("cpu", cfg["cpu"])]
+    if cfg.get("kernel"):
+        rows += [("kernel", cfg["kernel"]), ("initrd", cfg.get("initrd") or "-"),
+                 ("cmdline", cfg.get("cmdline") or "")]
+    for i, disk in enumerate(cfg["disks"]):
+        rows.append((f"disk{i}", f"{disk['path']} ({disk['format']}, {disk['bus']})"))
+    for i, nic in enumerate(cfg["nics"]):
+        where = nic.get("bridge") or nic["mode"]
+        rows.append((f"nic{i}", f"{nic['mac']} {nic['model']} on {where}"))
+    from rich.table import Table
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+@app.command()
+def host(as_json: JsonOpt = False) -> None:
+    """Show this host: name, accelerator, QEMU, memory."""
+    data = call(lambda c: c.host())
+    if as_json:
+        return print_json(data)
+    for key in ("name", "arch", "accel", "qemu_version", "memory_total", "memory_free",
+                "domains", "running", "state_dir"):
+        unit = " MiB" if key.startswith("memory") else ""
+        typer.echo(f"{key:<13} {data[key]}{unit}")
+
+
+# -- defining --------------------------------------------------------------------------
+def load_definition(path: Path) -> dict[str, Any]:
+    """Read a domain's TOML; relative paths are taken from the file's folder."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    except tomllib.TOMLDecodeError as exc:
+        fail(f"malformed TOML in {path}: {exc}")
+    base = path.resolve().parent
+    for key in ("kernel", "initrd"):
+        if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+            data[key] = str(base / data[key])
+    for disk in data.get("disks", []) if isinstance(data.get("disks"), list) else []:
+        if isinstance(disk, dict) and isinstance(disk.get("path"), str) \
+                and not os.path.isabs(disk["path"]):
+            disk["path"] = str(base / disk["path"])
+    return data
+
+
+FileArg = Annotated[Path, typer.Argument(help="The domain's TOML definition.",
+                                         show_default=False)]
+
+
+@app.command()
+def define(file: FileArg) -> None:
+    """Define a domain from a TOML file (it stays shut off)."""
+    cfg = load_definition(file)
+    dom = call(lambda c: c.define(cfg))
+    typer.echo(f"defined {dom['name']} ({dom['uuid']})")
+
+
+@app.command()
+def create(file: FileArg) -> None:
+    """Define a domain from a TOML file and start it."""
+    cfg = load_definition(file)
+    dom = call(lambda c: c.define(cfg, start=True))
+    typer.echo(f"created {dom['name']} ({dom['uuid']}), running")
+
+
+@app.command()
+def undefine(name: NameArg) -> None:
+    """Forget a shut-off domain (its definition and logs)."""
+    call(lambda c: c.undefine(name))
+    typer.echo(f"undefined {name}")
+
+
+# -- lifecycle -------------------------------------------------------------------------
+def _action(name: str, action: str, **body: Any) -> dict[str, Any]:
+    return call(lambda c: c.action(name, action, **body))
+
+
+@app.command()
+def start(name: NameArg) -> None:
+    """Start a defined domain."""
+    _action(name, "start")
+    typer.echo(f"started {name}")
+
+
+@app.command()
+def pause(name: NameArg) -> None:
+    """Pause a running domain (its vCPUs stop; memory stays)."""
+    _action(name, "pause")
+    typer.echo(f"paused {name}")
+
+
+@app.command()
+def unpause(name: NameArg) -> None:
+    """Resume a paused domain."""
+    _action(name, "unpause")
+    typer.echo(f"unpaused {name}")
+
+
+@app.command()
+def shutdown(name: NameArg, timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for the guest before destroying it.")] = 60.0) -> None:
+    """Shut a domain down (ACPI power button), destroying it after --timeout."""
+    dom = _action(name, "shutdown", timeout=timeout)
+    typer.echo(f"{name}: {dom['state']} ({dom['state_reason']})")
+
+
+@app.command()
+def destroy(name: NameArg) -> None:
+    """Stop a domain at once, like pulling the plug."""
+    _action(name, "destroy")
+    typer.echo(f"destroyed {name}")
+
+
+@app.command()
+def reboot(name: NameArg) -> None:
+    """Reset a domain (a hard reset: the guest is not asked first)."""
+    _action(name, "reboot")
+    typer.echo(f"rebooted {name}")
+
+
+@app.command()
+def console(name: NameArg, log: Annotated[bool, typer.Option(
+        "--log", help="Print the console log instead of attaching.")] = False,
+        tail: Annotated[int | None, typer.Option(
+            help="With --log: only the last TAIL bytes.", min=1)] = None) -> None:
+    """Attach to a domain's serial console (Ctrl-] detaches)."""
+    if log:
+        data = call(lambda c: c.console_log(name, tail))
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    from ferry.cli.console import attach
+    call(lambda c: attach(c, name))
+
+
+def run() -> None:
+    app()

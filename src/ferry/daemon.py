@@ -1,0 +1,154 @@
+"""ferryd: the host daemon.
+
+    ferryd [--config FILE] [--state-dir DIR] [--socket PATH] [--name NAME]
+           [--accel auto|kvm|tcg] [--log-level LEVEL]
+
+One ferryd per state directory (a lock file makes sure); several can run side
+by side on one machine with different state directories. Stopping ferryd
+(SIGTERM, SIGINT, or kill -9) leaves its domains running; the next ferryd
+re-attaches to them.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from ferry.api.server import make_app
+from ferry.domains import DomainService
+from ferry.errors import FerryError
+from ferry.events import EventBus
+from ferry.hostconfig import HostConfig, load_host_config
+from ferry.hostres import meminfo
+from ferry.models import HostInfo
+from ferry.qemu.probe import qemu_version, resolve_accel
+from ferry.store import Store
+
+log = logging.getLogger("ferryd")
+
+
+class Daemon:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self._lockfile: int | None = None
+        self._runner: web.AppRunner | None = None
+        self.svc: DomainService | None = None
+        self.store: Store | None = None
+
+    def _take_lock(self) -> None:
+        path = self.config.state_dir / "ferryd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise FerryError(f"another ferryd already uses {self.config.state_dir}") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lockfile = fd
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(cfg.state_dir, 0o700)
+        (cfg.state_dir / "domains").mkdir(exist_ok=True, mode=0o700)
+        self._take_lock()
+        accel = await asyncio.to_thread(resolve_accel, cfg.accel.value, cfg.qemu)
+        log.info("host %s: state in %s, accelerator %s, %s", cfg.name, cfg.state_dir, accel,
+                 qemu_version(cfg.qemu))
+        self.store = Store(cfg.state_dir / "ferry.db")
+        self.svc = DomainService(cfg, self.store, accel, EventBus())
+        await self.svc.recover()
+        app = make_app(self.svc, self.host_info)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=2.0)
+        await self._runner.setup()
+        sock = cfg.socket_path
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        old = os.umask(0o177)  # the socket is born root-only: no window for others
+        try:
+            await web.UnixSite(self._runner, str(sock)).start()
+        finally:
+            os.umask(old)
+        log.info("listening on %s", sock)
+
+    def host_info(self) -> HostInfo:
+        assert self.svc is not None
+        mem = meminfo()
+        domains = self.svc.list()
+        return HostInfo(name=self.config.name, accel=self.svc.accel, qemu=self.config.qemu,
+                        qemu_version=qemu_version(self.config.qemu), arch=platform.machine(),
+                        memory_total=mem["MemTotal"] // 1024,
+                        memory_free=self.svc.memory_free(), domains=len(domains),
+                        running=sum(1 for d in domains if d.pid),
+                        state_dir=str(self.config.state_dir))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.svc is not None:
+            await self.svc.close()
+        if self.store is not None:
+            self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket_path.unlink()
+        if self._lockfile is not None:
+            os.close(self._lockfile)
+
+
+async def serve(config: HostConfig) -> None:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        print(f"ferryd {config.name} ready on {config.socket_path}", flush=True)
+        await stop.wait()
+        log.info("stopping (domains keep running)")
+    finally:
+        await daemon.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="ferryd", description=__doc__.splitlines()[0],
+                                 epilog="Domains keep running when ferryd stops.")
+    ap.add_argument("--config", type=Path, help="TOML configuration file")
+    ap.add_argument("--state-dir", type=Path, help="all of this host's state (default "
+                    "/var/lib/ferry)")
+    ap.add_argument("--socket", type=Path, help="Unix socket of the API "
+                    "(default STATE_DIR/ferryd.sock)")
+    ap.add_argument("--name", help="this host's name (default: the machine's host name)")
+    ap.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator")
+    ap.add_argument("--log-level", default="INFO",
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    if os.geteuid() != 0:
+        sys.exit("ferryd: must run as root")
+    try:
+        config = load_host_config(
+            args.config, state_dir=str(args.state_dir.resolve()) if args.state_dir else None,
+            socket=str(args.socket.resolve()) if args.socket else None, name=args.name,
+            accel=args.accel)
+        asyncio.run(serve(config))
+    except FerryError as exc:
+        sys.exit(f"ferryd: {exc.message}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The domain service: define, start, stop and watch this host's domains.
+
+Every state change goes through ``DomainService._set_state``, which checks the
+transition against ``models.TRANSITIONS``, persists it, logs it and publishes
+an event. QEMU's own events (STOP, RESUME, SHUTDOWN) and its exit keep the
+stored state in step with what really runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.errors import (
+    Busy,
+    Conflict,
+    FerryError,
+    InsufficientResources,
+    InvalidInput,
+    NotFound,
+    QemuError,
+)
+from ferry.events import EventBus
+from ferry.hostconfig import HostConfig
+from ferry.hostres import bridge_exists, meminfo, rss_mib
+from ferry.models import (
+    ACTIVE_STATES,
+    TRANSITIONS,
+    DomainConfig,
+    DomainInfo,
+    DomainState,
+    NicMode,
+)
+from ferry.qemu.argv import RuntimePaths, build_argv
+from ferry.qemu.process import QemuProcess, pid_alive, read_pid, remove_runtime_files
+from ferry.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Domain:
+    """A defined domain and, while it runs, its QEMU."""
+
+    config: DomainConfig
+    state: DomainState
+    reason: str
+    since: float
+    accel: str | None = None
+    proc: QemuProcess | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # why QEMU is about to exit, when Ferry asked it to (destroy, shutdown)
+    expected_exit: str | None = None
+    guest_powered_off: bool = False
+    # why the next STOP/RESUME event happens, when Ferry caused it
+    pending_reason: str | None = None
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def info(self, with_config: bool = False) -> DomainInfo:
+        return DomainInfo(name=self.name, uuid=str(self.config.uuid), state=self.state,
+                          memory=self.config.memory, vcpus=self.config.vcpus,
+                          accel=self.accel, pid=self.proc.pid if self.proc else None,
+                          state_reason=self.reason, state_since=self.since,
+                          config=self.config if with_config else None)
+
+
+class DomainService:
+    def __init__(self, host: HostConfig, store: Store, accel: str, events: EventBus) -> None:
+        self.host = host
+        self.store = store
+        self.accel = accel
+        self.events = events
+        self.domains: dict[str, Domain] = {}
+
+    # -- paths and lookups ------------------------------------------------------------
+    def paths(self, name: str) -> RuntimePaths:
+        return RuntimePaths(self.host.state_dir / "domains" / name)
+
+    def get(self, name: str) -> Domain:
+        dom = self.domains.get(name)
+        if dom is None:
+            raise NotFound(f"no domain named {name!r} on host {self.host.name}", domain=name)
+        return dom
+
+    def list(self) -> list[DomainInfo]:
+        return [d.info() for d in sorted(self.domains.values(), key=lambda d: d.name)]
+
+    # -- startup and shutdown of the service ------------------------------------------
+    async def recover(self) -> None:
+        """Load every stored domain; re-attach to QEMUs still running; reconcile."""
+        for rec in self.store.domains():
+            dom = Domain(rec.config, rec.state, rec.state_reason, rec.state_since, rec.accel)
+            self.domains[dom.name] = dom
+            paths = self.paths(dom.name)
+            try:
+                proc = await QemuProcess.attach(dom.name, paths, self._event_handler(dom))
+            except QemuError as exc:
+                # alive but deaf: don't guess, kill it and say so
+                pid = read_pid(paths)
+                log.error("%s: %s; killing pid %s", dom.name, exc, pid)
+                if pid and pid_alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc = None
+            if proc is None:
+                remove_runtime_files(paths)
+                if dom.state in ACTIVE_STATES:
+                    new = DomainState.shutoff if dom.state == DomainState.stopping \
+                        else DomainState.crashed
+                    self._set_state(dom, new, "QEMU was gone when ferryd started")
+                continue
+            dom.proc = proc
+            status = await proc.qmp.execute("query-status")
+            real = DomainState.running if status["running"] else DomainState.paused
+            if status["status"] == "prelaunch":
+                # died between launch and 'cont' in an earlier life: finish the start
+                await proc.qmp.execute("cont")
+                real = DomainState.running
+            if dom.state != real and dom.state != DomainState.stopping:
+                self._set_state(dom, real, f"re-attached: QEMU is {status['status']}")
+            dom.watcher = asyncio.create_task(self._watch(dom))
+
+    async def close(self) -> None:
+        """Stop watching; QEMUs keep running for the next ferryd."""
+        for dom in self.domains.values():
+            if dom.watcher:
+                dom.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dom.watcher
+            if dom.proc:
+                await dom.proc.close()
+
+    # -- state ------------------------------------------------------------------------
+    def _set_state(self, dom: Domain, new: DomainState, reason: str) -> None:
+        """The one place a domain's state changes: check, persist, log, publish."""
+        if new == dom.state:
+            return
+        if new not in TRANSITIONS[dom.state]:
+            raise Conflict(f"domain {dom.name} cannot go from {dom.state.value} to "
+                           f"{new.value}", domain=dom.name)
+        self.store.set_state(dom.name, new, reason, dom.accel)
+        log.info("domain %s: %s -> %s (%s)", dom.name, dom.state.value, new.value, reason)
+        dom.state, dom.reason, dom.since = new, reason, time.time()
+        self.events.publish("domain.state", domain=dom.name, state=new.value, reason=reason)
+
+    def _event_handler(self, dom: Domain) -> Any:
+        async def on_event(name: str, data: dict[str, Any]) -> None:
+            log.debug("domain %s: QEMU event %s %s", dom.name, name, data)
+            if name == "STOP" and dom.state == DomainState.running:
+                self._set_state(dom, DomainState.paused,
+                                dom.pending_reason or "QEMU stopped the guest")
+            elif name == "RESUME" and dom.state == DomainState.paused:
+                self._set_state(dom, DomainState.running,
+                                dom.pending_reason or "QEMU resumed the guest")
+            elif name == "SHUTDOWN" and data.get("guest"):
+                dom.guest_powered_off = True
+            self.events.publish("qemu." + name.lower(), domain=dom.name, data=data)
+        return on_event
+
+    async def _watch(self, dom: Domain) -> None:
+        """Wait for the domain's QEMU to exit, then record why."""
+        proc = dom.proc
+        assert proc is not None
+        await proc.wait_exit()
+        async with dom.lock:
+            await self._reap(dom, proc)
+
+    async def _reap(self, dom: Domain, proc: QemuProcess) -> None:
+        if dom.proc is not proc:
+            return
+        await proc.close()
+        remove_runtime_files(proc.paths)
+        dom.proc = None
+        if dom.expected_exit:
+            reason = dom.expected_exit
+            new = DomainState.shutoff
+        elif dom.guest_powered_off:
+            reason, new = "the guest powered off", DomainState.shutoff
+        else:
+            reason, new = "QEMU exited unexpectedly", DomainState.crashed
+        dom.expected_exit, dom.guest_powered_off = None, False
+        self._set_state(dom, new, reason)
+
+    # -- checks (change nothing) ------------------------------------------------------
+    def memory_free(self) -> int:
+        """MiB a new domain may use: available memory, less the host reserve and the
+        part of running domains' memory they have not touched yet."""
+        avail = meminfo()["MemAvailable"] // 1024
+        promised = sum(max(0, d.config.memory - rss_mib(d.proc.pid))
+                       for d in self.domains.values() if d.proc)
+        return max(0, avail - self.host.memory_reserve - promised)
+
+    def _check_host_paths(self, config: DomainConfig) -> None:
+        for label, path in (("kernel", config.kernel), ("initrd", config.initrd)):
+            if path is not None and not path.is_file():
+                raise InvalidInput(f"{label} {path}: no such file", domain=config.name)
+        for disk in config.disks:
+            if not disk.path.is_file() and not disk.path.is_block_device():
+                raise InvalidInput(f"disk {disk.path}: no such file", domain=config.name)
+
+    def _check_startable(self, config: DomainConfig) -> None:
+        self._check_host_paths(config)
+        free = self.memory_free()
+        if config.memory > free:
+            raise InsufficientResources(
+                f"domain {config.name} needs {config.memory} MiB but host {self.host.name} "
+                f"has {free} MiB free", domain=config.name, needed=config.memory, free=free)
+        for nic in config.nics:
+            if nic.mode == NicMode.bridge and not bridge_exists(str(nic.bridge)):
+                raise InvalidInput(f"bridge {nic.bridge} does not exist on host "
+                                   f"{self.host.name}", domain=config.name)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def define(self, config: DomainConfig, start: bool = False) -> DomainInfo:
+        """Add a domain (and start it if asked). Refuses duplicates, missing paths,
+        memory the host doesn't have; nothing is stored then."""
+        if config.name in self.domains:
+            raise Conflict(f"a domain named {config.name!r} already exists on host "
+                           f"{self.host.name}", domain=config.name)
+        other = self.store.find_uuid(str(config.uuid))
+        if other is not None:
+            raise Conflict(f"UUID {config.uuid} is already used by domain {other!r}",
+                           domain=config.name)
+        total = meminfo()["MemTotal"] // 1024 - self.host.memory_reserve
+        if config.memory > total:
+            raise InsufficientResources(
+                f"domain {config.name} wants {config.memory} MiB but host {self.host.name} "
+                f"has only {total} MiB for domains", domain=config.name)
+        if start:
+            self._check_startable(config)
+        else:
+            self._check_host_paths(config)
+        self.store.insert(config, DomainState.shutoff)
+        dom = Domain(config, DomainState.shutoff, "defined", time.time())
+        self.domains[config.name] = dom
+        self.events.publish("domain.defined", domain=config.name)
+        log.info("defined domain %s (%s)", config.name, config.uuid)
+        if start:
+            try:
+                await self.start(config.name)
+            except FerryError:
+                # create = define + start: a failed start leaves nothing behind
+                await self.undefine(config.name)
+                raise
+        return dom.info(with_config=True)
+
+    async def undefine(self, name: str) -> None:
+        dom = self.get(name)
+        async with self._locked(dom):
+            if dom.state in ACTIVE_STATES:
+                raise Conflict(f"domain {name} is {dom.state.value}: destroy or shut it "
+                               "down first", domain=name)
+            self.store.delete(name)
+            del self.domains[name]
+            shutil.rmtree(self.paths(name).root, ignore_errors=True)
+            self.events.publish("domain.undefined", domain=name)
+            log.info("undefined domain %s", name)
+
+    async def start(self, name: str) -> DomainInfo:
+        dom = self.get(name)
+        async with self._locked(dom):
+            if dom.state in ACTIVE_STATES:
+                raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
+            self._check_startable(dom.config)
+            paths = self.paths(name)
+            argv = build_argv(dom.config, paths, qemu=self.host.qemu,
+                              accel=self._accel_for(dom.config))
+            dom.expected_exit, dom.guest_powered_off = None, False
+            proc = await QemuProcess.launch(name, paths, argv, self._event_handler(dom))
+            try:
+                await proc.qmp.execute("cont")
+            except QemuError:
+                await proc.stop()
+                raise
+            dom.proc = proc
+            dom.accel = self._accel_for(dom.config)
+            self._set_state(dom, DomainState.running, "started")
+            dom.watcher = asyncio.create_task(self._watch(dom))
+            return dom.info()
+
+    async def pause(self, name: str) -> DomainInfo:
+        dom = self.get(name)
+        async with self._locked(dom):
+            proc = self._running(dom, {DomainState.running})
+            await self._qmp_with_reason(dom, proc, "stop", "paused by the operator")
+            self._set_state(dom, DomainState.paused, "paused by the operator")
+            return dom.info()
+
+    async def unpause(self, name: str) -> DomainInfo:
+        dom = self.get(name)
+        async with self._locked(dom):
+            proc = self._running(dom, {DomainState.paused})
+            await self._qmp_with_reason(dom, proc, "cont", "unpaused by the operator")
+            self._set_state(dom, DomainState.running, "unpaused by the operator")
+            return dom.info()
+
+    async def reboot(self, name: str) -> DomainInfo:
+        dom = self.get(name)
+        async with self._locked(dom):
+            proc = self._running(dom, {DomainState.running, DomainState.paused})
+            await proc.qmp.execute("system_reset")
+            return dom.info()
+
+    async def shutdown(self, name: str, timeout: float | None = None) -> DomainInfo:
+        """ACPI power button; destroy if the guest is still up after ``timeout``.
+
+        The wait happens outside the domain's lock, so ``destroy`` still works
+        while a shutdown is pending."""
+        dom = self.get(name)
+        timeout = self.host.shutdown_timeout if timeout is None else timeout
+        async with self._locked(dom):
+            proc = self._running(dom, {DomainState.running, DomainState.paused})
+            if dom.state == DomainState.paused:
+                await proc.qmp.execute("cont")  # a paused guest can't see the button
+            dom.expected_exit = "shut down by the operator"
+            await proc.qmp.execute("system_powerdown")
+            self._set_state(dom, DomainState.stopping, "ACPI shutdown requested")
+            watcher = dom.watcher
+        if await proc.wait_exit(timeout):
+            if watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            return dom.info()
+        with contextlib.suppress(Conflict):
+            await self._destroy(dom, f"destroyed: no shutdown within {timeout:g}s")
+        return dom.info()
+
+    async def destroy(self, name: str) -> DomainInfo:
+        """Stop QEMU at once (like pulling the plug)."""
+        dom = self.get(name)
+        await self._destroy(dom, "destroyed by the operator")
+        return dom.info()
+
+    async def _destroy(self, dom: Domain, reason: str) -> None:
+        async with self._locked(dom):
+            proc = self._running(dom, set(ACTIVE_STATES))
+            dom.expected_exit = reason
+            await proc.stop()
+            await self._finish_watch(dom, proc)
+
+    # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    async def _qmp_with_reason(dom: Domain, proc: QemuProcess, command: str,
+                               reason: str) -> None:
+        """Run a command whose QEMU event should carry the operator's reason."""
+        dom.pending_reason = reason
+        try:
+            await proc.qmp.execute(command)
+        finally:
+            dom.pending_reason = None
+
+    async def _finish_watch(self, dom: Domain, proc: QemuProcess) -> None:
+        """After Ferry stopped QEMU itself: record the exit now, under our lock."""
+        if dom.watcher:
+            dom.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dom.watcher
+            dom.watcher = None
+        await self._reap(dom, proc)
+
+    def _running(self, dom: Domain, allowed: set[DomainState]) -> QemuProcess:
+        if dom.state not in allowed or dom.proc is None:
+            raise Conflict(f"domain {dom.name} is {dom.state.value}", domain=dom.name,
+                           state=dom.state.value)
+        return dom.proc
+
+    def _accel_for(self, config: DomainConfig) -> str:
+        return self.accel if config.accel.value == "auto" else config.accel.value
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, dom: Domain) -> Any:
+        if dom.lock.locked():
+            # another operation on this domain runs: say so at once, don't queue
+            raise Busy(f"domain {dom.name} is busy with another operation", domain=dom.name)
+        async with dom.lock:
+            yield

@@ -1,0 +1,97 @@
+"""Ferry's exceptions.
+
+Two kinds of failure, so that an error says whether anything changed::
+
+    FerryError                      root: every error Ferry raises on purpose
+     ├── Refused                    nothing changed; safe to fix and retry
+     │    ├── InvalidInput          a name, path, size or enum is wrong
+     │    ├── NotFound              no such domain (or other object)
+     │    ├── Conflict              duplicate name/UUID, wrong state for the action
+     │    ├── Busy                  another operation holds the object
+     │    └── InsufficientResources not enough memory (or other resource) free
+     └── Failed                     execution went wrong; undo ran (or is needed)
+          └── QemuError             QEMU failed to start or to answer
+
+Every error carries a machine-readable ``code``, a one-line ``message`` and
+``details``; daemons and the CLI exchange them as structured JSON
+(``to_json``/``from_json``), never as strings to parse.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FerryError(Exception):
+    """Root of Ferry's errors."""
+
+    code: ClassVar[str] = "error"
+    kind: ClassVar[str] = "failed"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "kind": self.kind, "message": self.message,
+                "details": self.details}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> FerryError:
+        cls = _BY_CODE.get(str(data.get("code")), FerryError)
+        err = cls(str(data.get("message", "unknown error")), **(data.get("details") or {}))
+        return err
+
+
+class Refused(FerryError):
+    """The request was refused before anything changed."""
+
+    code = "refused"
+    kind = "refused"
+    http_status = 400
+
+
+class InvalidInput(Refused):
+    code = "invalid"
+    http_status = 400
+
+
+class NotFound(Refused):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(Refused):
+    code = "conflict"
+    http_status = 409
+
+
+class Busy(Refused):
+    code = "busy"
+    http_status = 409
+
+
+class InsufficientResources(Refused):
+    code = "insufficient_resources"
+    http_status = 409
+
+
+class Failed(FerryError):
+    """Something went wrong while changing the host; the undo has run."""
+
+    code = "failed"
+    http_status = 500
+
+
+class QemuError(Failed):
+    """QEMU failed: carries argv, exit code and QEMU's own stderr in details."""
+
+    code = "qemu_failed"
+    http_status = 500
+
+
+_BY_CODE: dict[str, type[FerryError]] = {
+    c.code: c for c in (FerryError, Refused, InvalidInput, NotFound, Conflict, Busy,
+                        InsufficientResources, Failed, QemuError)
+}

@@ -1,0 +1,1 @@
+"""Mechanisms that drive QEMU: argv builder, process, QMP, capability probes."""

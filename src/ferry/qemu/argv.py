@@ -1,0 +1,127 @@
+"""Domain definition → QEMU command line: a pure function, tested against golden files.
+
+Nothing here touches the host: paths for sockets and logs come in as
+``RuntimePaths``, the accelerator comes in already resolved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.models import DiskBus, DomainConfig, NicMode
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Where one domain's QEMU keeps its sockets, pid file and logs."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+
+def tap_name(config: DomainConfig, index: int) -> str:
+    """The tap device of a bridged NIC: stable, unique per domain, ≤ 15 chars."""
+    return f"fy{config.uuid.hex[:8]}n{index}"
+
+
+def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: str,
+               incoming: str | None = None) -> list[str]:
+    """The full argv that starts ``config`` paused (``-S``), QMP on ``paths.qmp``.
+
+    ``incoming``, when given, is passed as ``-incoming`` (``"defer"`` for a
+    migration destination)."""
+    argv = [
+        qemu,
+        "-name", f"guest={config.name},debug-threads=on",
+        "-uuid", str(config.uuid),
+        "-machine", config.machine,
+        "-accel", accel,
+        "-cpu", config.cpu,
+        "-m", f"{config.memory}M",
+        "-smp", str(config.vcpus),
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-msg", "timestamp=on",
+        "-S",
+        "-pidfile", str(paths.pidfile),
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+    ]
+    if config.kernel is not None:
+        argv += ["-kernel", str(config.kernel)]
+        if config.initrd is not None:
+            argv += ["-initrd", str(config.initrd)]
+        if config.cmdline:
+            argv += ["-append", config.cmdline]
+    argv += _disk_args(config)
+    argv += _nic_args(config)
+    if config.serial:
+        argv += [
+            "-chardev",
+            f"socket,id=console0,path={paths.console},server=on,wait=off,"
+            f"logfile={paths.console_log},logappend=on",
+            "-serial", "chardev:console0",
+        ]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+def _disk_args(config: DomainConfig) -> list[str]:
+    args: list[str] = []
+    if any(d.bus == DiskBus.scsi for d in config.disks):
+        args += ["-device", "virtio-scsi-pci,id=scsi0"]
+    ide_unit = 0
+    for i, disk in enumerate(config.disks):
+        node = f"disk{i}"
+        ro = "on" if disk.readonly else "off"
+        args += [
+            "-blockdev",
+            f"driver=file,filename={disk.path},node-name={node}-file,read-only={ro},"
+            "cache.direct=off,auto-read-only=on",
+            "-blockdev", f"driver={disk.format.value},file={node}-file,node-name={node},"
+            f"read-only={ro}",
+        ]
+        boot = f",bootindex={i}" if config.kernel is None else ""
+        if disk.bus == DiskBus.virtio:
+            args += ["-device", f"virtio-blk-pci,drive={node},id={node}-dev{boot}"]
+        elif disk.bus == DiskBus.scsi:
+            args += ["-device", f"scsi-hd,drive={node},id={node}-dev,bus=scsi0.0{boot}"]
+        else:
+            args += ["-device", f"ide-hd,drive={node},id={node}-dev,bus=ide.{ide_unit}{boot}"]
+            ide_unit += 1
+    return args
+
+
+def _nic_args(config: DomainConfig) -> list[str]:
+    args: list[str] = []
+    for i, nic in enumerate(config.nics):
+        dev = f"{nic.model.value},id=nic{i},mac={nic.mac}"
+        if nic.mode == NicMode.user:
+            fwd = "".join(f",hostfwd={f}" for f in nic.forwards)
+            args += ["-netdev", f"user,id=net{i}{fwd}", "-device", f"{dev},netdev=net{i}"]
+        elif nic.mode == NicMode.bridge:
+            args += ["-netdev",
+                     f"tap,id=net{i},ifname={tap_name(config, i)},script=no,downscript=no",
+                     "-device", f"{dev},netdev=net{i}"]
+        else:
+            args += ["-device", dev]
+    return args

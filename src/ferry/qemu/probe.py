@@ -1,0 +1,87 @@
+"""What this host's QEMU can do: version, machine types, a working accelerator."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# A 64 KiB "BIOS" whose reset vector writes 0x31 to the isa-debug-exit port:
+# QEMU then exits with (0x31 << 1) | 1 = 99 — proof the accelerator runs code.
+_PROBE_EXIT = 99
+
+
+def _probe_bios() -> bytes:
+    blob = bytearray(b"\xf4" * 65536)  # hlt everywhere
+    blob[0xFFF0:0xFFF5] = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4])  # mov al,0x31; out 0xf4,al
+    return bytes(blob)
+
+
+@functools.cache
+def qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "-version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    first = out.stdout.splitlines()[0] if out.stdout else ""
+    return first.replace("QEMU emulator version ", "").strip() or "unknown"
+
+
+@functools.cache
+def machine_types(qemu: str) -> frozenset[str]:
+    """Machine types (and aliases) that ``qemu -machine help`` lists."""
+    try:
+        out = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if parts:
+            names.add(parts[0])
+            if "(alias of" in line:
+                names.add(line.split("(alias of", 1)[1].strip(" )"))
+    return frozenset(names)
+
+
+def kvm_works(qemu: str) -> bool:
+    """True only if KVM really runs a guest here.
+
+    Opening /dev/kvm is not enough: nested KVM on some clouds runs real-mode
+    code but then hangs a Linux kernel, and QEMU warns that the host lacks
+    basic CPUID features (e.g. SSE3). Treat either as "no KVM"."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        bios = Path(tmp) / "probe.bin"
+        bios.write_bytes(_probe_bios())
+        try:
+            out = subprocess.run(
+                [qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "qemu64", "-nodefaults",
+                 "-display", "none", "-no-user-config", "-bios", str(bios),
+                 "-device", "isa-debug-exit,iobase=0xf4,iosize=1"],
+                capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    if out.returncode != _PROBE_EXIT:
+        return False
+    if "doesn't support requested feature" in out.stderr:
+        log.warning("KVM is present but incomplete (%s): using TCG",
+                    out.stderr.strip().splitlines()[0])
+        return False
+    return True
+
+
+def resolve_accel(wanted: str, qemu: str) -> str:
+    """``auto`` → kvm if it really works, else tcg; ``kvm``/``tcg`` as given."""
+    if wanted != "auto":
+        return wanted
+    return "kvm" if kvm_works(qemu) else "tcg"
