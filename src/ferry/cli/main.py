@@ -30,7 +30,17 @@ app = typer.Typer(
 SocketOpt = Annotated[Path, typer.Option(
     "--socket", envvar="FERRY_SOCKET", help="ferryd's API socket.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-NameArg = Annotated[str, typer.Argument(help="The domain's name.", show_default=False)]
+def _valid_name(value: str) -> str:
+    from ferry.models import check_name
+    try:
+        return check_name(value)
+    except ValueError as exc:
+        fail(str(exc))
+        raise AssertionError("unreachable") from exc
+
+
+NameArg = Annotated[str, typer.Argument(help="The domain's name.", show_default=False,
+                                        callback=_valid_name)]
 
 _state: dict[str, Path] = {"socket": DEFAULT_SOCKET}
 

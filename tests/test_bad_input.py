@@ -1,0 +1,158 @@
+"""Bad input is refused with a clear one-line reason and changes nothing."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Host, free_port, guest_config, to_toml
+
+
+def snapshot(host: Host) -> tuple[Any, list[str]]:
+    doms = host.domains()
+    for d in doms.values():
+        d.pop("state_since")
+    return doms, sorted(os.listdir(host.state_dir / "domains"))
+
+
+def refuse(host: Host, cfg_text: str, workdir: Path, command: str = "create") -> str:
+    before = snapshot(host)
+    path = workdir / "bad.toml"
+    path.write_text(cfg_text)
+    res = host.ferry(command, str(path), check=False)
+    assert res.returncode != 0, f"accepted: {cfg_text}"
+    err = res.stderr.strip()
+    assert err.startswith("ferry: error: ") and "\n" not in err, err
+    assert "Traceback" not in res.stderr
+    assert snapshot(host) == before
+    assert host.qemu_pids() == [] or all(
+        p in [d["pid"] for d in host.domains().values()] for p in host.qemu_pids())
+    return err
+
+
+@pytest.fixture(scope="module")
+def base(host: Host) -> dict[str, Any]:
+    # a valid definition, defined once, so that duplicates can be tried
+    cfg = guest_config("existing", free_port(), uuid=str(uuid.uuid4()))
+    path = host.root / "existing.toml"
+    path.write_text(to_toml(cfg))
+    host.ferry("define", str(path))
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["", "-lead", ".dot", "has space", "semi;colon", "a/b",
+                                  "../up", "x" * 64, "ünï", "$(reboot)"])
+def test_invalid_names(host: Host, workdir: Path, base: dict[str, Any], name: str) -> None:
+    err = refuse(host, to_toml(guest_config(name, 1)), workdir)
+    assert "name" in err
+
+
+def test_longest_valid_name_is_accepted(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    name = "a" + "b" * 62
+    path = workdir / "long.toml"
+    path.write_text(to_toml(guest_config(name, 1)))
+    host.ferry("define", str(path))
+    host.ferry("undefine", name)
+
+
+def test_duplicate_name(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    err = refuse(host, to_toml(guest_config("existing", 1)), workdir)
+    assert "already exists" in err
+
+
+def test_duplicate_uuid(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    err = refuse(host, to_toml(guest_config("other", 1, uuid=base["uuid"])), workdir)
+    assert base["uuid"] in err and "existing" in err
+
+
+def test_memory_beyond_host(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    err = refuse(host, to_toml(guest_config("huge", 1, memory=8 * 1024 * 1024)), workdir)
+    assert "MiB" in err
+
+
+@pytest.mark.parametrize("key", ["kernel", "initrd"])
+def test_missing_boot_files(host: Host, workdir: Path, base: dict[str, Any], key: str) -> None:
+    cfg = guest_config("nofile", 1, **{key: "/nonexistent/file"})
+    err = refuse(host, to_toml(cfg), workdir)
+    assert key in err and "/nonexistent/file" in err
+
+
+def test_missing_disk(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    cfg = guest_config("nodisk", 1, disks=[{"path": "/nonexistent/disk.qcow2"}])
+    err = refuse(host, to_toml(cfg), workdir)
+    assert "/nonexistent/disk.qcow2" in err
+
+
+def test_malformed_toml(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    err = refuse(host, 'name = "x"\nmemory = = 3\n', workdir)
+    assert "malformed TOML" in err
+
+
+@pytest.mark.parametrize("extra", [{"colour": "blue"}, {"nics": [{"mode": "user", "speed": 1}]}])
+def test_unknown_fields(host: Host, workdir: Path, base: dict[str, Any],
+                        extra: dict[str, Any]) -> None:
+    cfg = guest_config("unknown", 1)
+    cfg.update(extra)
+    err = refuse(host, to_toml(cfg), workdir)
+    assert "unknown field" in err
+
+
+@pytest.mark.parametrize("field,value,word", [
+    ("memory", -5, "memory"), ("vcpus", 0, "vcpus"), ("memory", "lots", "memory"),
+    ("accel", "warp", "accel"), ("machine", "q35,foo=bar", "machine"),
+    ("kernel", "relative/../../etc/passwd", "kernel"),
+])
+def test_bad_values(host: Host, workdir: Path, base: dict[str, Any], field: str, value: Any,
+                    word: str) -> None:
+    cfg = guest_config("values", 1)
+    cfg[field] = value
+    err = refuse(host, to_toml(cfg), workdir)
+    assert word in err
+
+
+def test_bad_mac_and_bad_bus(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    cfg = guest_config("macs", 1)
+    cfg["nics"] = [{"mode": "user", "mac": "01:00:00:00:00:01"}]
+    assert "multicast" in refuse(host, to_toml(cfg), workdir)
+    cfg["nics"] = [{"mode": "user", "mac": "zz:00:00:00:00:01"}]
+    assert "MAC" in refuse(host, to_toml(cfg), workdir)
+
+
+def test_unknown_machine_type_reports_qemus_own_message(
+        host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    """A QEMU start error reaches the CLI with QEMU's words; create leaves nothing."""
+    cfg = guest_config("badmachine", 1, machine="nosuchmachine")
+    err = refuse(host, to_toml(cfg), workdir)
+    assert "unsupported machine type" in err or "nosuchmachine" in err
+    assert "QEMU" in err
+
+
+def test_start_error_keeps_definition_shutoff(host: Host, workdir: Path,
+                                              base: dict[str, Any]) -> None:
+    cfg = guest_config("badmachine2", 1, machine="nosuchmachine")
+    path = workdir / "bm.toml"
+    path.write_text(to_toml(cfg))
+    host.ferry("define", str(path))
+    res = host.ferry("start", "badmachine2", check=False)
+    assert res.returncode != 0 and "unsupported machine type" in res.stderr
+    dom = host.domains()["badmachine2"]
+    assert dom["state"] == "shutoff" and dom["pid"] is None
+    host.ferry("undefine", "badmachine2")
+
+
+def test_actions_on_unknown_or_wrong_state(host: Host, base: dict[str, Any]) -> None:
+    for args in (["start", "ghost"], ["pause", "existing"], ["unpause", "existing"],
+                 ["destroy", "existing"], ["info", "bad/name"], ["console", "existing"]):
+        before = snapshot(host)
+        res = host.ferry(*args, check=False)
+        assert res.returncode == 1, args
+        assert res.stderr.startswith("ferry: error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert snapshot(host) == before
+
+
+def test_undefine_running_domain_is_refused(host: Host, base: dict[str, Any]) -> None:
+    res = host.ferry("undefine", "ghost", check=False)
+    assert res.returncode == 1 and "no domain" in res.stderr
