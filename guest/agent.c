@@ -17,6 +17,8 @@
  *   - on ferry.dirty=<mib>:<mib/s> dirties memory from boot;
  *   - on ferry.marker=STRING fills 1 MiB with STRING (for traffic captures);
  *   - prints a tick line every ferry.tick seconds (default 5, 0 = never);
+ *   - echoes each line typed on the serial console as "FERRY-AGENT heard: ...",
+ *     so a test can prove console input reaches the guest;
  *   - powers off when the ACPI power button is pressed.
  */
 #define _GNU_SOURCE
@@ -44,6 +46,7 @@
 #define PAGE 4096u
 #define WORDS (PAGE / 8u)
 #define MAX_INPUTS 8
+#define CONSOLE_SLOT 1 /* fds[1] is the serial console (stdin) */
 
 static char cmdline[4096];
 static char boot_id[64] = "unknown";
@@ -346,10 +349,15 @@ int main(void)
             set_dirty(mib, rate);
     }
 
-    struct pollfd fds[1 + MAX_INPUTS];
+    struct pollfd fds[2 + MAX_INPUTS];
     fds[0].fd = s;
     fds[0].events = POLLIN;
-    int nfds = 1 + open_power_buttons(fds + 1, MAX_INPUTS);
+    fds[CONSOLE_SLOT].fd = 0;
+    fds[CONSOLE_SLOT].events = POLLIN;
+    int nfds = 2 + open_power_buttons(fds + 2, MAX_INPUTS);
+    char line[256];
+    size_t line_len = 0;
+    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
 
     say("FERRY-AGENT READY boot_id=%s udp=%u pattern_mib=%zu", boot_id, port, mem_mib);
     uint64_t next_tick = now_ns() + (uint64_t)tick * 1000000000ull, ticks = 0;
@@ -360,7 +368,21 @@ int main(void)
             if (fds[0].revents & POLLIN)
                 for (int k = 0; k < 16; k++)
                     handle_probe(s);
-            for (int k = 1; k < nfds; k++) {
+            if (fds[CONSOLE_SLOT].revents & POLLIN) {
+                char c;
+                while (read(0, &c, 1) == 1) {
+                    if (c == '\r' || c == '\n') {
+                        line[line_len] = 0;
+                        if (line_len)
+                            say("FERRY-AGENT heard: %s", line);
+                        line_len = 0;
+                        continue;
+                    }
+                    if (line_len < sizeof line - 1)
+                        line[line_len++] = c;
+                }
+            }
+            for (int k = 2; k < nfds; k++) {
                 struct input_event ev;
                 while (fds[k].revents & POLLIN &&
                        read(fds[k].fd, &ev, sizeof ev) == (ssize_t)sizeof ev)
