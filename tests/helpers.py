@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,19 +71,39 @@ def guest_config(name: str, port: int, *, memory: int = 256, cmdline_extra: str 
 class Host:
     """One ferryd with its own state directory, run as a real process."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, address: str = "127.0.0.1",
+                 peers: dict[str, str] | None = None, **settings: Any) -> None:
         self.name = name
         self.root = root
+        self.address = address
         self.state_dir = root / name
         self.socket = self.state_dir / "ferryd.sock"
         self.log = root / f"{name}.ferryd.log"
+        self.config = root / f"{name}.ferryd.toml"
+        self.control_port = settings.pop("control_port", None) or free_port(
+            socket.SOCK_STREAM, address)
+        self.peers = dict(peers or {})
+        self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.control_port}"
+
+    def write_config(self) -> None:
+        cfg: dict[str, Any] = {"name": self.name, "state_dir": str(self.state_dir),
+                               "address": self.address, "control_port": self.control_port,
+                               "accel": "tcg", **self.settings}
+        text = to_toml(cfg)
+        for name, endpoint in self.peers.items():
+            text += f'\n[[peers]]\nname = "{name}"\naddress = "{endpoint}"\n'
+        self.config.write_text(text)
+
     def start(self, *extra: str) -> None:
+        self.write_config()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [FERRYD, "--state-dir", str(self.state_dir), "--name", self.name,
-                 "--accel", "tcg", "--log-level", "DEBUG", *extra],
+                [FERRYD, "--config", str(self.config), "--log-level", "DEBUG", *extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -158,18 +179,22 @@ class Host:
 
 
 class Probe:
-    """Talks to the guest agent over UDP."""
+    """Talks to the guest agent over UDP, wherever it runs: a domain's forward binds
+    its current host's address, so probes go to every host address given."""
 
-    def __init__(self, port: int, addr: str = "127.0.0.1") -> None:
-        self.addr = (addr, port)
+    def __init__(self, port: int, *addrs: str) -> None:
+        self.addrs = [(a, port) for a in (addrs or ("127.0.0.1",))]
         self.seq = 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.last_from: str | None = None
 
     def close(self) -> None:
         self.sock.close()
 
     def send(self, command: str) -> None:
-        self.sock.sendto(command.encode(), self.addr)
+        for addr in self.addrs:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(command.encode(), addr)
 
     def ask(self, timeout: float = 0.5) -> dict[str, str] | None:
         """One probe; the agent's reply as a dict, or None if none came in time."""
@@ -184,11 +209,14 @@ class Probe:
                 return None
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(1024)
+                data, peer = self.sock.recvfrom(1024)
             except TimeoutError:
                 return None
+            except ConnectionRefusedError:  # an ICMP error from an address not in use
+                continue
             reply = dict(kv.split("=", 1) for kv in data.decode().split())
             if reply.get("seq") == str(seq):  # late answers to old probes are skipped
+                self.last_from = peer[0]
                 return reply
 
     def wait_up(self, timeout: float = 90.0) -> dict[str, str]:
@@ -197,7 +225,7 @@ class Probe:
             reply = self.ask(0.5)
             if reply is not None:
                 return reply
-        raise AssertionError(f"guest agent at {self.addr} did not answer in {timeout}s")
+        raise AssertionError(f"guest agent at {self.addrs} did not answer in {timeout}s")
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -208,3 +236,50 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class GapRecorder:
+    """Probes the guest every ``interval`` s in a thread; reports the longest time
+    without an answer (what the guest's users would notice)."""
+
+    def __init__(self, port: int, *addrs: str, interval: float = 0.02) -> None:
+        self.probe = Probe(port, *addrs)
+        self.interval = interval
+        self.replies: list[tuple[float, dict[str, str]]] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GapRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.probe.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sent += 1
+            reply = self.probe.ask(self.interval * 5)
+            if reply is not None:
+                self.replies.append((time.monotonic(), reply))
+                time.sleep(self.interval)
+
+    def max_gap(self) -> float:
+        times = [t for t, _ in self.replies]
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def listening_ports(address: str) -> set[int]:
+    """TCP ports in LISTEN state on ``address`` (from /proc/net/tcp)."""
+    want = "".join(f"{int(p):02X}" for p in reversed(address.split(".")))
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state = fields[1], fields[3]
+        addr, port = local.split(":")
+        if state == "0A" and addr == want:
+            ports.add(int(port, 16))
+    return ports

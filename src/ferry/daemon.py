@@ -23,12 +23,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ferry.api.relocation import make_relocation_app
 from ferry.api.server import make_app
 from ferry.domains import DomainService
 from ferry.errors import FerryError
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig, load_host_config
 from ferry.hostres import meminfo
+from ferry.migration.destination import RelocationService
+from ferry.migration.source import MigrationService
 from ferry.models import HostInfo
 from ferry.qemu.probe import qemu_version, resolve_accel
 from ferry.store import Store
@@ -41,6 +44,7 @@ class Daemon:
         self.config = config
         self._lockfile: int | None = None
         self._runner: web.AppRunner | None = None
+        self._reloc_runner: web.AppRunner | None = None
         self.svc: DomainService | None = None
         self.store: Store | None = None
 
@@ -68,7 +72,11 @@ class Daemon:
         self.store = Store(cfg.state_dir / "ferry.db")
         self.svc = DomainService(cfg, self.store, accel, EventBus())
         await self.svc.recover()
-        app = make_app(self.svc, self.host_info)
+        self.migrations = MigrationService(cfg, self.svc, self.store)
+        self.relocation = RelocationService(cfg, self.svc, self.store)
+        await self.migrations.recover()
+        await self.relocation.recover()
+        app = make_app(self.svc, self.host_info, self.migrations)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=2.0)
         await self._runner.setup()
@@ -82,11 +90,23 @@ class Daemon:
         finally:
             os.umask(old)
         log.info("listening on %s", sock)
+        if cfg.control_port:
+            self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation),
+                                               handle_signals=False, access_log=None,
+                                               shutdown_timeout=2.0)
+            await self._reloc_runner.setup()
+            try:
+                await web.TCPSite(self._reloc_runner, cfg.address, cfg.control_port,
+                                  reuse_address=True).start()
+            except OSError as exc:
+                raise FerryError(f"cannot listen on {cfg.address}:{cfg.control_port}: "
+                                 f"{exc.strerror}") from exc
+            log.info("relocation API on %s:%d", cfg.address, cfg.control_port)
 
     def host_info(self) -> HostInfo:
         assert self.svc is not None
         mem = meminfo()
-        domains = self.svc.list()
+        domains = self.svc.infos()
         return HostInfo(name=self.config.name, accel=self.svc.accel, qemu=self.config.qemu,
                         qemu_version=qemu_version(self.config.qemu), arch=platform.machine(),
                         memory_total=mem["MemTotal"] // 1024,
@@ -95,6 +115,8 @@ class Daemon:
                         state_dir=str(self.config.state_dir))
 
     async def stop(self) -> None:
+        if self._reloc_runner is not None:
+            await self._reloc_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.svc is not None:
@@ -132,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
                     "(default STATE_DIR/ferryd.sock)")
     ap.add_argument("--name", help="this host's name (default: the machine's host name)")
     ap.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator")
+    ap.add_argument("--address", help="this host's IPv4 address (relocation API, "
+                    "migration streams)")
+    ap.add_argument("--control-port", type=int, help="TCP port of the relocation API "
+                    "(0 closes it)")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
@@ -144,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_host_config(
             args.config, state_dir=str(args.state_dir.resolve()) if args.state_dir else None,
             socket=str(args.socket.resolve()) if args.socket else None, name=args.name,
-            accel=args.accel)
+            accel=args.accel, address=args.address, control_port=args.control_port)
         asyncio.run(serve(config))
     except FerryError as exc:
         sys.exit(f"ferryd: {exc.message}")

@@ -61,6 +61,7 @@ class Domain:
     # why the next STOP/RESUME event happens, when Ferry caused it
     pending_reason: str | None = None
     watcher: asyncio.Task[None] | None = None
+    job: str | None = None  # the migration holding this domain
 
     @property
     def name(self) -> str:
@@ -81,6 +82,8 @@ class DomainService:
         self.accel = accel
         self.events = events
         self.domains: dict[str, Domain] = {}
+        # MiB promised to incoming migrations, by job id
+        self.reservations: dict[str, int] = {}
 
     # -- paths and lookups ------------------------------------------------------------
     def paths(self, name: str) -> RuntimePaths:
@@ -92,7 +95,7 @@ class DomainService:
             raise NotFound(f"no domain named {name!r} on host {self.host.name}", domain=name)
         return dom
 
-    def list(self) -> list[DomainInfo]:
+    def infos(self) -> list[DomainInfo]:
         return [d.info() for d in sorted(self.domains.values(), key=lambda d: d.name)]
 
     # -- startup and shutdown of the service ------------------------------------------
@@ -198,48 +201,61 @@ class DomainService:
         avail = meminfo()["MemAvailable"] // 1024
         promised = sum(max(0, d.config.memory - rss_mib(d.proc.pid))
                        for d in self.domains.values() if d.proc)
+        promised += sum(self.reservations.values())
         return max(0, avail - self.host.memory_reserve - promised)
 
-    def _check_host_paths(self, config: DomainConfig) -> None:
+    def blockers(self, config: DomainConfig, *, to_run: bool) -> list[str]:
+        """Every reason this host can't take ``config`` (run it, if ``to_run``).
+        Changes nothing; an empty list means go."""
+        out = []
         for label, path in (("kernel", config.kernel), ("initrd", config.initrd)):
             if path is not None and not path.is_file():
-                raise InvalidInput(f"{label} {path}: no such file", domain=config.name)
+                out.append(f"{label} {path}: no such file on host {self.host.name}")
         for disk in config.disks:
             if not disk.path.is_file() and not disk.path.is_block_device():
-                raise InvalidInput(f"disk {disk.path}: no such file", domain=config.name)
-
-    def _check_startable(self, config: DomainConfig) -> None:
-        self._check_host_paths(config)
+                out.append(f"disk {disk.path}: no such file on host {self.host.name}")
+        if not to_run:
+            return out
         free = self.memory_free()
         if config.memory > free:
-            raise InsufficientResources(
-                f"domain {config.name} needs {config.memory} MiB but host {self.host.name} "
-                f"has {free} MiB free", domain=config.name, needed=config.memory, free=free)
+            out.append(f"domain {config.name} needs {config.memory} MiB but host "
+                       f"{self.host.name} has {free} MiB free")
         for nic in config.nics:
             if nic.mode == NicMode.bridge and not bridge_exists(str(nic.bridge)):
-                raise InvalidInput(f"bridge {nic.bridge} does not exist on host "
-                                   f"{self.host.name}", domain=config.name)
+                out.append(f"bridge {nic.bridge} does not exist on host {self.host.name}")
+        return out
+
+    def _check(self, config: DomainConfig, *, to_run: bool) -> None:
+        found = self.blockers(config, to_run=to_run)
+        if found:
+            cls = InsufficientResources if any("MiB free" in b for b in found) \
+                else InvalidInput
+            raise cls("; ".join(found), domain=config.name, blockers=found)
+
+    def identity_conflicts(self, config: DomainConfig) -> list[str]:
+        out = []
+        if config.name in self.domains:
+            out.append(f"a domain named {config.name!r} already exists on host "
+                       f"{self.host.name}")
+        other = self.store.find_uuid(str(config.uuid))
+        if other is not None:
+            out.append(f"UUID {config.uuid} is already used by domain {other!r} on host "
+                       f"{self.host.name}")
+        return out
 
     # -- lifecycle --------------------------------------------------------------------
     async def define(self, config: DomainConfig, start: bool = False) -> DomainInfo:
         """Add a domain (and start it if asked). Refuses duplicates, missing paths,
         memory the host doesn't have; nothing is stored then."""
-        if config.name in self.domains:
-            raise Conflict(f"a domain named {config.name!r} already exists on host "
-                           f"{self.host.name}", domain=config.name)
-        other = self.store.find_uuid(str(config.uuid))
-        if other is not None:
-            raise Conflict(f"UUID {config.uuid} is already used by domain {other!r}",
-                           domain=config.name)
+        conflicts = self.identity_conflicts(config)
+        if conflicts:
+            raise Conflict("; ".join(conflicts), domain=config.name)
         total = meminfo()["MemTotal"] // 1024 - self.host.memory_reserve
         if config.memory > total:
             raise InsufficientResources(
                 f"domain {config.name} wants {config.memory} MiB but host {self.host.name} "
                 f"has only {total} MiB for domains", domain=config.name)
-        if start:
-            self._check_startable(config)
-        else:
-            self._check_host_paths(config)
+        self._check(config, to_run=start)
         self.store.insert(config, DomainState.shutoff)
         dom = Domain(config, DomainState.shutoff, "defined", time.time())
         self.domains[config.name] = dom
@@ -271,10 +287,9 @@ class DomainService:
         async with self._locked(dom):
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
-            self._check_startable(dom.config)
+            self._check(dom.config, to_run=True)
             paths = self.paths(name)
-            argv = build_argv(dom.config, paths, qemu=self.host.qemu,
-                              accel=self._accel_for(dom.config))
+            argv = self.argv(dom.config)
             dom.expected_exit, dom.guest_powered_off = None, False
             proc = await QemuProcess.launch(name, paths, argv, self._event_handler(dom))
             try:
@@ -283,7 +298,7 @@ class DomainService:
                 await proc.stop()
                 raise
             dom.proc = proc
-            dom.accel = self._accel_for(dom.config)
+            dom.accel = self.accel_for(dom.config)
             self._set_state(dom, DomainState.running, "started")
             dom.watcher = asyncio.create_task(self._watch(dom))
             return dom.info()
@@ -348,6 +363,51 @@ class DomainService:
             await proc.stop()
             await self._finish_watch(dom, proc)
 
+    # -- for migrations ---------------------------------------------------------------
+    def argv(self, config: DomainConfig, incoming: str | None = None) -> list[str]:
+        return build_argv(config, self.paths(config.name), qemu=self.host.qemu,
+                          accel=self.accel_for(config), incoming=incoming,
+                          host_address=self.host.address)
+
+    async def launch_incoming(self, config: DomainConfig) -> QemuProcess:
+        """Start a paused QEMU waiting for a migration stream (``-incoming defer``).
+        It is not a domain of this host until ``adopt``."""
+        return await QemuProcess.launch(config.name, self.paths(config.name),
+                                        self.argv(config, incoming="defer"))
+
+    def adopt(self, config: DomainConfig, proc: QemuProcess, state: DomainState,
+              reason: str) -> Domain:
+        """Make an incoming QEMU this host's domain: stored, watched, evented."""
+        self.store.insert(config, DomainState.shutoff)
+        dom = Domain(config, DomainState.shutoff, reason, time.time(),
+                     accel=self.accel_for(config))
+        self.domains[config.name] = dom
+        dom.proc = proc
+        proc.qmp.on_event = self._event_handler(dom)
+        self._set_state(dom, state, reason)
+        dom.watcher = asyncio.create_task(self._watch(dom))
+        return dom
+
+    def adopt_definition(self, config: DomainConfig, reason: str) -> Domain:
+        self.store.insert(config, DomainState.shutoff)
+        dom = Domain(config, DomainState.shutoff, reason, time.time())
+        self.domains[config.name] = dom
+        self.events.publish("domain.defined", domain=config.name)
+        return dom
+
+    async def release(self, dom: Domain) -> None:
+        """The domain now lives elsewhere: stop its QEMU here (if any) and forget it.
+        Call with ``dom.lock`` held (a migration holds it throughout)."""
+        if dom.proc is not None:
+            proc = dom.proc
+            dom.expected_exit = "migrated away"
+            await proc.stop()
+            await self._finish_watch(dom, proc)
+        self.store.delete(dom.name)
+        self.domains.pop(dom.name, None)
+        shutil.rmtree(self.paths(dom.name).root, ignore_errors=True)
+        self.events.publish("domain.migrated", domain=dom.name)
+
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
     async def _qmp_with_reason(dom: Domain, proc: QemuProcess, command: str,
@@ -374,13 +434,25 @@ class DomainService:
                            state=dom.state.value)
         return dom.proc
 
-    def _accel_for(self, config: DomainConfig) -> str:
+    def accel_for(self, config: DomainConfig) -> str:
         return self.accel if config.accel.value == "auto" else config.accel.value
 
     @contextlib.asynccontextmanager
     async def _locked(self, dom: Domain) -> Any:
         if dom.lock.locked():
             # another operation on this domain runs: say so at once, don't queue
-            raise Busy(f"domain {dom.name} is busy with another operation", domain=dom.name)
+            what = f"migration {dom.job}" if dom.job else "another operation"
+            raise Busy(f"domain {dom.name} is busy with {what}", domain=dom.name, job=dom.job)
         async with dom.lock:
             yield
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str, job_id: str) -> Any:
+        """Hold a domain for a whole migration job: every other operation gets Busy."""
+        dom = self.get(name)
+        async with self._locked(dom):
+            dom.job = job_id
+            try:
+                yield dom
+            finally:
+                dom.job = None

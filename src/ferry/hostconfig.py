@@ -9,9 +9,17 @@ Example (every key optional)::
     qemu = "qemu-system-x86_64"
     memory_reserve = 512                # MiB kept back for the host itself
     shutdown_timeout = 60               # s before an ACPI shutdown becomes destroy
+    address = "127.0.0.1"               # this host's address (control, user-net forwards)
+    control_port = 7790                 # TCP port of the relocation API (0: closed)
+    migration_address = "127.0.0.1"     # where incoming migration streams arrive
+                                        # (default: address)
+    [[peers]]                           # other hosts, so they can be named
+    name = "host-b"
+    address = "192.0.2.2"               # optionally "ADDRESS:PORT"
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from pathlib import Path
@@ -21,6 +29,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ferry.errors import InvalidInput
 from ferry.models import AbsPath, Accel, check_name
 from ferry.validation import describe
+
+
+class Peer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    address: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_endpoint(value, 7790)
+        return value
+
+
+def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
+    """``"127.0.0.2"`` or ``"127.0.0.2:7790"`` → (address, port); IPv4 only for now."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an IPv4 address (with optional :port)") from exc
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
 
 
 class HostConfig(BaseModel):
@@ -33,6 +73,38 @@ class HostConfig(BaseModel):
     qemu: str = "qemu-system-x86_64"
     memory_reserve: int = Field(default=512, ge=0)
     shutdown_timeout: float = Field(default=60.0, ge=0, le=3600)
+    address: str = "127.0.0.1"
+    control_port: int = Field(default=7790, ge=0, le=65535)
+    migration_address: str | None = None
+    peers: list[Peer] = Field(default_factory=list)
+
+    @field_validator("address", "migration_address")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.IPv4Address(value)
+        return value
+
+    @property
+    def migration_ip(self) -> str:
+        return self.migration_address or self.address
+
+    def resolve_peer(self, dest: str) -> tuple[str, tuple[str, int]]:
+        """A destination given as a peer's name or as ``ADDRESS[:PORT]`` →
+        (name or address, (address, port)). Raises ValueError if it is neither."""
+        for peer in self.peers:
+            if peer.name == dest:
+                return peer.name, parse_endpoint(peer.address, 7790)
+        try:
+            endpoint = parse_endpoint(dest, 7790)
+        except ValueError:
+            known = ", ".join(p.name for p in self.peers) or "none"
+            raise ValueError(f"unknown destination {dest!r}: not a peer of {self.name} "
+                             f"(peers: {known}) nor an IPv4 address") from None
+        for peer in self.peers:
+            if parse_endpoint(peer.address, 7790) == endpoint:
+                return peer.name, endpoint
+        return dest, endpoint
 
     @field_validator("name")
     @classmethod

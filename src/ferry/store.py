@@ -10,6 +10,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ferry.models import DomainConfig, DomainState
 
@@ -22,6 +23,15 @@ CREATE TABLE IF NOT EXISTS domains (
     state_reason TEXT NOT NULL DEFAULT '',
     state_since  REAL NOT NULL,
     accel        TEXT
+);
+CREATE TABLE IF NOT EXISTS migrations (
+    id      TEXT NOT NULL,
+    role    TEXT NOT NULL,
+    domain  TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    started REAL NOT NULL,
+    record  TEXT NOT NULL,
+    PRIMARY KEY (id, role)
 );
 """
 
@@ -75,6 +85,23 @@ class Store:
 
     def delete(self, name: str) -> None:
         self._db.execute("DELETE FROM domains WHERE name=?", (name,))
+
+    # -- migration records: the job as JSON, with the columns we query by ---------------
+    def save_migration(self, record: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO migrations (id, role, domain, state, started, record) "
+            "VALUES (?,?,?,?,?,?)",
+            (record["id"], record["role"], record["domain"], record["state"],
+             record["started"], json.dumps(record)))
+
+    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT record FROM migrations"
+        args: tuple[str, ...] = ()
+        if state is not None:
+            sql += " WHERE state=?"
+            args = (state,)
+        rows = self._db.execute(sql + " ORDER BY started", args)
+        return [json.loads(row[0]) for row in rows]
 
 
 def _record(row: tuple[str, str, str, float, str | None]) -> DomainRecord:

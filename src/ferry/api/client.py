@@ -19,11 +19,22 @@ DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
 
 
 class FerryClient:
-    def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float = 600.0) -> None:
+    """Talks to one ferryd: over its Unix socket, or (``endpoint``) over TCP."""
+
+    def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float = 600.0,
+                 endpoint: tuple[str, int] | None = None) -> None:
         self.socket = socket
+        connector: aiohttp.BaseConnector
+        if endpoint is None:
+            connector = aiohttp.UnixConnector(path=str(socket))
+            self.base = "http://ferryd"
+            self.where = str(socket)
+        else:
+            connector = aiohttp.TCPConnector(force_close=True)
+            self.base = f"http://{endpoint[0]}:{endpoint[1]}"
+            self.where = f"{endpoint[0]}:{endpoint[1]}"
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(socket)),
-            timeout=aiohttp.ClientTimeout(total=timeout))
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
 
     async def __aenter__(self) -> FerryClient:
         return self
@@ -35,20 +46,26 @@ class FerryClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def request(self, method: str, path: str, body: Any = None) -> Any:
+    async def request(self, method: str, path: str, body: Any = None,
+                      timeout: float | None = None) -> Any:
         try:
             async with self._session.request(
-                    method, "http://ferryd" + path,
+                    method, self.base + path,
                     data=None if body is None else json.dumps(body),
-                    headers={"Content-Type": "application/json"}) as resp:
+                    headers={"Content-Type": "application/json"},
+                    timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout),
+                    ) as resp:
                 raw = await resp.read()
                 ctype = resp.content_type
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
-            raise FerryError(f"cannot reach ferryd at {self.socket}: {exc.os_error.strerror}"
+            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
                              ) from exc
+        except TimeoutError as exc:
+            raise FerryError(f"ferryd at {self.where} did not answer {method} {path} "
+                             "in time") from exc
         except aiohttp.ClientError as exc:
-            raise FerryError(f"lost ferryd at {self.socket}: {exc}") from exc
+            raise FerryError(f"lost ferryd at {self.where}: {exc!r}") from exc
         if ctype != "application/json":
             if status >= 400:
                 raise FerryError(f"ferryd answered {status}: {raw[:200]!r}")
@@ -87,11 +104,29 @@ class FerryClient:
     async def console(self, name: str) -> aiohttp.ClientWebSocketResponse:
         """A websocket to the domain's console (binary frames both ways)."""
         try:
-            return await self._session.ws_connect(f"http://ferryd/v1/domains/{name}/console")
+            return await self._session.ws_connect(f"{self.base}/v1/domains/{name}/console")
         except aiohttp.WSServerHandshakeError as exc:
             # the daemon refused before upgrading: fetch the structured reason
             await self.domain(name)
             raise FerryError(f"console of {name} is not available ({exc.status})") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise FerryError(f"cannot reach ferryd at {self.socket}: {exc.os_error.strerror}"
+            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
                              ) from exc
+
+    # -- migration --------------------------------------------------------------------
+    async def migrate(self, name: str, **body: Any) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/v1/domains/{name}/migrate", body)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/v1/jobs")  # type: ignore[no-any-return]
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def abort_job(self, job_id: str) -> dict[str, Any]:
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/v1/jobs/{job_id}/abort")
+
+    async def migrations(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/v1/migrations")  # type: ignore[no-any-return]

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 from ferry.console import ConsoleHub, read_log
 from ferry.domains import DomainService
 from ferry.errors import FerryError, InvalidInput, NotFound
+from ferry.migration.models import MigrateRequest
+from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
 from ferry.validation import describe
 
@@ -28,6 +31,8 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SVC: web.AppKey[DomainService] = web.AppKey("svc", DomainService)
 HOSTINFO: web.AppKey[Callable[[], HostInfo]] = web.AppKey("hostinfo")
+MIG: web.AppKey[MigrationService] = web.AppKey("mig", MigrationService)
+JOB_RE = re.compile(r"^[0-9a-f]{12}$")
 HUBS: web.AppKey[dict[str, ConsoleHub]] = web.AppKey("hubs", dict)
 
 
@@ -91,7 +96,7 @@ async def get_host(request: web.Request) -> web.Response:
 
 async def list_domains(request: web.Request) -> web.Response:
     return ok([d.model_dump(mode="json", exclude={"config"})
-               for d in request.app[SVC].list()])
+               for d in request.app[SVC].infos()])
 
 
 async def define_domain(request: web.Request) -> web.Response:
@@ -175,12 +180,53 @@ async def console_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo]) -> web.Application:
+# -- migration (management side) --------------------------------------------------------
+async def migrate_domain(request: web.Request) -> web.Response:
+    name = domain_name(request)
+    req = await body_as(request, MigrateRequest)
+    mig = request.app[MIG]
+    if req.check:
+        blockers = await mig.check(name, req)
+        return ok({"domain": name, "dest": req.dest, "blockers": blockers})
+    return ok(await mig.start(name, req), status=202)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    return ok([r.model_dump(mode="json") for r in request.app[MIG].running()])
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return ok(request.app[MIG].get(job_id(request)))
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    return ok(request.app[MIG].abort(job_id(request)))
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    return ok(request.app[MIG].records())
+
+
+def job_id(request: web.Request) -> str:
+    value = request.match_info["job"]
+    if not JOB_RE.fullmatch(value):
+        raise InvalidInput(f"invalid job id {value!r}")
+    return value
+
+
+def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
+             migrations: MigrationService) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     app[SVC] = svc
     app[HOSTINFO] = hostinfo
     app[HUBS] = {}
+    app[MIG] = migrations
     app.router.add_get("/v1/host", get_host)
+    app.router.add_post("/v1/domains/{name}/migrate", migrate_domain)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job}", get_job)
+    app.router.add_post("/v1/jobs/{job}/abort", abort_job)
+    app.router.add_get("/v1/migrations", list_migrations)
     app.router.add_get("/v1/domains", list_domains)
     app.router.add_post("/v1/domains", define_domain)
     app.router.add_get("/v1/domains/{name}", get_domain)

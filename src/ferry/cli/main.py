@@ -253,5 +253,106 @@ def console(name: NameArg, log: Annotated[bool, typer.Option(
     call(lambda c: attach(c, name))
 
 
+# -- migration -------------------------------------------------------------------------
+DestArg = Annotated[str, typer.Argument(
+    help="Destination host: a peer's name or an IPv4 address[:port].", show_default=False)]
+
+
+@app.command()
+def migrate(
+    name: NameArg, dest: DestArg,
+    live: Annotated[bool, typer.Option(
+        "--live", "-l", help="Copy memory while the guest runs (pre-copy). Without it "
+        "the guest is paused, copied and resumed on DEST (offline).")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Run every pre-flight check, list all blockers, change "
+        "nothing.")] = False,
+    max_downtime: Annotated[int, typer.Option(
+        help="Longest pause the guest may see at switch-over, in ms.", min=1)] = 300,
+    bandwidth: Annotated[int, typer.Option(
+        help="Cap on the migration stream in MiB/s (0: no cap).", min=0)] = 0,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds of pre-copy before --on-timeout applies.", min=0.1)] = 600.0,
+    on_timeout: Annotated[str, typer.Option(
+        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")] = "pause",
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a domain to another host, offline or --live."""
+    if on_timeout not in ("pause", "abort"):
+        fail(f"--on-timeout must be 'pause' or 'abort', not {on_timeout!r}")
+    body = {"dest": dest, "mode": "live" if live else "offline", "check": check,
+            "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
+            "timeout_s": timeout, "on_timeout": on_timeout}
+    if check:
+        res = call(lambda c: c.migrate(name, **body))
+        if as_json:
+            print_json(res)
+        elif res["blockers"]:
+            typer.echo(f"{name} cannot migrate to {dest}:")
+            for b in res["blockers"]:
+                typer.echo(f"  - {b}")
+        else:
+            typer.echo(f"{name} can migrate to {dest}: no blockers")
+        if res["blockers"]:
+            raise typer.Exit(1)
+        return
+    job = call(lambda c: c.migrate(name, **body))
+    if detach:
+        return print_json(job) if as_json else typer.echo(job["id"])
+    from ferry.cli.progress import follow
+    final = follow(_state["socket"], job, quiet=as_json)
+    if as_json:
+        print_json(final)
+    if final["state"] != "completed":
+        err = final.get("error") or {}
+        fail(f"migration {final['id']} {final['state']} in {err.get('phase')} on host "
+             f"{err.get('host')}: {err.get('message')}")
+
+
+@app.command()
+def jobs(as_json: JsonOpt = False) -> None:
+    """List running migration jobs on this host."""
+    data = call(lambda c: c.jobs())
+    if as_json:
+        return print_json(data)
+    from ferry.cli.progress import jobs_table
+    _console().print(jobs_table(data))
+
+
+job_app = typer.Typer(help="Act on one migration job.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
+
+
+@job_app.command("abort")
+def job_abort(job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")]
+              ) -> None:
+    """Cancel a running migration; the guest keeps running on the source."""
+    call(lambda c: c.abort_job(job_id))
+    typer.echo(f"aborting {job_id}")
+
+
+@job_app.command("show")
+def job_show(job_id: Annotated[str, typer.Argument(help="The job's id.")],
+             as_json: JsonOpt = False) -> None:
+    """Show one migration job or record."""
+    data = call(lambda c: c.job(job_id))
+    if as_json:
+        return print_json(data)
+    from ferry.cli.progress import summary
+    typer.echo(summary(data))
+
+
+@app.command()
+def migrations(as_json: JsonOpt = False) -> None:
+    """List every migration this host took part in, with its statistics."""
+    data = call(lambda c: c.migrations())
+    if as_json:
+        return print_json(data)
+    from ferry.cli.progress import records_table
+    _console().print(records_table(data))
+
+
 def run() -> None:
     app()

@@ -44,11 +44,13 @@ def tap_name(config: DomainConfig, index: int) -> str:
 
 
 def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: str,
-               incoming: str | None = None) -> list[str]:
+               incoming: str | None = None, host_address: str = "") -> list[str]:
     """The full argv that starts ``config`` paused (``-S``), QMP on ``paths.qmp``.
 
     ``incoming``, when given, is passed as ``-incoming`` (``"defer"`` for a
-    migration destination)."""
+    migration destination). A user-net forward with no host address binds
+    ``host_address``: the same definition then listens on each host's own
+    address, wherever the domain runs."""
     argv = [
         qemu,
         "-name", f"guest={config.name},debug-threads=on",
@@ -72,7 +74,7 @@ def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: s
         if config.cmdline:
             argv += ["-append", config.cmdline]
     argv += _disk_args(config)
-    argv += _nic_args(config)
+    argv += _nic_args(config, host_address)
     if config.serial:
         argv += [
             "-chardev",
@@ -111,12 +113,12 @@ def _disk_args(config: DomainConfig) -> list[str]:
     return args
 
 
-def _nic_args(config: DomainConfig) -> list[str]:
+def _nic_args(config: DomainConfig, host_address: str) -> list[str]:
     args: list[str] = []
     for i, nic in enumerate(config.nics):
         dev = f"{nic.model.value},id=nic{i},mac={nic.mac}"
         if nic.mode == NicMode.user:
-            fwd = "".join(f",hostfwd={f}" for f in nic.forwards)
+            fwd = "".join(f",hostfwd={_bind(f, host_address)}" for f in nic.forwards)
             args += ["-netdev", f"user,id=net{i}{fwd}", "-device", f"{dev},netdev=net{i}"]
         elif nic.mode == NicMode.bridge:
             args += ["-netdev",
@@ -125,3 +127,8 @@ def _nic_args(config: DomainConfig) -> list[str]:
         else:
             args += ["-device", dev]
     return args
+
+
+def _bind(forward: str, host_address: str) -> str:
+    proto, haddr, rest = forward.split(":", 2)
+    return f"{proto}:{haddr or host_address}:{rest}"

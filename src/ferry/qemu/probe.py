@@ -49,6 +49,22 @@ def machine_types(qemu: str) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.cache
+def cpu_models(qemu: str) -> frozenset[str]:
+    """CPU model names that ``qemu -cpu help`` lists (empty if it can't tell)."""
+    try:
+        out = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    names = {"host", "max"}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "x86":
+            names.add(parts[1])
+    return frozenset(names)
+
+
 def kvm_works(qemu: str) -> bool:
     """True only if KVM really runs a guest here.
 

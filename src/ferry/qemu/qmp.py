@@ -30,6 +30,8 @@ class QmpConnection:
         self._listener = EventListener()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
+        # who hears QEMU's events; may be set or replaced after connecting
+        self.on_event: EventHandler | None = None
 
     async def connect(self, path: Path, on_event: EventHandler | None = None) -> None:
         """Connect to QEMU's QMP socket; raises QemuError if QEMU isn't there."""
@@ -39,9 +41,9 @@ class QmpConnection:
             raise QemuError(f"cannot connect to QMP of {self.name} at {path}: {exc}",
                             domain=self.name) from exc
         self._client.register_listener(self._listener)
+        self.on_event = on_event
         self._tasks.append(asyncio.create_task(self._watch_state()))
-        if on_event is not None:
-            self._tasks.append(asyncio.create_task(self._pump_events(on_event)))
+        self._tasks.append(asyncio.create_task(self._pump_events()))
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> Any:
@@ -65,8 +67,11 @@ class QmpConnection:
                 self.closed.set()
                 return
 
-    async def _pump_events(self, on_event: EventHandler) -> None:
+    async def _pump_events(self) -> None:
         async for event in self._listener:
+            on_event = self.on_event
+            if on_event is None:
+                continue
             try:
                 data: dict[str, Any] = event.get("data") or {}  # type: ignore[assignment]
                 await on_event(str(event["event"]), data)

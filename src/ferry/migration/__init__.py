@@ -1,0 +1,1 @@
+"""Moving a domain between hosts: the five-phase protocol (see docs/migration.md)."""

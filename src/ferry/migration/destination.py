@@ -1,0 +1,258 @@
+"""The destination's half of a migration: Prepare, Finish, and their undo.
+
+Called by the source's ferryd over the relocation API. An incoming domain is
+not a domain of this host until Finish has resumed it: before that it is an
+``Incoming`` (a reservation and a paused ``-incoming defer`` QEMU), and every
+failure path removes it without trace.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+
+from ferry.domains import DomainService
+from ferry.errors import Conflict, Failed, FerryError, NotFound, Refused
+from ferry.hostconfig import HostConfig
+from ferry.migration.models import (
+    AbortRequest,
+    FinishRequest,
+    JobRecord,
+    JobState,
+    Phase,
+    RelocationRequest,
+)
+from ferry.models import DomainState
+from ferry.qemu.probe import cpu_models, machine_types
+from ferry.qemu.process import QemuProcess
+from ferry.store import Store
+
+log = logging.getLogger(__name__)
+
+INCOMING_TIMEOUT = 120.0  # s for the stream to complete once the source says it did
+
+
+@dataclass
+class Incoming:
+    request: RelocationRequest
+    record: JobRecord
+    proc: QemuProcess | None = None
+    lock: asyncio.Lock | None = None
+    watcher: asyncio.Task[None] | None = None
+
+
+class RelocationService:
+    def __init__(self, host: HostConfig, domains: DomainService, store: Store) -> None:
+        self.host = host
+        self.domains = domains
+        self.store = store
+        self.incoming: dict[str, Incoming] = {}
+
+    # -- checks -----------------------------------------------------------------------
+    def blockers(self, req: RelocationRequest) -> list[str]:
+        """Every reason this host can't take the domain; changes nothing."""
+        cfg, out = req.config, []
+        out += self.domains.identity_conflicts(cfg)
+        for other in self.incoming.values():
+            if other.request.config.name == cfg.name or other.request.config.uuid == cfg.uuid:
+                out.append(f"domain {cfg.name} is already arriving on host {self.host.name} "
+                           f"(job {other.record.id})")
+        out += self.domains.blockers(cfg, to_run=req.running)
+        if req.arch != platform.machine():
+            out.append(f"architecture {req.arch} differs from host {self.host.name}'s "
+                       f"{platform.machine()}")
+        if req.running:
+            accel = self.domains.accel_for(cfg)
+            if req.accel is not None and accel != req.accel:
+                out.append(f"the domain runs under {req.accel} but host {self.host.name} "
+                           f"would use {accel}")
+            machines = machine_types(self.host.qemu)
+            if cfg.machine not in machines:
+                out.append(f"machine type {cfg.machine} is unknown to the QEMU of host "
+                           f"{self.host.name}")
+            cpus = cpu_models(self.host.qemu)
+            if cpus and cfg.cpu.split(",")[0] not in cpus:
+                out.append(f"CPU model {cfg.cpu} is unknown to the QEMU of host "
+                           f"{self.host.name}")
+        return out
+
+    # -- Prepare ----------------------------------------------------------------------
+    async def prepare(self, req: RelocationRequest) -> dict[str, object]:
+        """Check, reserve, start the incoming QEMU, open its endpoint.
+        Refused (nothing changed) or Failed (undone) on error."""
+        if req.job_id in self.incoming:
+            raise Conflict(f"job {req.job_id} is already prepared on {self.host.name}")
+        found = self.blockers(req)
+        if found:
+            raise Refused("; ".join(found), blockers=found, host=self.host.name)
+        t0 = time.monotonic()
+        record = JobRecord(id=req.job_id, domain=req.config.name, mode=req.mode,
+                           role="destination", source=req.source, dest=self.host.name,
+                           phase=Phase.prepare, started=time.time())
+        inc = Incoming(req, record, lock=asyncio.Lock())
+        self.incoming[req.job_id] = inc
+        self._save(inc)
+        if not req.running:
+            record.phase_times["prepare"] = time.monotonic() - t0
+            return {"uri": None}
+        self.domains.reservations[req.job_id] = req.config.memory
+        try:
+            inc.proc = await self.domains.launch_incoming(req.config)
+            await inc.proc.qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]})
+            await inc.proc.qmp.execute(
+                "migrate-incoming", {"uri": f"tcp:{self.host.migration_ip}:0"})
+            info = await inc.proc.qmp.execute("query-migrate")
+            addrs = info.get("socket-address") or []
+            if not addrs:
+                raise Failed(f"QEMU on {self.host.name} opened no incoming endpoint")
+            port = int(addrs[0]["port"])
+        except FerryError as exc:
+            await self._undo(inc, f"prepare failed: {exc.message}")
+            raise Failed(f"prepare on {self.host.name} failed: {exc.message}",
+                         host=self.host.name, phase="prepare") from exc
+        record.phase_times["prepare"] = time.monotonic() - t0
+        self._save(inc)
+        inc.watcher = asyncio.create_task(self._watch(inc))
+        log.info("job %s: ready to receive %s on %s:%d", req.job_id, req.config.name,
+                 self.host.migration_ip, port)
+        return {"uri": f"tcp:{self.host.migration_ip}:{port}"}
+
+    async def _watch(self, inc: Incoming) -> None:
+        """An incoming QEMU that exits before Finish (the stream broke, it was killed)
+        is cleaned up at once, whether or not the source is still there to ask."""
+        assert inc.proc is not None and inc.lock is not None
+        proc = inc.proc
+        await proc.wait_exit()
+        async with inc.lock:
+            if self.incoming.get(inc.record.id) is inc and inc.proc is proc:
+                await self._undo(inc, "the incoming QEMU exited before Finish")
+
+    # -- Finish -----------------------------------------------------------------------
+    async def finish(self, req: FinishRequest) -> dict[str, object]:
+        """The source says the stream completed: check that, resume, announce, adopt."""
+        inc = self._get(req.job_id)
+        assert inc.lock is not None
+        async with inc.lock:
+            t0 = time.monotonic()
+            inc.record.phase = Phase.finish
+            inc.record.stats = req.stats
+            self._save(inc)
+            cfg = inc.request.config
+            if inc.proc is None:  # a shut-off domain: only the definition moves
+                self.domains.adopt_definition(cfg, f"migrated from {inc.request.source}")
+            else:
+                proc = inc.proc
+                try:
+                    await self._wait_incoming(proc)
+                    if req.resume:
+                        await proc.qmp.execute("cont")
+                        # tell the network where the guest is now, only once it runs
+                        await proc.qmp.execute("announce-self", {
+                            "initial": 50, "max": 550, "rounds": 5, "step": 100})
+                except FerryError as exc:
+                    await self._undo(inc, f"finish failed: {exc.message}")
+                    raise Failed(f"finish on {self.host.name} failed: {exc.message}",
+                                 host=self.host.name, phase="finish") from exc
+                if inc.watcher is not None:
+                    inc.watcher.cancel()
+                state = DomainState.running if req.resume else DomainState.paused
+                self.domains.reservations.pop(req.job_id, None)
+                # from here on the domain is this host's
+                self.domains.adopt(cfg, proc, state, f"migrated from {inc.request.source}")
+            inc.record.phase_times["finish"] = time.monotonic() - t0
+            inc.record.phase = Phase.confirm
+            inc.record.state = JobState.completed
+            inc.record.ended = time.time()
+            self._save(inc)
+            del self.incoming[req.job_id]
+            return {"finish_s": inc.record.phase_times["finish"]}
+
+    async def _wait_incoming(self, proc: QemuProcess) -> None:
+        deadline = time.monotonic() + INCOMING_TIMEOUT
+        while True:
+            info = await proc.qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise Failed(f"incoming migration {status}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise Failed(f"incoming migration still {status} after {INCOMING_TIMEOUT}s")
+            await asyncio.sleep(0.01)
+
+    # -- undo -------------------------------------------------------------------------
+    async def abort(self, req: AbortRequest) -> dict[str, object]:
+        inc = self.incoming.get(req.job_id)
+        if inc is None:
+            return {"aborted": False}  # nothing here (never prepared, or already undone)
+        assert inc.lock is not None
+        async with inc.lock:
+            if req.job_id not in self.incoming:
+                return {"aborted": False}
+            await self._undo(inc, req.reason or "aborted by the source",
+                             state=JobState.aborted)
+        return {"aborted": True}
+
+    async def _undo(self, inc: Incoming, reason: str,
+                    state: JobState = JobState.failed) -> None:
+        """Kill the incoming QEMU, drop its files and the reservation."""
+        if inc.watcher is not None and inc.watcher is not asyncio.current_task():
+            inc.watcher.cancel()
+        if inc.proc is not None:
+            await inc.proc.stop(grace=1.0)
+            shutil.rmtree(self.domains.paths(inc.request.config.name).root,
+                          ignore_errors=True)
+            inc.proc = None
+        self.domains.reservations.pop(inc.record.id, None)
+        self.incoming.pop(inc.record.id, None)
+        inc.record.state = state
+        inc.record.error = {"phase": inc.record.phase.value, "host": self.host.name,
+                            "message": reason}
+        inc.record.ended = time.time()
+        self._save(inc)
+        log.info("job %s: incoming %s undone: %s", inc.record.id, inc.request.config.name,
+                 reason)
+
+    def status(self, job_id: str) -> dict[str, object]:
+        inc = self.incoming.get(job_id)
+        if inc is not None:
+            alive = inc.proc is None or inc.proc.alive()
+            return {"job_id": job_id, "state": "incoming", "qemu_alive": alive}
+        for rec in self.store.migrations():
+            if rec["id"] == job_id and rec["role"] == "destination":
+                return {"job_id": job_id, "state": rec["state"]}
+        raise NotFound(f"no job {job_id} on host {self.host.name}")
+
+    async def recover(self) -> None:
+        """At start: any incoming job of an earlier life is dead; clean it up."""
+        for rec in self.store.migrations(state=JobState.running.value):
+            if rec["role"] != "destination":
+                continue
+            name = rec["domain"]
+            if name not in self.domains.domains:
+                paths = self.domains.paths(name)
+                proc = None
+                with contextlib.suppress(FerryError):
+                    proc = await QemuProcess.attach(name, paths)
+                if proc is not None:
+                    await proc.stop(grace=1.0)
+                shutil.rmtree(paths.root, ignore_errors=True)
+            rec.update(state=JobState.failed.value, ended=time.time(),
+                       error={"phase": rec["phase"], "host": self.host.name,
+                              "message": "ferryd restarted during the migration"})
+            self.store.save_migration(rec)
+
+    def _get(self, job_id: str) -> Incoming:
+        inc = self.incoming.get(job_id)
+        if inc is None:
+            raise NotFound(f"no incoming job {job_id} on host {self.host.name}")
+        return inc
+
+    def _save(self, inc: Incoming) -> None:
+        self.store.save_migration(inc.record.model_dump(mode="json"))
+

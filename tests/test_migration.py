@@ -1,0 +1,424 @@
+"""Migration between real ferryd hosts on 127.0.0.1/2/3 with real QEMU guests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import (
+    FERRY,
+    GapRecorder,
+    Host,
+    Probe,
+    free_port,
+    guest_config,
+    listening_ports,
+    wait_for,
+)
+
+ADDRS = {"ma": "127.0.0.1", "mb": "127.0.0.2", "mc": "127.0.0.3"}
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        ports = {n: free_port(__import__("socket").SOCK_STREAM, a) for n, a in ADDRS.items()}
+        self.hosts = {
+            n: Host(root, n, a, control_port=ports[n],
+                    peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
+            for n, a in ADDRS.items()}
+
+    def __getitem__(self, name: str) -> Host:
+        return self.hosts[name]
+
+    def where(self, domain: str) -> list[str]:
+        """Hosts that list the domain as running."""
+        return [n for n, h in self.hosts.items()
+                if h.domains().get(domain, {}).get("state") == "running"]
+
+    def has_domain(self, domain: str) -> list[str]:
+        return [n for n, h in self.hosts.items() if domain in h.domains()]
+
+
+@pytest.fixture(scope="module")
+def cluster(guest: Any, workdir: Path) -> Iterator[Cluster]:
+    c = Cluster(workdir)
+    try:
+        for h in c.hosts.values():
+            h.start()
+        yield c
+    finally:
+        for h in c.hosts.values():
+            h.cleanup()
+
+
+def migrate(host: Host, name: str, dest: str, *flags: str, check: bool = True
+            ) -> dict[str, Any]:
+    res = host.ferry("migrate", name, dest, *flags, "--json", check=False)
+    if check:
+        assert res.returncode == 0, res.stderr
+    record: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
+    record["_rc"], record["_stderr"] = res.returncode, res.stderr
+    return record
+
+
+def boot(cluster: Cluster, host: str, name: str, **kw: Any) -> Probe:
+    port = free_port()
+    cluster[host].create(guest_config(name, port, bind="", **kw))
+    probe = Probe(port, *ADDRS.values())
+    probe.wait_up()
+    return probe
+
+
+def assert_clean(h: Host, name: str) -> None:
+    """No QEMU, reservation, listening port or files of ``name`` on host ``h``."""
+    assert h.qemu_pids() == [p for p in h.qemu_pids()
+                             if p in [d["pid"] for d in h.domains().values()]]
+    assert name not in h.domains()
+    assert not (h.state_dir / "domains" / name).exists()
+    assert listening_ports(h.address) == {h.control_port}
+    assert h.json("host")["memory_free"] > 0
+    assert h.json("jobs") == []
+
+
+def remove(cluster: Cluster, name: str) -> None:
+    for h in cluster.hosts.values():
+        if name in h.domains():
+            h.ferry("destroy", name, check=False)
+            h.ferry("undefine", name, check=False)
+
+
+def test_offline_and_live_both_ways(cluster: Cluster, record_property: Any) -> None:
+    """Offline A→B and live B→A: guest state intact, clock continues, source clean;
+    the probe-observed gap of live is far smaller than offline's."""
+    # a 128 MiB pattern: offline must copy it while paused, live copies it beforehand
+    probe = boot(cluster, "ma", "mover", memory=384, cmdline_extra="ferry.mem=128")
+    try:
+        before = probe.wait_up()
+        gaps = {}
+        for mode, src, dst in (("offline", "ma", "mb"), ("live", "mb", "ma")):
+            flags = ("--live",) if mode == "live" else ()
+            with GapRecorder(probe.addrs[0][1], *ADDRS.values()) as rec:
+                time.sleep(0.3)
+                job = migrate(cluster[src], "mover", dst, *flags)
+                time.sleep(0.5)
+            assert job["state"] == "completed", job
+            assert job["mode"] == mode and job["source"] == src and job["dest"] == dst
+            assert cluster.where("mover") == [dst]
+            assert cluster.has_domain("mover") == [dst]
+            assert_clean(cluster[src], "mover")
+            after = probe.wait_up(10)
+            assert probe.last_from == ADDRS[dst]
+            assert after["boot_id"] == before["boot_id"], "the guest rebooted"
+            assert int(after["mono_ns"]) > int(before["mono_ns"]), "the clock went back"
+            assert after["corrupt"] == "0"
+            assert int(after["scans"]) >= int(before["scans"])
+            gaps[mode] = rec.max_gap()
+            before = after
+            for key in ("prepare", "perform", "finish", "confirm"):
+                assert key in job["phase_times"]
+            assert job["stats"]["transferred"] > 0 and job["stats"]["passes"] >= 1
+            assert "downtime_ms" in job["stats"]
+        print(f"probe gap: offline {gaps['offline'] * 1000:.0f} ms, "
+              f"live {gaps['live'] * 1000:.0f} ms")
+        record_property("gap_offline_ms", round(gaps["offline"] * 1000))
+        record_property("gap_live_ms", round(gaps["live"] * 1000))
+        assert gaps["live"] * 2 < gaps["offline"], gaps
+        wait_for(lambda: int(probe.ask(1)["scans"]) > int(before["scans"]), 30, "a rescan")
+        assert probe.ask(1)["corrupt"] == "0"
+        # both hosts kept a record of both hops
+        for h in (cluster["ma"], cluster["mb"]):
+            roles = {(r["source"], r["dest"]) for r in h.json("migrations")
+                     if r["domain"] == "mover"}
+            assert roles == {("ma", "mb"), ("mb", "ma")}
+    finally:
+        probe.close()
+        remove(cluster, "mover")
+
+
+def test_ping_pong_ten_live_hops_while_dirtying(cluster: Cluster) -> None:
+    probe = boot(cluster, "ma", "pingpong", cmdline_extra="ferry.mem=48 ferry.dirty=32:40")
+    try:
+        first = probe.wait_up()
+        src, dst = "ma", "mb"
+        for hop in range(10):
+            job = migrate(cluster[src], "pingpong", dst, "-l")
+            assert job["state"] == "completed", (hop, job)
+            try:
+                reply = probe.wait_up(10)
+            except AssertionError:
+                raise AssertionError(f"no answer after hop {hop}: {job}; on {dst}: "
+                                     f"{cluster[dst].domains()}; console: " + cluster[dst]
+                                     .ferry("console", "pingpong", "--log").stdout[-500:]
+                                     ) from None
+            assert probe.last_from == ADDRS[dst]
+            assert reply["corrupt"] == "0", f"corruption after hop {hop}"
+            assert reply["boot_id"] == first["boot_id"]
+            assert int(reply["dirtied"]) > 0
+            src, dst = dst, src
+        final = wait_for(lambda: (r := probe.ask(1)) and int(r["scans"]) >
+                         int(reply["scans"]) + 1 and r, 60, "two more full scans")
+        assert final["corrupt"] == "0"
+        log = cluster[src].ferry("console", "pingpong", "--log").stdout
+        assert "CORRUPTION" not in log
+    finally:
+        probe.close()
+        remove(cluster, "pingpong")
+
+
+def test_three_hosts_a_b_c(cluster: Cluster) -> None:
+    probe = boot(cluster, "ma", "tripper")
+    try:
+        first = probe.wait_up()
+        assert migrate(cluster["ma"], "tripper", "mb", "--live")["state"] == "completed"
+        # by address, not by name
+        assert migrate(cluster["mb"], "tripper", cluster["mc"].endpoint, "--live"
+                       )["state"] == "completed"
+        assert cluster.where("tripper") == ["mc"]
+        reply = probe.wait_up(10)
+        assert probe.last_from == ADDRS["mc"]
+        assert reply["boot_id"] == first["boot_id"] and reply["corrupt"] == "0"
+        for h in ("ma", "mb"):
+            assert_clean(cluster[h], "tripper")
+    finally:
+        probe.close()
+        remove(cluster, "tripper")
+
+
+def test_shut_off_domain_moves_its_definition(cluster: Cluster, workdir: Path) -> None:
+    from helpers import to_toml
+    path = workdir / "cold.toml"
+    path.write_text(to_toml(guest_config("cold", free_port(), bind="")))
+    cluster["ma"].ferry("define", str(path))
+    uuid = cluster["ma"].domains()["cold"]["uuid"]
+    job = migrate(cluster["ma"], "cold", "mb")
+    assert job["state"] == "completed"
+    assert cluster.has_domain("cold") == ["mb"]
+    dom = cluster["mb"].domains()["cold"]
+    assert dom["state"] == "shutoff" and dom["uuid"] == uuid
+    cluster["mb"].ferry("undefine", "cold")
+
+
+# -- pre-flight refusals -----------------------------------------------------------------
+def snapshot(cluster: Cluster) -> dict[str, Any]:
+    out = {}
+    for n, h in cluster.hosts.items():
+        doms = h.domains()
+        for d in doms.values():
+            d.pop("state_since")
+        out[n] = (doms, sorted(h.qemu_pids()), listening_ports(h.address),
+                  sorted(os.listdir(h.state_dir / "domains")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def resident(cluster: Cluster) -> Iterator[Probe]:
+    """A guest on ma that the refusal tests try to move."""
+    probe = boot(cluster, "ma", "resident")
+    yield probe
+    probe.close()
+    remove(cluster, "resident")
+
+
+def test_check_lists_no_blockers_for_a_good_destination(cluster: Cluster,
+                                                        resident: Probe) -> None:
+    res = cluster["ma"].ferry("migrate", "resident", "mb", "--check")
+    assert "no blockers" in res.stdout
+
+
+def test_name_on_destination_is_refused_and_nothing_changes(
+        cluster: Cluster, resident: Probe, workdir: Path) -> None:
+    from helpers import to_toml
+    cfg = guest_config("resident", 1, bind="")
+    path = workdir / "dup.toml"
+    path.write_text(to_toml(cfg))
+    cluster["mb"].ferry("define", str(path))
+    try:
+        before = snapshot(cluster)
+        res = cluster["ma"].ferry("migrate", "resident", "mb", "--check", check=False)
+        assert res.returncode == 1 and "already exists on host mb" in res.stdout
+        job = migrate(cluster["ma"], "resident", "mb", "--live", check=False)
+        assert job["_rc"] == 1 and job["state"] == "failed"
+        assert job["error"]["phase"] == "prepare" and "already exists" in job["error"]["message"]
+        assert "prepare" in job["_stderr"] and "mb" in job["_stderr"]
+        assert snapshot(cluster) == before
+        assert resident.wait_up(5)
+    finally:
+        cluster["mb"].ferry("undefine", "resident")
+
+
+def test_memory_on_destination_is_refused(cluster: Cluster, resident: Probe,
+                                          workdir: Path) -> None:
+    """A host whose memory is all reserved refuses, naming memory."""
+    tight = Host(workdir, "tight", "127.0.0.4", memory_reserve=10_000_000)
+    tight.start()
+    try:
+        before = snapshot(cluster)
+        res = cluster["ma"].ferry("migrate", "resident", tight.endpoint, "--check",
+                                  check=False)
+        assert res.returncode == 1 and "MiB free" in res.stdout and "host tight" in res.stdout
+        job = migrate(cluster["ma"], "resident", tight.endpoint, check=False)
+        assert job["state"] == "failed" and "MiB free" in job["error"]["message"]
+        assert snapshot(cluster) == before
+        assert tight.qemu_pids() == [] and tight.domains() == {}
+        assert listening_ports("127.0.0.4") == {tight.control_port}
+    finally:
+        tight.cleanup()
+
+
+def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
+    cfg = guest_config(name, 1, bind="")
+    cfg.update(patch.pop("config", {}))
+    body = {"job_id": "0123456789ab", "source": "ma", "config": cfg, "mode": "live",
+            "running": True, "accel": "tcg", "arch": os.uname().machine}
+    body.update(patch)
+    return body
+
+
+@pytest.mark.parametrize("patch,expect", [
+    ({"arch": "aarch64"}, "architecture aarch64"),
+    ({"accel": "kvm"}, "runs under kvm"),
+    ({"config": {"cpu": "nosuchcpu"}}, "CPU model nosuchcpu"),
+    ({"config": {"machine": "nosuchmachine"}}, "machine type nosuchmachine"),
+    ({"config": {"nics": [{"mode": "bridge", "bridge": "fybr-missing"}]}},
+     "bridge fybr-missing"),
+    ({"config": {"disks": [{"path": "/nonexistent/shared/disk.qcow2"}]}},
+     "/nonexistent/shared/disk.qcow2"),
+    ({"config": {"memory": 4 * 1024 * 1024}}, "MiB free"),
+])
+def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[str, Any],
+                                                 expect: str) -> None:
+    """The relocation API's checks, called as a source would call them; a refused
+    Prepare leaves the destination as it was."""
+    import urllib.request
+    mb = cluster["mb"]
+    body = relocation_request("visitor", **patch)
+    before = snapshot(cluster)
+
+    def post(path: str) -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://{mb.endpoint}{path}",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, res = post("/v1/relocation/check")
+    assert status == 200 and any(expect in b for b in res["blockers"]), res
+    status, res = post("/v1/relocation/prepare")
+    assert status >= 400 and res["error"]["kind"] == "refused"
+    assert expect in res["error"]["message"]
+    assert snapshot(cluster) == before
+
+
+def test_unknown_destination_is_refused(cluster: Cluster, resident: Probe) -> None:
+    for dest in ("nosuchhost", "ma", "not an address"):
+        res = cluster["ma"].ferry("migrate", "resident", dest, check=False)
+        assert res.returncode == 1 and res.stderr.startswith("ferry: error:"), dest
+    assert cluster.where("resident") == ["ma"]
+
+
+# -- failures during pre-copy --------------------------------------------------------------
+def start_slow(cluster: Cluster, name: str, src: str = "ma", dst: str = "mb") -> str:
+    """A live migration capped at 1 MiB/s (with a dirtying guest it can't finish soon)."""
+    res = cluster[src].ferry("migrate", name, dst, "--live", "--bandwidth", "1",
+                             "--detach")
+    job_id = res.stdout.strip()
+    wait_for(lambda: (j := cluster[src].json("job", "show", job_id))["phase"] == "perform"
+             and j["stats"].get("transferred", 0) > 0, 30, "pre-copy to start")
+    return job_id
+
+
+def wait_job(h: Host, job_id: str) -> dict[str, Any]:
+    return wait_for(lambda: (j := h.json("job", "show", job_id))["state"] != "running" and j,
+                    60, f"job {job_id} to end")
+
+
+@pytest.mark.parametrize("fault", ["abort", "kill-dest-qemu", "kill-dest-ferryd"])
+def test_failure_during_precopy_keeps_source_running(cluster: Cluster, fault: str) -> None:
+    probe = boot(cluster, "ma", "victim", cmdline_extra="ferry.dirty=8:4")
+    mb = cluster["mb"]
+    try:
+        first = probe.wait_up()
+        with GapRecorder(probe.addrs[0][1], *ADDRS.values()) as rec:
+            job_id = start_slow(cluster, "victim")
+            assert [j["id"] for j in cluster["ma"].json("jobs")] == [job_id]
+            if fault == "abort":
+                cluster["ma"].ferry("job", "abort", job_id)
+            elif fault == "kill-dest-qemu":
+                (pid,) = mb.qemu_pids()
+                os.kill(pid, signal.SIGKILL)
+            else:
+                mb.kill9()
+            job = wait_job(cluster["ma"], job_id)
+            time.sleep(0.5)
+        assert job["state"] == ("aborted" if fault == "abort" else "failed"), job
+        assert job["error"]["phase"] == "perform" and job["error"]["message"]
+        if fault == "kill-dest-ferryd":
+            assert job["error"]["host"] == "mb"
+            wait_for(lambda: mb.qemu_pids() == [], 30, "the orphaned incoming QEMU to exit")
+            mb.start()
+        assert rec.max_gap() < 2.0, f"the source guest stopped answering ({rec.max_gap()}s)"
+        assert cluster.where("victim") == ["ma"]
+        reply = probe.wait_up(5)
+        assert probe.last_from == ADDRS["ma"] and reply["boot_id"] == first["boot_id"]
+        assert reply["corrupt"] == "0"
+        assert_clean(mb, "victim")
+        # the destination kept a record saying what happened
+        recs = [r for r in mb.json("migrations") if r["id"] == job_id]
+        assert recs and recs[0]["state"] in ("aborted", "failed")
+        # and a retry succeeds
+        assert migrate(cluster["ma"], "victim", "mb", "--live")["state"] == "completed"
+        assert cluster.where("victim") == ["mb"]
+    finally:
+        probe.close()
+        if mb.proc is None:
+            mb.start()
+        remove(cluster, "victim")
+
+
+def test_second_migration_of_one_domain_is_refused_at_once(cluster: Cluster) -> None:
+    probe = boot(cluster, "ma", "twice", cmdline_extra="ferry.dirty=8:4")
+    try:
+        job_id = start_slow(cluster, "twice")
+        t0 = time.monotonic()
+        res = cluster["ma"].ferry("migrate", "twice", "mc", "--live", check=False)
+        assert res.returncode == 1 and "busy" in res.stderr and job_id in res.stderr
+        assert time.monotonic() - t0 < 5
+        other = cluster["ma"].ferry("pause", "twice", check=False)
+        assert other.returncode == 1 and "busy" in other.stderr
+        cluster["ma"].ferry("job", "abort", job_id)
+        assert wait_job(cluster["ma"], job_id)["state"] == "aborted"
+        assert cluster.where("twice") == ["ma"]
+        assert_clean(cluster["mc"], "twice")
+    finally:
+        probe.close()
+        remove(cluster, "twice")
+
+
+def test_ctrl_c_asks_then_aborts(cluster: Cluster) -> None:
+    """Ctrl-C in `ferry migrate` (no terminal: no question) aborts the job."""
+    probe = boot(cluster, "ma", "interrupted", cmdline_extra="ferry.dirty=8:4")
+    try:
+        env = {**os.environ, "FERRY_SOCKET": str(cluster["ma"].socket)}
+        proc = subprocess.Popen([FERRY, "migrate", "interrupted", "mb", "--live",
+                                 "--bandwidth", "1"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: cluster["ma"].json("jobs"), 20, "the job to appear")
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "aborted" in err, (out, err)
+        assert cluster.where("interrupted") == ["ma"]
+        assert probe.wait_up(5)
+    finally:
+        probe.close()
+        remove(cluster, "interrupted")
