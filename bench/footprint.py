@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import Host, guest_config  # noqa: E402
+from helpers import Host, guest_config
 
 
 def rss_mib(pid: int) -> float:
