@@ -84,7 +84,7 @@ async def _follow(socket: Path, job: dict[str, Any], quiet: bool) -> dict[str, A
                         except FerryError as exc:
                             console.print(f"cannot abort: {exc.message}")
                     progress.start()
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.1)
                 try:
                     job = await client.job(job["id"])
                 except FerryError as exc:

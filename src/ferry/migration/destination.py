@@ -183,7 +183,7 @@ class RelocationService:
                 raise Failed(f"incoming migration {status}: {info.get('error-desc', '')}")
             if time.monotonic() > deadline:
                 raise Failed(f"incoming migration still {status} after {INCOMING_TIMEOUT}s")
-            await asyncio.sleep(0.01)
+            await proc.qmp.wait_event("MIGRATION", 0.05)
 
     # -- undo -------------------------------------------------------------------------
     async def abort(self, req: AbortRequest) -> dict[str, object]:

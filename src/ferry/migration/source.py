@@ -316,7 +316,8 @@ class MigrationService:
                         await self._cancel_stream(proc)
                         raise Failed(f"destination ferryd stopped answering: {exc.message}",
                                      host=job.record.dest, phase="perform") from exc
-            await asyncio.sleep(POLL_S)
+            # wake at once when QEMU reports a status change, else poll for the stats
+            await proc.qmp.wait_event("MIGRATION", POLL_S)
 
     async def _cancel_stream(self, proc: QemuProcess) -> None:
         await proc.qmp.execute("migrate_cancel")

@@ -135,7 +135,7 @@ class QemuProcess:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.qmp.closed.wait(), 0.5)
             else:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.005)  # QMP is gone: exit is a matter of ms
         return True
 
     async def stop(self, grace: float = 3.0) -> None:

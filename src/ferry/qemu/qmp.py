@@ -32,6 +32,7 @@ class QmpConnection:
         self.closed = asyncio.Event()
         # who hears QEMU's events; may be set or replaced after connecting
         self.on_event: EventHandler | None = None
+        self._waiters: dict[str, asyncio.Event] = {}
 
     async def connect(self, path: Path, on_event: EventHandler | None = None) -> None:
         """Connect to QEMU's QMP socket; raises QemuError if QEMU isn't there."""
@@ -67,8 +68,23 @@ class QmpConnection:
                 self.closed.set()
                 return
 
+    async def wait_event(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the next event called ``name``; True if it came.
+        (Lets a poller wake at once on, e.g., a MIGRATION status change.)"""
+        waiter = self._waiters.setdefault(name, asyncio.Event())
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiter.clear()
+
     async def _pump_events(self) -> None:
         async for event in self._listener:
+            waiter = self._waiters.get(str(event["event"]))
+            if waiter is not None:
+                waiter.set()
             on_event = self.on_event
             if on_event is None:
                 continue
