@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -269,7 +270,7 @@ class GapRecorder:
 
     def max_gap(self) -> float:
         times = [t for t, _ in self.replies]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def listening_ports(address: str) -> set[int]:
