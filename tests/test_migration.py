@@ -422,3 +422,47 @@ def test_ctrl_c_asks_then_aborts(cluster: Cluster) -> None:
     finally:
         probe.close()
         remove(cluster, "interrupted")
+
+
+def test_console_follows_the_domain(cluster: Cluster) -> None:
+    """An attached console reconnects by itself when the domain moves, with no line
+    lost or repeated; `ferry console` on any host finds the domain."""
+    import re
+
+    from test_console import read_until
+    probe = boot(cluster, "ma", "talker")
+    master, slave = __import__("pty").openpty()
+    env = {**os.environ, "FERRY_SOCKET": str(cluster["ma"].socket)}
+    proc = subprocess.Popen([FERRY, "console", "talker"], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    try:
+        seen = read_until(master, b"tick=", 15)
+        assert migrate(cluster["ma"], "talker", "mb", "--live")["state"] == "completed"
+        seen += read_until(master, b"console reconnected", 20)
+        seen += read_until(master, b"tick=", 5)  # output goes on from host mb
+        assert migrate(cluster["mb"], "talker", "mc", "--live")["state"] == "completed"
+        seen += read_until(master, b"console reconnected", 20)
+        # typing still reaches the guest, now on its third host
+        os.write(master, b"still-here\r")
+        seen += read_until(master, b"heard: still-here", 15)
+        seen += read_until(master, b"tick=", 5)
+        os.write(master, b"\x1d")
+        assert proc.wait(10) == 0
+        assert seen.count(b"console reconnected") == 2
+        ticks = [int(n) for n in re.findall(rb"FERRY-AGENT tick=(\d+) ", seen)]
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), ticks
+        assert len(ticks) >= 3
+        # the log is one stream across the three hosts, readable from any of them
+        for h in ("ma", "mb", "mc"):
+            log = cluster[h].ferry("console", "talker", "--log").stdout
+            assert "FERRY-AGENT READY" in log and "heard: still-here" in log, h
+            logged = [int(n) for n in re.findall(r"FERRY-AGENT tick=(\d+) ", log)]
+            assert logged == list(range(1, len(logged) + 1)), (h, logged)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        probe.close()
+        remove(cluster, "talker")

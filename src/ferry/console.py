@@ -1,7 +1,15 @@
-"""Serial consoles: QEMU serves each domain's serial port on a Unix socket in
-the domain's state directory (and logs everything it writes to console.log,
-even while nobody is attached). ferryd is that socket's only client and fans
-it out to any number of attached ``ferry console`` sessions."""
+"""Serial consoles.
+
+QEMU serves each domain's serial port on a Unix socket in the domain's state
+directory and logs every byte the guest writes to ``console.log``, attached or
+not. That log is the console's output stream: attached sessions follow it by
+byte offset, so a session that reconnects (after ferryd restarts, or after the
+domain moved to another host) continues exactly where it left off. The log is
+logical across hosts: a migration hands the source's log to the destination
+(``console.history``), so offsets keep counting wherever the domain runs.
+
+ferryd is the socket's only client (``ConsoleHub``): it forwards what sessions
+type and drains what QEMU sends, so the guest's serial port never blocks."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +23,8 @@ QUEUE_CHUNKS = 1024  # per subscriber; a client that can't keep up loses output
 
 
 class ConsoleHub:
-    """One domain's console: connected while at least one client is attached."""
+    """One domain's console socket: connected while at least one session is
+    attached; output read from it is dropped (sessions follow the log)."""
 
     def __init__(self, name: str, socket_path: Path) -> None:
         self.name = name
@@ -56,9 +65,8 @@ class ConsoleHub:
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         try:
-            while chunk := await reader.read(4096):
-                for q in self._subscribers:
-                    _offer(q, chunk)
+            while await reader.read(65536):
+                pass  # the log has it; reading keeps the guest's serial port flowing
         except (ConnectionError, OSError) as exc:
             log.debug("console of %s: %s", self.name, exc)
         for q in self._subscribers:
@@ -87,13 +95,70 @@ def _offer(q: asyncio.Queue[bytes | None], item: bytes | None) -> None:
         q.put_nowait(item)
 
 
-def read_log(path: Path, tail: int | None = None) -> bytes:
-    """The console log (or its last ``tail`` bytes); empty if there is none yet."""
+class ConsoleLog:
+    """A domain's console output as one stream of bytes with stable offsets:
+    ``base`` (bytes dropped long ago) + ``console.history`` (earlier hosts)
+    + ``console.log`` (this host's QEMU)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log = root / "console.log"
+        self.history = root / "console.history"
+        self.base_file = root / "console.base"
+
+    def base(self) -> int:
+        try:
+            return int(self.base_file.read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _sizes(self) -> tuple[int, int, int]:
+        sizes = []
+        for path in (self.history, self.log):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return self.base(), sizes[0], sizes[1]
+
+    def size(self) -> int:
+        """The offset just past the newest byte."""
+        return sum(self._sizes())
+
+    def read(self, start: int, limit: int = 1 << 20) -> tuple[int, bytes]:
+        """Bytes from offset ``start`` (at most ``limit``); returns (offset, data),
+        where offset > start if the bytes before it are no longer kept."""
+        base, hist, _ = self._sizes()
+        start = max(start, base)
+        out = b""
+        if start < base + hist:
+            out = _read_at(self.history, start - base, limit)
+        if len(out) < limit:
+            out += _read_at(self.log, max(0, start + len(out) - base - hist),
+                            limit - len(out))
+        return start, out
+
+    def tail(self, count: int | None) -> bytes:
+        size = self.size()
+        start = self.base() if count is None else max(self.base(), size - count)
+        return self.read(start, limit=1 << 30)[1]
+
+    def export(self, max_bytes: int = 4 << 20) -> tuple[int, bytes]:
+        """What a migration hands over: (offset of the first byte, bytes)."""
+        size = self.size()
+        return self.read(max(0, size - max_bytes), limit=max_bytes)
+
+    def adopt(self, base: int, data: bytes) -> None:
+        """Take over the log of a domain arriving from another host (before it runs)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.base_file.write_text(str(base))
+        self.history.write_bytes(data)
+
+
+def _read_at(path: Path, offset: int, limit: int) -> bytes:
     try:
         with open(path, "rb") as f:
-            if tail is not None:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - tail))
-            return f.read()
+            f.seek(offset)
+            return f.read(limit)
     except FileNotFoundError:
         return b""

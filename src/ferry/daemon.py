@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ferry.api.consoles import Consoles
 from ferry.api.relocation import make_relocation_app
 from ferry.api.server import make_app
 from ferry.domains import DomainService
@@ -76,7 +77,8 @@ class Daemon:
         self.relocation = RelocationService(cfg, self.svc, self.store)
         await self.migrations.recover()
         await self.relocation.recover()
-        app = make_app(self.svc, self.host_info, self.migrations)
+        self.consoles = Consoles(cfg, self.svc, self.store)
+        app = make_app(self.svc, self.host_info, self.migrations, self.consoles)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=2.0)
         await self._runner.setup()
@@ -91,7 +93,7 @@ class Daemon:
             os.umask(old)
         log.info("listening on %s", sock)
         if cfg.control_port:
-            self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation),
+            self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation, self.consoles),
                                                handle_signals=False, access_log=None,
                                                shutdown_timeout=2.0)
             await self._reloc_runner.setup()

@@ -372,6 +372,9 @@ class DomainService:
     async def launch_incoming(self, config: DomainConfig) -> QemuProcess:
         """Start a paused QEMU waiting for a migration stream (``-incoming defer``).
         It is not a domain of this host until ``adopt``."""
+        # no domain of that name is defined here (checked): whatever is left in
+        # its directory is stale, e.g. a console log from an earlier visit
+        shutil.rmtree(self.paths(config.name).root, ignore_errors=True)
         return await QemuProcess.launch(config.name, self.paths(config.name),
                                         self.argv(config, incoming="defer"))
 

@@ -101,10 +101,14 @@ class FerryClient:
         return await self.request(  # type: ignore[no-any-return]
             "GET", f"/v1/domains/{name}/console/log{query}")
 
-    async def console(self, name: str) -> aiohttp.ClientWebSocketResponse:
-        """A websocket to the domain's console (binary frames both ways)."""
+    async def console(self, name: str, start: int | None = None
+                      ) -> aiohttp.ClientWebSocketResponse:
+        """A websocket to the domain's console, from byte offset ``start`` (default:
+        now). See ferry.api.consoles for the protocol."""
+        params = {} if start is None else {"from": str(start)}
         try:
-            return await self._session.ws_connect(f"{self.base}/v1/domains/{name}/console")
+            return await self._session.ws_connect(f"{self.base}/v1/domains/{name}/console",
+                                                  params=params)
         except aiohttp.WSServerHandshakeError as exc:
             # the daemon refused before upgrading: fetch the structured reason
             await self.domain(name)

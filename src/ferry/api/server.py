@@ -6,20 +6,18 @@ internal error, never as a traceback.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from ferry.console import ConsoleHub, read_log
+from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
-from ferry.errors import FerryError, InvalidInput, NotFound
+from ferry.errors import FerryError, InvalidInput
 from ferry.migration.models import MigrateRequest
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
@@ -33,7 +31,7 @@ SVC: web.AppKey[DomainService] = web.AppKey("svc", DomainService)
 HOSTINFO: web.AppKey[Callable[[], HostInfo]] = web.AppKey("hostinfo")
 MIG: web.AppKey[MigrationService] = web.AppKey("mig", MigrationService)
 JOB_RE = re.compile(r"^[0-9a-f]{12}$")
-HUBS: web.AppKey[dict[str, ConsoleHub]] = web.AppKey("hubs", dict)
+CONSOLES: web.AppKey[Consoles] = web.AppKey("consoles", Consoles)
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -129,55 +127,17 @@ async def domain_action(request: web.Request) -> web.Response:
 
 
 async def console_log(request: web.Request) -> web.Response:
-    svc, name = request.app[SVC], domain_name(request)
-    svc.get(name)
+    name = domain_name(request)
     tail = request.query.get("tail")
-    try:
-        tail_n = int(tail) if tail is not None else None
-    except ValueError as exc:
-        raise InvalidInput(f"tail must be a number of bytes, not {tail!r}") from exc
-    data = read_log(svc.paths(name).console_log, tail_n)
+    if tail is not None and not tail.isdigit():
+        raise InvalidInput(f"tail must be a number of bytes, not {tail!r}")
+    data = await request.app[CONSOLES].log(name, int(tail) if tail else None, relay=True)
     return web.Response(body=data, content_type="application/octet-stream")
 
 
 async def console_ws(request: web.Request) -> web.StreamResponse:
-    """Attach to a running domain's console: binary frames both ways."""
-    svc, name = request.app[SVC], domain_name(request)
-    dom = svc.get(name)
-    if dom.proc is None or not dom.config.serial:
-        raise NotFound(f"domain {name} has no running console ({dom.state.value})",
-                       domain=name)
-    hubs = request.app[HUBS]
-    hub = hubs.get(name)
-    if hub is None:
-        hub = hubs[name] = ConsoleHub(name, svc.paths(name).console)
-    try:
-        queue = await hub.attach()
-    except OSError as exc:
-        raise NotFound(f"console of {name} is not available: {exc}", domain=name) from exc
-    ws = web.WebSocketResponse(heartbeat=20)
-    await ws.prepare(request)
-
-    async def outbound() -> None:
-        while (chunk := await queue.get()) is not None:
-            await ws.send_bytes(chunk)
-        await ws.close(message=b"console closed: the domain stopped")
-
-    out_task = asyncio.create_task(outbound())
-    try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                await hub.send(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                await hub.send(msg.data.encode())
-            elif msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
-                break
-    finally:
-        out_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await out_task
-        await hub.detach(queue)
-    return ws
+    """Attach to a domain's console, on this host or wherever it runs now."""
+    return await request.app[CONSOLES].serve(request, domain_name(request), relay=True)
 
 
 # -- migration (management side) --------------------------------------------------------
@@ -215,11 +175,11 @@ def job_id(request: web.Request) -> str:
 
 
 def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
-             migrations: MigrationService) -> web.Application:
+             migrations: MigrationService, consoles: Consoles) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     app[SVC] = svc
     app[HOSTINFO] = hostinfo
-    app[HUBS] = {}
+    app[CONSOLES] = consoles
     app[MIG] = migrations
     app.router.add_get("/v1/host", get_host)
     app.router.add_post("/v1/domains/{name}/migrate", migrate_domain)
@@ -235,9 +195,8 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app.router.add_get("/v1/domains/{name}/console/log", console_log)
     app.router.add_get("/v1/domains/{name}/console", console_ws)
 
-    async def close_hubs(app: web.Application) -> None:
-        for hub in app[HUBS].values():
-            await hub.close()
+    async def close_consoles(app: web.Application) -> None:
+        await app[CONSOLES].close()
 
-    app.on_shutdown.append(close_hubs)
+    app.on_shutdown.append(close_consoles)
     return app

@@ -8,6 +8,7 @@ failure path removes it without trace.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import platform
@@ -15,8 +16,9 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from ferry.console import ConsoleLog
 from ferry.domains import DomainService
-from ferry.errors import Conflict, Failed, FerryError, NotFound, Refused
+from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.hostconfig import HostConfig
 from ferry.migration.models import (
     AbortRequest,
@@ -143,6 +145,11 @@ class RelocationService:
             inc.record.stats = req.stats
             self._save(inc)
             cfg = inc.request.config
+            try:
+                history = base64.b64decode(req.console_b64, validate=True)
+            except ValueError as exc:
+                raise InvalidInput("console_b64 is not base64") from exc
+            ConsoleLog(self.domains.paths(cfg.name).root).adopt(req.console_base, history)
             if inc.proc is None:  # a shut-off domain: only the definition moves
                 self.domains.adopt_definition(cfg, f"migrated from {inc.request.source}")
             else:

@@ -70,6 +70,10 @@ class FinishRequest(Strict):
     job_id: str = Field(pattern=r"^[0-9a-f]{12}$")
     resume: bool
     stats: dict[str, Any] = Field(default_factory=dict)
+    # the console log so far (base64) and the offset of its first byte, so the
+    # console's output continues on the destination with the same offsets
+    console_base: int = Field(default=0, ge=0)
+    console_b64: str = Field(default="", max_length=8 << 20)
 
 
 class AbortRequest(Strict):

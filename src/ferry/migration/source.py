@@ -23,6 +23,7 @@ twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import platform
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.api.client import FerryClient
+from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
 from ferry.errors import Busy, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.hostconfig import HostConfig
@@ -346,8 +348,10 @@ class MigrationService:
     # -- Finish -----------------------------------------------------------------------
     async def _finish(self, job: SourceJob) -> None:
         peer = job.client()
+        base, data = ConsoleLog(self.domains.paths(job.dom.name).root).export()
         body = {"job_id": job.record.id, "resume": job.was_running,
-                "stats": job.record.stats}
+                "stats": job.record.stats, "console_base": base,
+                "console_b64": base64.b64encode(data).decode()}
         try:
             await peer.request("POST", "/v1/relocation/finish", body, timeout=180)
         except FerryError as exc:

@@ -1,0 +1,235 @@
+"""Console sessions over websockets, wherever the domain runs.
+
+A session follows the domain's console log by offset (see ``ferry.console``).
+Protocol: the server first sends a text frame ``{"offset": N, "host": NAME}``,
+then the output as binary frames; the client sends what the user types as
+binary frames. The server closes with 1000 when the domain stops and with
+``MOVED`` when it left this host: the client then reconnects through its own
+ferryd with ``?from=<offset it got to>``, and nothing is lost or repeated.
+
+When the domain is not on this host, ferryd finds where it is (the record of
+where it migrated to, else by asking every peer) and relays the session to
+that host's relocation API.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from ferry.console import ConsoleHub, ConsoleLog
+from ferry.domains import DomainService
+from ferry.errors import FerryError, InvalidInput, NotFound
+from ferry.hostconfig import HostConfig
+from ferry.store import Store
+
+log = logging.getLogger(__name__)
+
+MOVED = 4001
+MAX_HOPS = 8
+POLL_S = 0.05
+
+
+def start_offset(request: web.Request) -> int | None:
+    value = request.query.get("from")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidInput(f"'from' must be a byte offset, not {value!r}")
+    return int(value)
+
+
+class Consoles:
+    def __init__(self, host: HostConfig, svc: DomainService, store: Store) -> None:
+        self.host = host
+        self.svc = svc
+        self.store = store
+        self.hubs: dict[str, ConsoleHub] = {}
+
+    async def close(self) -> None:
+        for hub in self.hubs.values():
+            await hub.close()
+
+    # -- where is it? -----------------------------------------------------------------
+    def next_hop(self, name: str) -> tuple[str, int] | None:
+        """Where this host sent ``name`` last (the newest completed migration away)."""
+        for rec in reversed(self.store.migrations(state="completed")):
+            if rec["domain"] == name and rec["role"] == "source":
+                try:
+                    return self.host.resolve_peer(rec["dest"])[1]
+                except ValueError:
+                    return None
+        return None
+
+    async def locate(self, name: str) -> tuple[str, int]:
+        """The relocation endpoint of the host that has ``name``; NotFound if none."""
+        seen: set[tuple[str, int]] = set()
+        hop = self.next_hop(name)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            while hop is not None and hop not in seen and len(seen) < MAX_HOPS:
+                seen.add(hop)
+                answer = await _ask(http, hop, name)
+                if answer is None:
+                    break
+                if answer.get("here"):
+                    return hop
+                nxt = answer.get("next")
+                hop = (str(nxt[0]), int(nxt[1])) if nxt else None
+            for peer in self.host.peers:
+                try:
+                    endpoint = self.host.resolve_peer(peer.name)[1]
+                except ValueError:
+                    continue
+                if endpoint in seen:
+                    continue
+                answer = await _ask(http, endpoint, name)
+                if answer and answer.get("here"):
+                    return endpoint
+        raise NotFound(f"no domain named {name!r} on host {self.host.name} or its peers",
+                       domain=name)
+
+    def whereabouts(self, name: str) -> dict[str, Any]:
+        """What a peer's ``locate`` asks: is it here, or where did it go?"""
+        if name in self.svc.domains:
+            return {"here": True}
+        hop = self.next_hop(name)
+        return {"here": False, "next": list(hop) if hop else None}
+
+    # -- sessions ---------------------------------------------------------------------
+    async def serve(self, request: web.Request, name: str, relay: bool) -> web.StreamResponse:
+        """A console session for ``name``: local if it runs here, else relayed (if
+        ``relay``) to the host that has it."""
+        dom = self.svc.domains.get(name)
+        if dom is None:
+            if not relay:
+                raise NotFound(f"no domain named {name!r} on host {self.host.name}")
+            return await self._relay(request, await self.locate(name), name)
+        if dom.proc is None or not dom.config.serial:
+            raise NotFound(f"domain {name} has no running console ({dom.state.value})",
+                           domain=name)
+        hub = self.hubs.get(name)
+        if hub is None:
+            hub = self.hubs[name] = ConsoleHub(name, self.svc.paths(name).console)
+        try:
+            queue = await hub.attach()
+        except OSError as exc:
+            raise NotFound(f"console of {name} is not available: {exc}", domain=name) from exc
+        clog = ConsoleLog(self.svc.paths(name).root)
+        start = start_offset(request)
+        pos = clog.size() if start is None else start
+        ws = web.WebSocketResponse(heartbeat=20)
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"offset": pos, "host": self.host.name}))
+        typed = asyncio.create_task(_forward_input(ws, hub))
+        try:
+            while not ws.closed:
+                pos, data = clog.read(pos)
+                if data:
+                    await ws.send_bytes(data)
+                    pos += len(data)
+                    continue
+                current = self.svc.domains.get(name)
+                if current is not dom:
+                    await ws.close(code=MOVED, message=b"the domain left this host")
+                    break
+                if dom.proc is None:
+                    pos, data = clog.read(pos)
+                    if data:
+                        await ws.send_bytes(data)
+                    await ws.close(message=b"the domain stopped")
+                    break
+                if typed.done():
+                    break
+                await asyncio.sleep(POLL_S)
+        finally:
+            typed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await typed
+            await hub.detach(queue)
+        return ws
+
+    async def _relay(self, request: web.Request, endpoint: tuple[str, int],
+                     name: str) -> web.StreamResponse:
+        url = f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/consoles/{name}"
+        start = start_offset(request)
+        params = {} if start is None else {"from": str(start)}
+        async with aiohttp.ClientSession() as http:
+            try:
+                upstream = await http.ws_connect(url, params=params, heartbeat=20)
+            except aiohttp.ClientError as exc:
+                raise NotFound(f"console of {name} on {endpoint[0]}:{endpoint[1]} is not "
+                               f"available: {exc}", domain=name) from exc
+            ws = web.WebSocketResponse(heartbeat=20)
+            await ws.prepare(request)
+
+            async def down() -> None:
+                async for msg in upstream:
+                    if msg.type == WSMsgType.TEXT:
+                        await ws.send_str(msg.data)
+                    elif msg.type == WSMsgType.BINARY:
+                        await ws.send_bytes(msg.data)
+                    else:
+                        break
+
+            async def up() -> None:
+                async for msg in ws:
+                    if msg.type == WSMsgType.BINARY:
+                        await upstream.send_bytes(msg.data)
+                    elif msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                        break
+
+            tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in tasks:
+                t.cancel()
+            code = upstream.close_code or 1000
+            await upstream.close()
+            # pass "moved" (or the end) on, so the client knows to come back
+            await ws.close(code=code if code in (1000, MOVED) else 1011)
+        return ws
+
+    async def log(self, name: str, tail: int | None, relay: bool) -> bytes:
+        if name in self.svc.domains:
+            return ConsoleLog(self.svc.paths(name).root).tail(tail)
+        if not relay:
+            raise NotFound(f"no domain named {name!r} on host {self.host.name}")
+        endpoint = await self.locate(name)
+        query = f"?tail={tail}" if tail is not None else ""
+        url = f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/consoles/{name}/log{query}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            try:
+                async with http.get(url) as resp:
+                    if resp.status != 200:
+                        raise NotFound(f"console log of {name} is not available "
+                                       f"({resp.status})", domain=name)
+                    return await resp.read()
+            except aiohttp.ClientError as exc:
+                raise FerryError(f"cannot fetch console log of {name}: {exc}") from exc
+
+
+async def _ask(http: aiohttp.ClientSession, endpoint: tuple[str, int],
+               name: str) -> dict[str, Any] | None:
+    try:
+        async with http.get(f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/"
+                            f"whereabouts/{name}") as resp:
+            if resp.status != 200:
+                return None
+            return await resp.json()  # type: ignore[no-any-return]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.info("locating %s: %s:%d did not answer: %s", name, *endpoint, exc)
+        return None
+
+
+async def _forward_input(ws: web.WebSocketResponse, hub: ConsoleHub) -> None:
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            await hub.send(msg.data)
+        elif msg.type == WSMsgType.TEXT:
+            await hub.send(msg.data.encode())
+        elif msg.type in (WSMsgType.ERROR, WSMsgType.CLOSE):
+            break
