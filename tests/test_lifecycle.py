@@ -164,3 +164,24 @@ def test_shutdown_timeout_destroys_a_deaf_guest(host: Host, workdir: Path) -> No
     assert "shutoff" in out and "no shutdown within 2s" in out
     assert time.monotonic() - start < 30
     host.ferry("undefine", "deaf")
+
+
+def test_disks_reach_the_guest(host: Host, workdir: Path) -> None:
+    """A raw and a qcow2 disk on virtio-blk are seen by the guest with their sizes."""
+    import subprocess
+    raw, qcow = workdir / "data.raw", workdir / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "8M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "16M"], check=True)
+    cfg = guest_config("disky", free_port(),
+                       disks=[{"path": str(raw), "format": "raw"},
+                              {"path": str(qcow), "format": "qcow2", "readonly": True}])
+    host.create(cfg)
+    try:
+        line = wait_for(lambda: next((ln for ln in host.ferry("console", "disky", "--log")
+                                      .stdout.splitlines() if "FERRY-INIT disks:" in ln), None),
+                        60, "the guest's disk list")
+        # sizes in 512-byte sectors
+        assert "vda:16384" in line and "vdb:32768" in line, line
+    finally:
+        host.ferry("destroy", "disky", check=False)
+        host.ferry("undefine", "disky", check=False)
