@@ -466,3 +466,30 @@ def test_console_follows_the_domain(cluster: Cluster) -> None:
         os.close(master)
         probe.close()
         remove(cluster, "talker")
+
+
+def test_source_ferryd_killed_during_precopy_settles_on_restart(cluster: Cluster) -> None:
+    """kill -9 of the source ferryd mid-migration: its QEMU streams on by itself; the
+    restarted ferryd finds the job unfinished, has the destination drop its side,
+    cancels the stream, and the guest runs on the source only."""
+    probe = boot(cluster, "ma", "orphan", cmdline_extra="ferry.dirty=8:4")
+    ma, mb = cluster["ma"], cluster["mb"]
+    try:
+        first = probe.wait_up()
+        job_id = start_slow(cluster, "orphan")
+        ma.kill9()
+        assert len(mb.qemu_pids()) == 1, "the incoming QEMU is still receiving"
+        ma.start()
+        rec = next(r for r in ma.json("migrations") if r["id"] == job_id)
+        assert rec["state"] == "failed" and "restarted" in rec["error"]["message"]
+        wait_for(lambda: mb.qemu_pids() == [], 20, "the destination to drop its QEMU")
+        assert_clean(mb, "orphan")
+        assert cluster.where("orphan") == ["ma"]
+        reply = probe.wait_up(5)
+        assert probe.last_from == ADDRS["ma"] and reply["boot_id"] == first["boot_id"]
+        assert migrate(ma, "orphan", "mb", "--live")["state"] == "completed"
+    finally:
+        probe.close()
+        if ma.proc is None:
+            ma.start()
+        remove(cluster, "orphan")
