@@ -482,7 +482,12 @@ def test_source_ferryd_killed_during_precopy_settles_on_restart(cluster: Cluster
         ma.start()
         rec = next(r for r in ma.json("migrations") if r["id"] == job_id)
         assert rec["state"] == "failed" and "restarted" in rec["error"]["message"]
-        wait_for(lambda: mb.qemu_pids() == [], 20, "the destination to drop its QEMU")
+        try:
+            wait_for(lambda: mb.qemu_pids() == [] and listening_ports(mb.address) ==
+                     {mb.control_port}, 20, "the destination to drop its QEMU and port")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; ma log: {ma.log.read_text()[-1500:]}; "
+                                 f"mb log: {mb.log.read_text()[-1500:]}") from None
         assert_clean(mb, "orphan")
         assert cluster.where("orphan") == ["ma"]
         reply = probe.wait_up(5)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import platform
@@ -131,12 +132,21 @@ class Daemon:
             os.close(self._lockfile)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task's stack (what is ferryd waiting on?)."""
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(file=buf)
+        log.warning("task %s:\n%s", task.get_name(), buf.getvalue())
+
+
 async def serve(config: HostConfig) -> None:
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         await daemon.start()
         print(f"ferryd {config.name} ready on {config.socket_path}", flush=True)

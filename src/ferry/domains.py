@@ -423,11 +423,14 @@ class DomainService:
             dom.pending_reason = None
 
     async def _finish_watch(self, dom: Domain, proc: QemuProcess) -> None:
-        """After Ferry stopped QEMU itself: record the exit now, under our lock."""
+        """After Ferry stopped QEMU itself: record the exit now, under our lock.
+
+        The watcher is cancelled but not awaited: it may be queued on the lock we
+        hold (awaiting it would deadlock if it missed the cancellation, which
+        asyncio.wait_for can swallow on Python 3.11), and if it ever runs,
+        ``_reap`` sees the process already reaped and does nothing."""
         if dom.watcher:
             dom.watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await dom.watcher
             dom.watcher = None
         await self._reap(dom, proc)
 

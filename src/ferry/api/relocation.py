@@ -8,8 +8,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from ferry.api.consoles import Consoles
-from ferry.api.server import CONSOLES, body_as, domain_name, errors_middleware, job_id, ok
-from ferry.errors import InvalidInput
+from ferry.api.server import (
+    CONSOLES,
+    body_as,
+    console_log,
+    domain_name,
+    errors_middleware,
+    job_id,
+    ok,
+)
 from ferry.migration.destination import RelocationService
 from ferry.migration.models import AbortRequest, FinishRequest, RelocationRequest
 
@@ -44,13 +51,8 @@ async def console(request: web.Request) -> web.StreamResponse:
     return await request.app[CONSOLES].serve(request, domain_name(request), relay=False)
 
 
-async def console_log(request: web.Request) -> web.Response:
-    tail = request.query.get("tail")
-    if tail is not None and not tail.isdigit():
-        raise InvalidInput(f"tail must be a number of bytes, not {tail!r}")
-    data = await request.app[CONSOLES].log(domain_name(request),
-                                           int(tail) if tail else None, relay=False)
-    return web.Response(body=data, content_type="application/octet-stream")
+async def local_console_log(request: web.Request) -> web.Response:
+    return await console_log(request, relay=False)
 
 
 async def whereabouts(request: web.Request) -> web.Response:
@@ -62,7 +64,7 @@ def make_relocation_app(reloc: RelocationService, consoles: Consoles) -> web.App
     app[RELOC] = reloc
     app[CONSOLES] = consoles
     app.router.add_get("/v1/relocation/consoles/{name}", console)
-    app.router.add_get("/v1/relocation/consoles/{name}/log", console_log)
+    app.router.add_get("/v1/relocation/consoles/{name}/log", local_console_log)
     app.router.add_get("/v1/relocation/whereabouts/{name}", whereabouts)
     app.router.add_post("/v1/relocation/check", check)
     app.router.add_post("/v1/relocation/prepare", prepare)

@@ -126,12 +126,16 @@ async def domain_action(request: web.Request) -> web.Response:
     return ok(await actions[action](name))
 
 
-async def console_log(request: web.Request) -> web.Response:
-    name = domain_name(request)
+def tail_param(request: web.Request) -> int | None:
     tail = request.query.get("tail")
     if tail is not None and not tail.isdigit():
         raise InvalidInput(f"tail must be a number of bytes, not {tail!r}")
-    data = await request.app[CONSOLES].log(name, int(tail) if tail else None, relay=True)
+    return int(tail) if tail else None
+
+
+async def console_log(request: web.Request, relay: bool = True) -> web.Response:
+    """The console log of a domain here, or (``relay``) wherever it runs now."""
+    data = await request.app[CONSOLES].log(domain_name(request), tail_param(request), relay)
     return web.Response(body=data, content_type="application/octet-stream")
 
 

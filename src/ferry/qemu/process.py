@@ -131,9 +131,11 @@ class QemuProcess:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if not self.qmp.closed.is_set():
-                # QMP hanging up is the fast signal that QEMU is exiting
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.qmp.closed.wait(), 0.5)
+                # QMP hanging up is the fast signal that QEMU is exiting (asyncio.wait,
+                # not wait_for: on 3.11 wait_for can swallow our own cancellation)
+                closed = asyncio.ensure_future(self.qmp.closed.wait())
+                await asyncio.wait({closed}, timeout=0.5)
+                closed.cancel()
             else:
                 await asyncio.sleep(0.005)  # QMP is gone: exit is a matter of ms
         return True

@@ -72,12 +72,12 @@ class QmpConnection:
         """Wait up to ``timeout`` s for the next event called ``name``; True if it came.
         (Lets a poller wake at once on, e.g., a MIGRATION status change.)"""
         waiter = self._waiters.setdefault(name, asyncio.Event())
+        fired = asyncio.ensure_future(waiter.wait())
         try:
-            await asyncio.wait_for(waiter.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            done, _ = await asyncio.wait({fired}, timeout=timeout)
+            return bool(done)
         finally:
+            fired.cancel()
             waiter.clear()
 
     async def _pump_events(self) -> None:
