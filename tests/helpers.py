@@ -263,7 +263,7 @@ class GapRecorder:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sent += 1
-            reply = self.probe.ask(self.interval * 5)
+            reply = self.probe.ask(self.interval * 2)
             if reply is not None:
                 self.replies.append((time.monotonic(), reply))
                 time.sleep(self.interval)

@@ -97,8 +97,8 @@ def remove(cluster: Cluster, name: str) -> None:
 def test_offline_and_live_both_ways(cluster: Cluster, record_property: Any) -> None:
     """Offline A→B and live B→A: guest state intact, clock continues, source clean;
     the probe-observed gap of live is far smaller than offline's."""
-    # a 128 MiB pattern: offline must copy it while paused, live copies it beforehand
-    probe = boot(cluster, "ma", "mover", memory=384, cmdline_extra="ferry.mem=128")
+    # a 320 MiB pattern: offline must copy it while paused, live copies it beforehand
+    probe = boot(cluster, "ma", "mover", memory=640, cmdline_extra="ferry.mem=320")
     try:
         before = probe.wait_up()
         gaps = {}
