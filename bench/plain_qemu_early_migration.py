@@ -32,11 +32,14 @@ NETOPT = ",guest_announce=off" if "--no-guest-announce" in sys.argv else ""
 CMDLINE = "console=ttyS0 quiet ferry.ip=10.0.2.15/24 ferry.tick=1 ferry.mem=48 ferry.dirty=32:40"
 
 
+OPTS = argparse.Namespace(machine="q35", cpu="qemu64", cmdline=CMDLINE)
+
+
 def argv(root: Path, tag: str, port: int, addr: str, incoming: str | None) -> list[str]:
-    out = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64",
+    out = ["qemu-system-x86_64", "-machine", OPTS.machine, "-accel", "tcg", "-cpu", OPTS.cpu,
            "-m", "256M", "-nodefaults", "-display", "none", "-S",
            "-qmp", f"unix:{root}/{tag}.qmp,server=on,wait=off",
-           "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", CMDLINE,
+           "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", OPTS.cmdline,
            "-netdev", f"user,id=n0,hostfwd=udp:{addr}:{port}-:7777",
            "-device", "virtio-net-pci,netdev=n0" + NETOPT,
            "-chardev", f"file,id=c0,path={root}/{tag}.log", "-serial", "chardev:c0"]
@@ -100,7 +103,11 @@ async def main() -> None:
     ap.add_argument("--no-auto-converge", action="store_true")
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--no-guest-announce", action="store_true")
+    ap.add_argument("--machine", default="q35")
+    ap.add_argument("--cpu", default="qemu64")
+    ap.add_argument("--cmdline", default=CMDLINE, help="guest kernel command line")
     args = ap.parse_args()
+    OPTS.machine, OPTS.cpu, OPTS.cmdline = args.machine, args.cpu, args.cmdline
     fails = 0
     with tempfile.TemporaryDirectory(prefix="fyeq", dir="/tmp") as tmp:
         for i in range(args.cycles):
