@@ -100,12 +100,17 @@ class Host:
             text += f'\n[[peers]]\nname = "{name}"\naddress = "{endpoint}"\n'
         self.config.write_text(text)
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.write_config()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [FERRYD, "--config", str(self.config), "--log-level", "DEBUG", *extra],
+                env={**os.environ, **(env or {})},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

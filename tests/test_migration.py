@@ -504,3 +504,40 @@ def test_source_ferryd_killed_during_precopy_settles_on_restart(cluster: Cluster
         if ma.proc is None:
             ma.start()
         remove(cluster, "orphan")
+
+
+def test_destination_crash_right_after_resume_is_adopted(cluster: Cluster) -> None:
+    """The destination ferryd dies right after resuming the guest in Finish, before it
+    answers. The source keeps its copy paused and waits; the restarted destination
+    adopts the running guest; the source then confirms. One running copy throughout."""
+    probe = boot(cluster, "ma", "phoenix")
+    ma, mb = cluster["ma"], cluster["mb"]
+    env = {**os.environ, "FERRY_SOCKET": str(ma.socket)}
+    try:
+        first = probe.wait_up()
+        mb.stop()
+        mb.start(env={"FERRY_CRASH_AT": "finish-after-cont"})
+        mig = subprocess.Popen([FERRY, "migrate", "phoenix", "mb", "--live", "--json"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        assert mb.proc is not None
+        mb.proc.wait(30)  # it died at the crash point
+        mb.proc = None
+        reply = probe.wait_up(10)
+        assert probe.last_from == ADDRS["mb"], "the guest runs on the destination"
+        assert reply["boot_id"] == first["boot_id"]
+        assert ma.domains()["phoenix"]["state"] == "paused", "the source copy waits paused"
+        mb.start()
+        out, err = mig.communicate(timeout=60)
+        job = json.loads(out)
+        assert job["state"] == "completed", (job, err)
+        assert cluster.has_domain("phoenix") == ["mb"] and cluster.where("phoenix") == ["mb"]
+        assert_clean(ma, "phoenix")
+        rec = next(r for r in mb.json("migrations") if r["id"] == job["id"])
+        assert rec["state"] == "completed"
+        assert probe.wait_up(5)["corrupt"] == "0"
+    finally:
+        probe.close()
+        if mb.proc is None:
+            mb.start()
+        remove(cluster, "phoenix")

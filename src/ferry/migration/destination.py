@@ -15,10 +15,12 @@ import platform
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferry.console import ConsoleLog
 from ferry.domains import DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
+from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration.models import (
     AbortRequest,
@@ -104,6 +106,8 @@ class RelocationService:
         self.domains.reservations[req.job_id] = req.config.memory
         try:
             inc.proc = await self.domains.launch_incoming(req.config)
+            # what a restarted ferryd needs to adopt a guest that Finish resumed
+            self._request_file(req.config.name).write_text(req.model_dump_json())
             await inc.proc.qmp.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True}]})
             await inc.proc.qmp.execute(
@@ -158,6 +162,7 @@ class RelocationService:
                     await self._wait_incoming(proc)
                     if req.resume:
                         await proc.qmp.execute("cont")
+                        crash_point("finish-after-cont")
                         # tell the network where the guest is now, only once it runs
                         await proc.qmp.execute("announce-self", {
                             "initial": 50, "max": 550, "rounds": 5, "step": 100})
@@ -171,6 +176,7 @@ class RelocationService:
                 self.domains.reservations.pop(req.job_id, None)
                 # from here on the domain is this host's
                 self.domains.adopt(cfg, proc, state, f"migrated from {inc.request.source}")
+                self._request_file(cfg.name).unlink(missing_ok=True)
             inc.record.phase_times["finish"] = time.monotonic() - t0
             inc.record.phase = Phase.confirm
             inc.record.state = JobState.completed
@@ -236,23 +242,53 @@ class RelocationService:
         raise NotFound(f"no job {job_id} on host {self.host.name}")
 
     async def recover(self) -> None:
-        """At start: any incoming job of an earlier life is dead; clean it up."""
+        """At start: settle incoming jobs of an earlier life.
+
+        A guest that Finish had already resumed is the newest copy (the source
+        keeps its own paused when Finish goes unanswered): adopt it. Anything
+        else never ran here: kill it and clean up."""
         for rec in self.store.migrations(state=JobState.running.value):
             if rec["role"] != "destination":
                 continue
             name = rec["domain"]
-            if name not in self.domains.domains:
-                paths = self.domains.paths(name)
-                proc = None
-                with contextlib.suppress(FerryError):
-                    proc = await QemuProcess.attach(name, paths)
-                if proc is not None:
-                    await proc.stop(grace=1.0)
-                shutil.rmtree(paths.root, ignore_errors=True)
+            if name in self.domains.domains:
+                continue
+            paths = self.domains.paths(name)
+            proc = None
+            with contextlib.suppress(FerryError):
+                proc = await QemuProcess.attach(name, paths)
+            if proc is not None and rec["phase"] == Phase.finish.value \
+                    and await self._adopt_resumed(rec, proc):
+                continue
+            if proc is not None:
+                await proc.stop(grace=1.0)
+            shutil.rmtree(paths.root, ignore_errors=True)
             rec.update(state=JobState.failed.value, ended=time.time(),
                        error={"phase": rec["phase"], "host": self.host.name,
                               "message": "ferryd restarted during the migration"})
             self.store.save_migration(rec)
+
+    async def _adopt_resumed(self, rec: dict[str, object], proc: QemuProcess) -> bool:
+        name = str(rec["domain"])
+        try:
+            status = await proc.qmp.execute("query-status")
+            req = RelocationRequest.model_validate_json(
+                self._request_file(name).read_text())
+        except (FerryError, OSError, ValueError) as exc:
+            log.warning("job %s: cannot adopt %s after restart: %s", rec["id"], name, exc)
+            return False
+        if not status.get("running"):
+            return False
+        self.domains.adopt(req.config, proc, DomainState.running,
+                           f"migrated from {req.source} (adopted after a ferryd restart)")
+        self._request_file(name).unlink(missing_ok=True)
+        rec.update(state=JobState.completed.value, ended=time.time(), phase="confirm")
+        self.store.save_migration(rec)
+        log.warning("job %s: adopted %s, resumed here before ferryd restarted", rec["id"], name)
+        return True
+
+    def _request_file(self, name: str) -> Path:
+        return self.domains.paths(name).root / "incoming.json"
 
     def _get(self, job_id: str) -> Incoming:
         inc = self.incoming.get(job_id)
