@@ -144,10 +144,6 @@ def test_offline_and_live_both_ways(cluster: Cluster, record_property: Any) -> N
         remove(cluster, "mover")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known issue, reproduced without Ferry (bench/plain_qemu_early_migration.py): under "
-    "TCG with QEMU 7.2 about one early live migration in ten loses the guest (kernel "
-    "oops on the destination); when the hops succeed every assertion below holds"))
 def test_ping_pong_ten_live_hops_while_dirtying(cluster: Cluster) -> None:
     probe = boot(cluster, "ma", "pingpong", cmdline_extra="ferry.mem=48 ferry.dirty=32:40")
     try:

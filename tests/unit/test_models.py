@@ -63,3 +63,23 @@ def test_errors_round_trip_as_json() -> None:
         assert type(back) is type(err) and back.message == err.message
         assert back.details == err.details
     assert InvalidInput("x").kind == "refused"
+
+
+def test_cpu_models_parses_old_and_new_qemu_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from ferry.qemu import probe
+    outputs = {
+        "old": "x86 qemu64  QEMU Virtual CPU version 2.5+\nx86 Haswell  Intel Core\n\n"
+               "Recognized CPUID flags:\n  3dnow 3dnowext\n",
+        "new": "Available CPUs:\n  qemu64                (alias configured by machine type)\n"
+               "  Haswell-v1            Intel Core Processor (Haswell)\n\n"
+               "Recognized CPUID flags:\n  3dnow 3dnowext\n",
+    }
+    for key, text in outputs.items():
+        monkeypatch.setattr(subprocess, "run", lambda *a, _t=text, **k:
+                            subprocess.CompletedProcess(a, 0, stdout=_t, stderr=""))
+        probe.cpu_models.cache_clear()
+        models = probe.cpu_models(f"qemu-{key}")
+        assert "qemu64" in models and "3dnow" not in models, (key, models)
+    probe.cpu_models.cache_clear()

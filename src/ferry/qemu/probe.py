@@ -59,9 +59,13 @@ def cpu_models(qemu: str) -> frozenset[str]:
         return frozenset()
     names = {"host", "max"}
     for line in out.splitlines():
+        if line.startswith("Recognized"):              # CPUID flags follow, not models
+            break
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "x86":
+        if len(parts) >= 2 and parts[0] == "x86":      # QEMU <= 7: "x86 qemu64 ..."
             names.add(parts[1])
+        elif parts and line[:1].isspace() and not line.strip().endswith(":"):
+            names.add(parts[0])                        # QEMU >= 8: "  qemu64  ..."
     return frozenset(names)
 
 
