@@ -32,6 +32,7 @@ from ferry.errors import FerryError
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig, load_host_config
 from ferry.hostres import meminfo
+from ferry.hostsallow import AllowGate, HostsAllow
 from ferry.migration.destination import RelocationService
 from ferry.migration.source import MigrationService
 from ferry.models import HostInfo
@@ -47,6 +48,7 @@ class Daemon:
         self._lockfile: int | None = None
         self._runner: web.AppRunner | None = None
         self._reloc_runner: web.AppRunner | None = None
+        self._reloc_server: asyncio.Server | None = None
         self.svc: DomainService | None = None
         self.store: Store | None = None
 
@@ -98,13 +100,19 @@ class Daemon:
                                                handle_signals=False, access_log=None,
                                                shutdown_timeout=2.0)
             await self._reloc_runner.setup()
+            http = self._reloc_runner.server
+            assert http is not None
+            allow = HostsAllow(cfg.hosts_allow)
+            where = f"{cfg.address}:{cfg.control_port}"
             try:
-                await web.TCPSite(self._reloc_runner, cfg.address, cfg.control_port,
-                                  reuse_address=True).start()
+                # not web.TCPSite: hosts_allow must act before aiohttp reads a byte
+                self._reloc_server = await asyncio.get_running_loop().create_server(
+                    lambda: AllowGate(allow, http, where), cfg.address, cfg.control_port,
+                    reuse_address=True)
             except OSError as exc:
                 raise FerryError(f"cannot listen on {cfg.address}:{cfg.control_port}: "
                                  f"{exc.strerror}") from exc
-            log.info("relocation API on %s:%d", cfg.address, cfg.control_port)
+            log.info("relocation API on %s, hosts_allow %s", where, cfg.hosts_allow)
 
     def host_info(self) -> HostInfo:
         assert self.svc is not None
@@ -118,6 +126,8 @@ class Daemon:
                         state_dir=str(self.config.state_dir))
 
     async def stop(self) -> None:
+        if self._reloc_server is not None:
+            self._reloc_server.close()
         if self._reloc_runner is not None:
             await self._reloc_runner.cleanup()
         if self._runner is not None:

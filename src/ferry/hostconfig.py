@@ -13,6 +13,8 @@ Example (every key optional)::
     control_port = 7790                 # TCP port of the relocation API (0: closed)
     migration_address = "127.0.0.1"     # where incoming migration streams arrive
                                         # (default: address)
+    hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
+                                        # addresses, CIDR ranges, host-name regexes
     [[peers]]                           # other hosts, so they can be named
     name = "host-b"
     address = "192.0.2.2"               # optionally "ADDRESS:PORT"
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ferry import hostsallow
 from ferry.errors import InvalidInput
 from ferry.models import AbsPath, Accel, check_name
 from ferry.validation import describe
@@ -77,6 +80,13 @@ class HostConfig(BaseModel):
     control_port: int = Field(default=7790, ge=0, le=65535)
     migration_address: str | None = None
     peers: list[Peer] = Field(default_factory=list)
+    hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
+
+    @field_validator("hosts_allow")
+    @classmethod
+    def _allow(cls, value: list[str]) -> list[str]:
+        hostsallow.HostsAllow(value)  # raises ValueError with the bad pattern
+        return value
 
     @field_validator("address", "migration_address")
     @classmethod
