@@ -41,7 +41,7 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def host(guest: tuple[Path, Path], workdir: Path) -> Iterator[Host]:
-    h = Host(workdir, "ha")
+    h = Host(workdir, "ha", storage_dirs=[str(workdir)])
     h.start()
     yield h
     h.cleanup()

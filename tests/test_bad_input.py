@@ -156,3 +156,20 @@ def test_actions_on_unknown_or_wrong_state(host: Host, base: dict[str, Any]) -> 
 def test_undefine_running_domain_is_refused(host: Host, base: dict[str, Any]) -> None:
     res = host.ferry("undefine", "ghost", check=False)
     assert res.returncode == 1 and "no domain" in res.stderr
+
+
+def test_disk_outside_storage_dirs(host: Host, workdir: Path, base: dict[str, Any]) -> None:
+    """Disk images only below the host's storage directories, symlinks resolved."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix="fy-outside-", suffix=".raw", dir="/var/tmp") as f:
+        err = refuse(host, to_toml(guest_config("outside", 1, disks=[
+            {"path": f.name, "format": "raw"}])), workdir)
+        assert "outside the storage directories" in err
+        link = workdir / "sneaky.raw"
+        link.symlink_to(f.name)
+        try:
+            err = refuse(host, to_toml(guest_config("sneaky", 1, disks=[
+                {"path": str(link), "format": "raw"}])), workdir)
+            assert "outside the storage directories" in err
+        finally:
+            link.unlink()

@@ -30,7 +30,7 @@ class Cluster:
     def __init__(self, root: Path) -> None:
         ports = {n: free_port(__import__("socket").SOCK_STREAM, a) for n, a in ADDRS.items()}
         self.hosts = {
-            n: Host(root, n, a, control_port=ports[n],
+            n: Host(root, n, a, control_port=ports[n], storage_dirs=[str(root)],
                     peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
             for n, a in ADDRS.items()}
 
@@ -292,6 +292,8 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
      "bridge fybr-missing"),
     ({"config": {"disks": [{"path": "/nonexistent/shared/disk.qcow2"}]}},
      "/nonexistent/shared/disk.qcow2"),
+    ({"config": {"disks": [{"path": "/etc/shadow", "format": "raw"}]}},
+     "/etc/shadow is outside the storage directories"),
     ({"config": {"memory": 4 * 1024 * 1024}}, "MiB free"),
 ])
 def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[str, Any],
@@ -318,6 +320,34 @@ def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[s
     status, res = post("/v1/relocation/prepare")
     assert status >= 400 and res["error"]["kind"] == "refused"
     assert expect in res["error"]["message"]
+    assert snapshot(cluster) == before
+
+
+@pytest.mark.parametrize("patch", [
+    {"config": {"name": "../escape"}}, {"config": {"name": "a;reboot"}},
+    {"config": {"disks": [{"path": "/var/lib/ferry/images/../../../etc/shadow"}]}},
+    {"config": {"kernel": "relative/vmlinuz"}}, {"mode": "teleport"},
+    {"config": {"memory": -1}}, {"job_id": "../../x"},
+])
+def test_malformed_relocation_requests_are_refused(cluster: Cluster,
+                                                   patch: dict[str, Any]) -> None:
+    """What a peer sends is validated before it touches the host."""
+    import urllib.request
+    mb = cluster["mb"]
+    body = relocation_request("visitor")
+    for key, value in patch.items():
+        if key == "config":
+            body["config"].update(value)
+        else:
+            body[key] = value
+    before = snapshot(cluster)
+    req = urllib.request.Request(f"http://{mb.endpoint}/v1/relocation/prepare",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["error"]["code"] == "invalid"
     assert snapshot(cluster) == before
 
 

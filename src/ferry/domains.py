@@ -212,7 +212,11 @@ class DomainService:
             if path is not None and not path.is_file():
                 out.append(f"{label} {path}: no such file on host {self.host.name}")
         for disk in config.disks:
-            if not disk.path.is_file() and not disk.path.is_block_device():
+            if not self.host.in_storage(disk.path):
+                dirs = ", ".join(str(d) for d in self.host.storage_dirs)
+                out.append(f"disk {disk.path} is outside the storage directories of host "
+                           f"{self.host.name} ({dirs})")
+            elif not disk.path.is_file() and not disk.path.is_block_device():
                 out.append(f"disk {disk.path}: no such file on host {self.host.name}")
         if not to_run:
             return out

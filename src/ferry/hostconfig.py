@@ -15,6 +15,7 @@ Example (every key optional)::
                                         # (default: address)
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
+    storage_dirs = ["/var/lib/ferry/images"]  # disks must be below one of these
     [[peers]]                           # other hosts, so they can be named
     name = "host-b"
     address = "192.0.2.2"               # optionally "ADDRESS:PORT"
@@ -22,6 +23,7 @@ Example (every key optional)::
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -81,6 +83,8 @@ class HostConfig(BaseModel):
     migration_address: str | None = None
     peers: list[Peer] = Field(default_factory=list)
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
+    # disk images may only live below these directories (requests from peers too)
+    storage_dirs: list[AbsPath] = Field(default_factory=lambda: [Path("/var/lib/ferry/images")])
 
     @field_validator("hosts_allow")
     @classmethod
@@ -94,6 +98,11 @@ class HostConfig(BaseModel):
         if value is not None:
             ipaddress.IPv4Address(value)
         return value
+
+    def in_storage(self, path: Path) -> bool:
+        """Is ``path`` (symlinks resolved) below one of the storage directories?"""
+        real = Path(os.path.realpath(path))
+        return any(real.is_relative_to(os.path.realpath(d)) for d in self.storage_dirs)
 
     @property
     def migration_ip(self) -> str:
