@@ -23,22 +23,24 @@ def _probe_bios() -> bytes:
 
 @functools.cache
 def qemu_version(qemu: str) -> str:
+    out = _ask(qemu, "-version")
+    first = out.splitlines()[0] if out else ""
+    return first.replace("QEMU emulator version ", "").strip() or "unavailable"
+
+
+def _ask(qemu: str, *args: str) -> str:
+    """What ``qemu ARGS`` prints; empty if QEMU can't be run."""
     try:
-        out = subprocess.run([qemu, "-version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unavailable ({exc})"
-    first = out.stdout.splitlines()[0] if out.stdout else ""
-    return first.replace("QEMU emulator version ", "").strip() or "unknown"
+        return subprocess.run([qemu, *args], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
 
 
 @functools.cache
 def machine_types(qemu: str) -> frozenset[str]:
     """Machine types (and aliases) that ``qemu -machine help`` lists."""
-    try:
-        out = subprocess.run([qemu, "-machine", "help"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
+    out = _ask(qemu, "-machine", "help")
     names: set[str] = set()
     for line in out.splitlines()[1:]:
         parts = line.split()
@@ -52,10 +54,8 @@ def machine_types(qemu: str) -> frozenset[str]:
 @functools.cache
 def cpu_models(qemu: str) -> frozenset[str]:
     """CPU model names that ``qemu -cpu help`` lists (empty if it can't tell)."""
-    try:
-        out = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
+    out = _ask(qemu, "-cpu", "help")
+    if not out:
         return frozenset()
     names = {"host", "max"}
     for line in out.splitlines():
