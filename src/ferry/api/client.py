@@ -21,7 +21,7 @@ DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
 class FerryClient:
     """Talks to one ferryd: over its Unix socket, or (``endpoint``) over TCP."""
 
-    def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float = 600.0,
+    def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float | None = 600.0,
                  endpoint: tuple[str, int] | None = None) -> None:
         self.socket = socket
         connector: aiohttp.BaseConnector
@@ -100,6 +100,18 @@ class FerryClient:
         query = f"?tail={tail}" if tail is not None else ""
         return await self.request(  # type: ignore[no-any-return]
             "GET", f"/v1/domains/{name}/console/log{query}")
+
+    async def ws(self, path: str, params: dict[str, str] | None = None
+                 ) -> aiohttp.ClientWebSocketResponse:
+        """A websocket to ``path``; connection errors become FerryError."""
+        try:
+            return await self._session.ws_connect(self.base + path, params=params or {},
+                                                  heartbeat=20)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise FerryError(f"ferryd at {self.where} refused {path} ({exc.status})") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
+                             ) from exc
 
     async def console(self, name: str, start: int | None = None
                       ) -> aiohttp.ClientWebSocketResponse:

@@ -19,9 +19,9 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
 from aiohttp import WSMsgType, web
 
+from ferry.api.client import FerryClient
 from ferry.console import ConsoleHub, ConsoleLog
 from ferry.domains import DomainService
 from ferry.errors import FerryError, InvalidInput, NotFound
@@ -70,26 +70,25 @@ class Consoles:
         """The relocation endpoint of the host that has ``name``; NotFound if none."""
         seen: set[tuple[str, int]] = set()
         hop = self.next_hop(name)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            while hop is not None and hop not in seen and len(seen) < MAX_HOPS:
-                seen.add(hop)
-                answer = await _ask(http, hop, name)
-                if answer is None:
-                    break
-                if answer.get("here"):
-                    return hop
-                nxt = answer.get("next")
-                hop = (str(nxt[0]), int(nxt[1])) if nxt else None
-            for peer in self.host.peers:
-                try:
-                    endpoint = self.host.resolve_peer(peer.name)[1]
-                except ValueError:
-                    continue
-                if endpoint in seen:
-                    continue
-                answer = await _ask(http, endpoint, name)
-                if answer and answer.get("here"):
-                    return endpoint
+        while hop is not None and hop not in seen and len(seen) < MAX_HOPS:
+            seen.add(hop)
+            answer = await _ask(hop, name)
+            if answer is None:
+                break
+            if answer.get("here"):
+                return hop
+            nxt = answer.get("next")
+            hop = (str(nxt[0]), int(nxt[1])) if nxt else None
+        for peer in self.host.peers:
+            try:
+                endpoint = self.host.resolve_peer(peer.name)[1]
+            except ValueError:
+                continue
+            if endpoint in seen:
+                continue
+            answer = await _ask(endpoint, name)
+            if answer and answer.get("here"):
+                return endpoint
         raise NotFound(f"no domain named {name!r} on host {self.host.name} or its peers",
                        domain=name)
 
@@ -155,15 +154,14 @@ class Consoles:
 
     async def _relay(self, request: web.Request, endpoint: tuple[str, int],
                      name: str) -> web.StreamResponse:
-        url = f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/consoles/{name}"
         start = start_offset(request)
         params = {} if start is None else {"from": str(start)}
-        async with aiohttp.ClientSession() as http:
+        async with FerryClient(endpoint=endpoint, timeout=None) as peer:
             try:
-                upstream = await http.ws_connect(url, params=params, heartbeat=20)
-            except aiohttp.ClientError as exc:
-                raise NotFound(f"console of {name} on {endpoint[0]}:{endpoint[1]} is not "
-                               f"available: {exc}", domain=name) from exc
+                upstream = await peer.ws(f"/v1/relocation/consoles/{name}", params)
+            except FerryError as exc:
+                raise NotFound(f"console of {name} is not available: {exc.message}",
+                               domain=name) from exc
             ws = web.WebSocketResponse(heartbeat=20)
             await ws.prepare(request)
 
@@ -200,29 +198,22 @@ class Consoles:
             raise NotFound(f"no domain named {name!r} on host {self.host.name}")
         endpoint = await self.locate(name)
         query = f"?tail={tail}" if tail is not None else ""
-        url = f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/consoles/{name}/log{query}"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status != 200:
-                        raise NotFound(f"console log of {name} is not available "
-                                       f"({resp.status})", domain=name)
-                    return await resp.read()
-            except aiohttp.ClientError as exc:
-                raise FerryError(f"cannot fetch console log of {name}: {exc}") from exc
+        async with FerryClient(endpoint=endpoint, timeout=30) as peer:
+            data = await peer.request("GET", f"/v1/relocation/consoles/{name}/log{query}")
+        if not isinstance(data, bytes):
+            raise FerryError(f"unexpected answer for the console log of {name}")
+        return data
 
 
-async def _ask(http: aiohttp.ClientSession, endpoint: tuple[str, int],
-               name: str) -> dict[str, Any] | None:
+async def _ask(endpoint: tuple[str, int], name: str) -> dict[str, Any] | None:
+    """A peer's whereabouts answer for ``name``; None if it doesn't answer."""
     try:
-        async with http.get(f"http://{endpoint[0]}:{endpoint[1]}/v1/relocation/"
-                            f"whereabouts/{name}") as resp:
-            if resp.status != 200:
-                return None
-            return await resp.json()  # type: ignore[no-any-return]
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.info("locating %s: %s:%d did not answer: %s", name, *endpoint, exc)
+        async with FerryClient(endpoint=endpoint, timeout=5) as peer:
+            answer = await peer.request("GET", f"/v1/relocation/whereabouts/{name}")
+    except FerryError as exc:
+        log.info("locating %s: %s:%d did not answer: %s", name, *endpoint, exc.message)
         return None
+    return answer if isinstance(answer, dict) else None
 
 
 async def _forward_input(ws: web.WebSocketResponse, hub: ConsoleHub) -> None:
