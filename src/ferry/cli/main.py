@@ -354,5 +354,48 @@ def migrations(as_json: JsonOpt = False) -> None:
     _console().print(records_table(data))
 
 
+# -- certificates ----------------------------------------------------------------------
+pki_app = typer.Typer(help="The cluster's certificate authority and certificates.",
+                      no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+PkiDir = Annotated[Path, typer.Option("--dir", help="Where the CA and certificates live.")]
+
+
+def _pki(fn: Callable[[], Path]) -> Path:
+    try:
+        return fn()
+    except FerryError as err:
+        fail(err.message)
+        raise AssertionError("unreachable") from err
+
+
+@pki_app.command("init")
+def pki_init(directory: PkiDir = Path("/etc/ferry/pki")) -> None:
+    """Create the cluster CA (ca.pem, ca.key): once, on a trusted machine."""
+    from ferry import pki
+    path = _pki(lambda: pki.init_ca(directory))
+    typer.echo(f"created CA {path}")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    name: Annotated[str, typer.Argument(help="Host or operator name.")],
+    host: Annotated[bool, typer.Option("--host", help="A host certificate.")] = False,
+    operator: Annotated[bool, typer.Option("--operator", help="An operator certificate.")
+                        ] = False,
+    address: Annotated[list[str] | None, typer.Option(
+        help="An address of the host (repeat for several); hosts need one.")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.", min=1, max=3650)] = 825,
+    directory: PkiDir = Path("/etc/ferry/pki"),
+) -> None:
+    """Issue a certificate signed by the cluster CA (NAME.pem, NAME.key)."""
+    if host == operator:
+        fail("give exactly one of --host or --operator")
+    from ferry import pki
+    role = "host" if host else "operator"
+    path = _pki(lambda: pki.issue(directory, name, role, address or [], days))
+    typer.echo(f"issued {role} certificate {path}")
+
+
 def run() -> None:
     app()
