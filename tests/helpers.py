@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,20 @@ class Host:
         path = path or self.root / f"{cfg['name']}.toml"
         path.write_text(to_toml(cfg))
         self.ferry("create", str(path))
+
+    @contextlib.contextmanager
+    def booted(self, name: str, **kw: Any) -> Iterator[Probe]:
+        """Create the test guest ``name`` (not waiting for it) and yield a probe for
+        it; afterwards destroy and undefine it, whatever happened."""
+        port = free_port()
+        self.create(guest_config(name, port, **kw))
+        probe = Probe(port)
+        try:
+            yield probe
+        finally:
+            probe.close()
+            self.ferry("destroy", name, check=False)
+            self.ferry("undefine", name, check=False)
 
     def qemu_pids(self) -> list[int]:
         """QEMU processes whose command line points into this host's state dir."""

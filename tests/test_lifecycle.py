@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from conftest import RunningGuest
-from helpers import Host, Probe, free_port, guest_config, wait_for
+from helpers import Host, free_port, guest_config, wait_for
 
 
 def test_boot_shows_banner_and_probe_answers(running: RunningGuest) -> None:
@@ -58,10 +58,7 @@ def _runtime_files(host: Host, name: str) -> list[Path]:
 
 def test_kill9_of_ferryd_keeps_domain_running(host: Host) -> None:
     """kill -9 of ferryd and a restart: still running, listed so, pausable, destroyable."""
-    port = free_port()
-    host.create(guest_config("survivor", port))
-    probe = Probe(port)
-    try:
+    with host.booted("survivor") as probe:
         first = probe.wait_up()
         pid = host.domains()["survivor"]["pid"]
         host.kill9()
@@ -77,23 +74,14 @@ def test_kill9_of_ferryd_keeps_domain_running(host: Host) -> None:
         host.ferry("destroy", "survivor")
         assert host.domains()["survivor"]["state"] == "shutoff"
         assert pid not in host.qemu_pids()
-    finally:
-        probe.close()
-        host.ferry("destroy", "survivor", check=False)
-        host.ferry("undefine", "survivor", check=False)
 
 
 def test_clean_restart_of_ferryd_keeps_paused_state(host: Host) -> None:
-    port = free_port()
-    host.create(guest_config("keeper", port))
-    try:
+    with host.booted("keeper"):
         host.ferry("pause", "keeper")
         host.stop()
         host.start()
         assert host.domains()["keeper"]["state"] == "paused"
-    finally:
-        host.ferry("destroy", "keeper", check=False)
-        host.ferry("undefine", "keeper", check=False)
 
 
 def test_destroy_leaves_no_process_socket_or_pidfile(host: Host) -> None:
@@ -112,27 +100,18 @@ def test_destroy_leaves_no_process_socket_or_pidfile(host: Host) -> None:
 
 def test_guest_poweroff_becomes_shutoff(host: Host) -> None:
     """A guest that powers itself off is recorded as shutoff, not crashed."""
-    port = free_port()
-    host.create(guest_config("selfstop", port))
-    probe = Probe(port)
-    try:
+    with host.booted("selfstop") as probe:
         probe.wait_up()
+        pid = host.domains()["selfstop"]["pid"]
         probe.send("POWEROFF")
         dom = wait_for(lambda: (d := host.domains()["selfstop"])["state"] == "shutoff" and d,
                        30, "shutoff after guest poweroff")
         assert dom["state_reason"] == "the guest powered off"
-        assert host.qemu_pids() == [p for p in host.qemu_pids() if p != dom["pid"]]
-    finally:
-        probe.close()
-        host.ferry("destroy", "selfstop", check=False)
-        host.ferry("undefine", "selfstop", check=False)
+        assert dom["pid"] is None and pid not in host.qemu_pids()
 
 
 def test_acpi_shutdown_and_restart_and_reboot(host: Host) -> None:
-    port = free_port()
-    host.create(guest_config("acpi", port))
-    probe = Probe(port)
-    try:
+    with host.booted("acpi") as probe:
         first = probe.wait_up()
         out = host.ferry("shutdown", "acpi", "--timeout", "30").stdout
         assert "shutoff" in out
@@ -146,10 +125,6 @@ def test_acpi_shutdown_and_restart_and_reboot(host: Host) -> None:
                          and r, 90, "the guest to come back with a new boot id")
         assert host.domains()["acpi"]["state"] == "running"
         assert third["corrupt"] == "0"
-    finally:
-        probe.close()
-        host.ferry("destroy", "acpi", check=False)
-        host.ferry("undefine", "acpi", check=False)
 
 
 def test_shutdown_timeout_destroys_a_deaf_guest(host: Host, workdir: Path) -> None:
