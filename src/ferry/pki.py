@@ -47,21 +47,8 @@ def init_ca(directory: Path, days: int = 3650) -> Path:
     cert_path, key_path = directory / "ca.pem", directory / "ca.key"
     if cert_path.exists() or key_path.exists():
         raise Conflict(f"a CA already exists in {directory}")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Ferry cluster CA")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    key = new_key()
+    cert = ca_certificate(key, "Ferry cluster CA", _now() + dt.timedelta(days=days))
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path
@@ -87,39 +74,84 @@ def issue(directory: Path, name: str, role: str, addresses: list[str] | None = N
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     except FileNotFoundError as exc:
         raise NotFound(f"no CA in {directory}: run 'ferry pki init' first") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InvalidInput(f"{directory / 'ca.key'} is not an ECDSA key made by ferry pki")
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
     if cert_path.exists() or key_path.exists():
         raise Conflict(f"a certificate for {name} already exists in {directory}")
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = not_before or _now() - dt.timedelta(minutes=5)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ROLE_OU[role])])
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    key = new_key()
+    sans: list[x509.GeneralName] = []
     if role == "host":
+        sans = [x509.DNSName(name), *(x509.IPAddress(ip) for ip in ips)]
+    cert = leaf(ca_cert, ca_key, key, name, ROLE_OU[role], server=role == "host", sans=sans,
+                not_before=not_before or _now() - dt.timedelta(minutes=5),
+                days=days)
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str,
+                   not_valid_after: dt.datetime) -> x509.Certificate:
+    """A self-signed CA certificate that may sign leaf certificates only."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - dt.timedelta(minutes=5))
+            .not_valid_after(not_valid_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         crl_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+
+
+def leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+         key: ec.EllipticCurvePrivateKey, common_name: str, unit: str, server: bool,
+         sans: list[x509.GeneralName], not_before: dt.datetime,
+         days: float) -> x509.Certificate:
+    """A certificate for ``key`` signed by the CA: client auth, and server auth too
+    if ``server``. (Key usage non-critical with key encipherment: GnuTLS, and so
+    QEMU's tls-creds-x509, insist on it for leaf certificates.)"""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit)])
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     builder = (x509.CertificateBuilder().subject_name(subject)
                .issuer_name(ca_cert.subject).public_key(key.public_key())
                .serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+               .not_valid_before(not_before)
+               .not_valid_after(not_before + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True,
                                             key_cert_sign=False, crl_sign=False,
-                                            content_commitment=False, key_encipherment=False,
+                                            content_commitment=False, key_encipherment=True,
                                             data_encipherment=False, encipher_only=False,
-                                            decipher_only=False), critical=True)
+                                            decipher_only=False), critical=False)
                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                               critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                   ca_key.public_key()), critical=False))  # type: ignore[arg-type]
-    if role == "host":
-        sans: list[x509.GeneralName] = [x509.DNSName(name)]
-        sans += [x509.IPAddress(ip) for ip in ips]
+                   ca_key.public_key()), critical=False))
+    if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    _write_key(key_path, key)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> str:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM).decode()
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
 
 
 def role_of(cert: x509.Certificate) -> str | None:

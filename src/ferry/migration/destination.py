@@ -22,6 +22,7 @@ from ferry.domains import DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
+from ferry.migration import streamtls
 from ferry.migration.models import (
     AbortRequest,
     FinishRequest,
@@ -93,6 +94,10 @@ class RelocationService:
         found = self.blockers(req)
         if found:
             raise Refused("; ".join(found), blockers=found, host=self.host.name)
+        if req.running and req.stream is None:
+            raise Refused(f"source {req.source} sent no TLS credentials for the migration "
+                          "stream; Ferry never migrates a guest in plaintext",
+                          host=self.host.name)
         t0 = time.monotonic()
         record = JobRecord(id=req.job_id, domain=req.config.name, mode=req.mode,
                            role="destination", source=req.source, dest=self.host.name,
@@ -107,9 +112,13 @@ class RelocationService:
         try:
             inc.proc = await self.domains.launch_incoming(req.config)
             # what a restarted ferryd needs to adopt a guest that Finish resumed
-            self._request_file(req.config.name).write_text(req.model_dump_json())
+            self._request_file(req.config.name).write_text(
+                req.model_dump_json(exclude={"stream"}))
             await inc.proc.qmp.execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": "events", "state": True}]})
+            assert req.stream is not None
+            await streamtls.install(inc.proc.qmp, self.domains.paths(req.config.name).root,
+                                    req.job_id, True, req.stream)
             await inc.proc.qmp.execute(
                 "migrate-incoming", {"uri": f"tcp:{self.host.migration_ip}:0"})
             info = await inc.proc.qmp.execute("query-migrate")
@@ -160,6 +169,7 @@ class RelocationService:
                 proc = inc.proc
                 try:
                     await self._wait_incoming(proc)
+                    await streamtls.remove(proc.qmp, req.job_id)
                     if req.resume:
                         await proc.qmp.execute("cont")
                         crash_point("finish-after-cont")

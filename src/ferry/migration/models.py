@@ -54,6 +54,14 @@ class MigrateRequest(MigrateOptions):
     check: bool = False
 
 
+class StreamCreds(Strict):
+    """One QEMU's half of a migration's TLS credentials (PEM); see streamtls."""
+
+    ca: str = Field(max_length=16384)
+    cert: str = Field(max_length=16384)
+    key: str = Field(max_length=16384, repr=False)
+
+
 class RelocationRequest(Strict):
     """Source → destination: the domain and what it needs there."""
 
@@ -64,6 +72,9 @@ class RelocationRequest(Strict):
     running: bool        # False: a shut-off domain, move the definition only
     accel: str | None
     arch: str
+    # the destination QEMU's TLS credentials for this job's stream (Prepare only;
+    # never stored): without them a running domain is refused
+    stream: StreamCreds | None = Field(default=None, repr=False)
 
 
 class FinishRequest(Strict):

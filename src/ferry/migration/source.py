@@ -38,6 +38,7 @@ from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
 from ferry.errors import Busy, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.hostconfig import HostConfig
+from ferry.migration import streamtls
 from ferry.migration.models import (
     JobRecord,
     JobState,
@@ -47,6 +48,7 @@ from ferry.migration.models import (
     OnTimeout,
     Phase,
     RelocationRequest,
+    StreamCreds,
 )
 from ferry.models import DomainState
 from ferry.qemu.process import QemuProcess
@@ -78,6 +80,7 @@ class SourceJob:
     task: asyncio.Task[None] | None = None
     undo: list[tuple[Phase, Undo]] = field(default_factory=list)
     peer: FerryClient | None = None
+    stream_creds: StreamCreds | None = field(default=None, repr=False)
 
     def client(self) -> FerryClient:
         assert self.peer is not None, "the job's peer client is open while it runs"
@@ -236,6 +239,10 @@ class MigrationService:
     async def _prepare(self, job: SourceJob) -> None:
         peer = job.client()
         rel = self._relocation(job.record.id, job.dom, job.record.mode)
+        if rel.running:  # the stream's TLS credentials, made for this job alone
+            server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
+                                                               job.record.id)
+            rel = rel.model_copy(update={"stream": server})
         res = await peer.request("POST", "/v1/relocation/prepare", rel.model_dump(mode="json"))
         job.uri = res["uri"]
 
@@ -263,7 +270,11 @@ class MigrationService:
 
         async def undo() -> None:
             await self._resume_source(job, proc)
+            await streamtls.remove(qmp, job.record.id)
         job.undo.append((Phase.perform, undo))
+        assert job.stream_creds is not None
+        await streamtls.install(qmp, self.domains.paths(dom.name).root, job.record.id,
+                                False, job.stream_creds)
 
         if not live and job.was_running:
             await self._pause_for_migration(job, proc, "paused for an offline migration")

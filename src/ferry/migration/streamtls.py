@@ -1,0 +1,95 @@
+"""TLS for QEMU's migration stream, with credentials made for one migration.
+
+For each job the source makes a throw-away CA that signs exactly two
+certificates: the destination QEMU's (server) and its own QEMU's (client). The
+destination's half travels in the Prepare request, over the daemons' mutual-TLS
+channel. Each QEMU loads its half as a ``tls-creds-x509`` object with
+``verify-peer`` on; the files exist only while QEMU reads them, and the object is
+deleted when the migration ends. So only these two QEMUs can talk to each other
+(not even another host of the cluster can feed the incoming port), and nothing
+of it outlives the job. There is no plaintext fallback: if a QEMU does not take
+the credentials, the migration fails before a byte of guest memory is sent.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from cryptography import x509
+
+from ferry import pki
+from ferry.errors import Failed, FerryError
+from ferry.migration.models import StreamCreds
+from ferry.qemu.qmp import QmpConnection
+
+log = logging.getLogger(__name__)
+
+
+def tls_hostname(job_id: str) -> str:
+    """The name in the destination QEMU's certificate, which the source checks."""
+    return f"ferry-migration-{job_id}"
+
+
+def object_id(job_id: str) -> str:
+    return f"ferry-tls-{job_id}"
+
+
+def make_pair(job_id: str, days: float = 2) -> tuple[StreamCreds, StreamCreds]:
+    """(destination's server half, source's client half) for job ``job_id``."""
+    now = pki._now()
+    ca_key = pki.new_key()
+    ca = pki.ca_certificate(ca_key, f"Ferry migration {job_id} CA",
+                            now + dt.timedelta(days=days))
+    start = now - dt.timedelta(minutes=5)
+    halves = []
+    for server, name in ((True, tls_hostname(job_id)), (False, f"ferry-source-{job_id}")):
+        key = pki.new_key()
+        sans: list[x509.GeneralName] = [x509.DNSName(name)] if server else []
+        cert = pki.leaf(ca, ca_key, key, name, "ferry-migration", server=server, sans=sans,
+                        not_before=start, days=days)
+        halves.append(StreamCreds(ca=pki.pem(ca), cert=pki.pem(cert), key=pki.pem(key)))
+    return halves[0], halves[1]
+
+
+async def install(qmp: QmpConnection, workdir: Path, job_id: str, server: bool,
+                  creds: StreamCreds) -> None:
+    """Load ``creds`` into QEMU and make its migration use them; Failed if QEMU
+    does not (then nothing must be sent)."""
+    endpoint = "server" if server else "client"
+    tmp = workdir / f"tls-{job_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700, parents=True)
+    try:
+        for fname, text in (("ca-cert.pem", creds.ca), (f"{endpoint}-cert.pem", creds.cert),
+                            (f"{endpoint}-key.pem", creds.key)):
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        await qmp.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": object_id(job_id), "dir": str(tmp),
+            "endpoint": endpoint, "verify-peer": True})
+    except FerryError as exc:
+        raise Failed(f"QEMU did not take the migration's TLS credentials: {exc.message}"
+                     ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # QEMU has read them
+    params = {"tls-creds": object_id(job_id)}
+    if not server:
+        params["tls-hostname"] = tls_hostname(job_id)
+    await qmp.execute("migrate-set-parameters", params)
+    got = await qmp.execute("query-migrate-parameters")
+    if got.get("tls-creds") != object_id(job_id):
+        raise Failed("QEMU did not switch its migration stream to TLS; refusing to send "
+                     "the guest in plaintext")
+
+
+async def remove(qmp: QmpConnection, job_id: str) -> None:
+    """Forget the job's credentials (QEMU may already be gone: then so are they)."""
+    try:
+        await qmp.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+        await qmp.execute("object-del", {"id": object_id(job_id)})
+    except FerryError as exc:
+        log.debug("job %s: removing TLS credentials: %s", job_id, exc.message)
