@@ -27,31 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from ferry.qemu.qmp import QmpConnection
-from helpers import INITRD, KERNEL, Host, Probe, free_port, guest_config
-
-
-def qemu_argv(root: Path, tag: str, memory: int, cmdline: str, fwd: str,
-              incoming: str | None) -> list[str]:
-    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64",
-            "-m", f"{memory}M", "-nodefaults", "-display", "none", "-S",
-            "-qmp", f"unix:{root}/{tag}.qmp,server=on,wait=off",
-            "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", cmdline,
-            "-netdev", f"user,id=n0,hostfwd={fwd}", "-device", "virtio-net-pci,netdev=n0",
-            "-serial", "null"]
-    return argv + (["-incoming", incoming] if incoming else [])
-
-
-async def qmp(root: Path, tag: str) -> QmpConnection:
-    conn = QmpConnection(tag)
-    for _ in range(200):
-        if (root / f"{tag}.qmp").exists():
-            try:
-                await conn.connect(root / f"{tag}.qmp")
-                return conn
-            except Exception:
-                pass
-        await asyncio.sleep(0.05)
-    raise SystemExit(f"QEMU {tag} did not start")
+from helpers import Host, Probe, free_port, guest_config, plain_qemu_argv, plain_qmp
 
 
 async def plain_hop(root: Path, args: argparse.Namespace, src: QmpConnection, hop: int,
@@ -60,12 +36,12 @@ async def plain_hop(root: Path, args: argparse.Namespace, src: QmpConnection, ho
                                                                  dict[str, float]]:
     tag = f"q{hop}"
     mig_port = free_port(socket.SOCK_STREAM, addr)
-    proc = subprocess.Popen(qemu_argv(root, tag, args.memory, cmdline,
+    proc = subprocess.Popen(plain_qemu_argv(root, tag, args.memory, cmdline,
                                       f"udp:{addr}:{port}-:7777",
                                       f"tcp:{addr}:{mig_port}"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
-    dst = await qmp(root, tag)
+    dst = await plain_qmp(root, tag)
     await src.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "auto-converge", "state": True}]})
     await src.execute("migrate-set-parameters", {"downtime-limit": 300,
@@ -89,10 +65,10 @@ async def run_plain(args: argparse.Namespace, root: Path) -> list[dict[str, floa
     port = free_port()
     cmdline = (f"console=ttyS0 quiet ferry.ip=10.0.2.15/24 ferry.tick=0 "
                f"ferry.mem={args.pattern} ferry.dirty={args.dirty}")
-    procs = [subprocess.Popen(qemu_argv(root, "q0", args.memory, cmdline,
+    procs = [subprocess.Popen(plain_qemu_argv(root, "q0", args.memory, cmdline,
                                         f"udp:127.0.0.1:{port}-:7777", None),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    src = await qmp(root, "q0")
+    src = await plain_qmp(root, "q0")
     await src.execute("cont")
     probe = Probe(port, "127.0.0.1", "127.0.0.2")
     probe.wait_up()

@@ -1,12 +1,14 @@
 """Test helpers: run ferryd/ferry as real processes, talk to the guest agent."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -70,8 +72,28 @@ def guest_config(name: str, port: int, *, memory: int = 256, cmdline_extra: str 
     return cfg
 
 
+def pki_dir(root: Path) -> Path:
+    """The test cluster's CA (made once per work directory)."""
+    from ferry import pki
+    d = root / "pki"
+    if not (d / "ca.pem").exists():
+        pki.init_ca(d)
+    return d
+
+
+def certificate(root: Path, name: str, role: str = "host",
+                addresses: list[str] | None = None) -> tuple[Path, Path, Path]:
+    """(ca, cert, key) for ``name``, issued by the test CA on first use."""
+    from ferry import pki
+    d = pki_dir(root)
+    if not (d / f"{name}.pem").exists():
+        pki.issue(d, name, role, addresses)
+    return d / "ca.pem", d / f"{name}.pem", d / f"{name}.key"
+
+
 class Host:
-    """One ferryd with its own state directory, run as a real process."""
+    """One ferryd with its own state directory, run as a real process; its TCP
+    port speaks mutual TLS with a host certificate from the work dir's test CA."""
 
     def __init__(self, root: Path, name: str, address: str = "127.0.0.1",
                  peers: dict[str, str] | None = None, **settings: Any) -> None:
@@ -85,6 +107,8 @@ class Host:
         self.control_port = settings.pop("control_port", None) or free_port(
             socket.SOCK_STREAM, address)
         self.peers = dict(peers or {})
+        # (ca, cert, key); default: a host certificate for name and address
+        self.tls: tuple[Path, Path, Path] | None = settings.pop("tls", None)
         self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -97,6 +121,8 @@ class Host:
                                "address": self.address, "control_port": self.control_port,
                                "accel": "tcg", **self.settings}
         text = to_toml(cfg)
+        ca, cert, key = self.tls or certificate(self.root, self.name, "host", [self.address])
+        text += f'\n[tls]\nca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\n'
         for name, endpoint in self.peers.items():
             text += f'\n[[peers]]\nname = "{name}"\naddress = "{endpoint}"\n'
         self.config.write_text(text)
@@ -304,3 +330,110 @@ def listening_ports(address: str) -> set[int]:
         if state == "0A" and addr == want:
             ports.add(int(port, 16))
     return ports
+
+
+def tls_context(ca: Path, cert: Path | None = None, key: Path | None = None
+                ) -> ssl.SSLContext:
+    """A client context trusting ``ca``, presenting ``cert`` (if any)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def tls_request(host: Host, ctx: ssl.SSLContext | None, method: str = "GET",
+                path: str = "/v1/domains", body: bytes = b"",
+                source: str = "127.0.0.1") -> tuple[int | None, str]:
+    """One HTTP request to ``host``'s TCP port from address ``source``, over TLS
+    with ``ctx`` (or in plaintext if None): (status, body), or (None, why it
+    failed) if the connection was refused."""
+    request = (f"{method} {path} HTTP/1.1\r\nHost: {host.name}\r\nConnection: close\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    try:
+        with socket.create_connection((host.address, host.control_port), timeout=10,
+                                      source_address=(source, 0)) as raw:
+            conn: socket.socket = (raw if ctx is None
+                                   else ctx.wrap_socket(raw, server_hostname=host.name))
+            with conn:
+                conn.sendall(request)
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+    except (OSError, ssl.SSLError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if not data:
+        return None, "closed without an answer"
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload.decode(errors="replace")
+
+
+def plain_qemu_argv(root: Path, tag: str, memory: int, cmdline: str, fwd: str,
+                    incoming: str | None) -> list[str]:
+    """The test guest under plain QEMU, no Ferry: the baseline of the benchmarks
+    and the control of the traffic-capture test."""
+    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64",
+            "-m", f"{memory}M", "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{root}/{tag}.qmp,server=on,wait=off",
+            "-kernel", str(KERNEL), "-initrd", str(INITRD), "-append", cmdline,
+            "-netdev", f"user,id=n0,hostfwd={fwd}", "-device", "virtio-net-pci,netdev=n0",
+            "-serial", "null"]
+    return argv + (["-incoming", incoming] if incoming else [])
+
+
+async def plain_qmp(root: Path, tag: str) -> Any:
+    """A QMP connection to the plain QEMU ``tag`` started with plain_qemu_argv."""
+    from ferry.qemu.qmp import QmpConnection
+    conn = QmpConnection(tag)
+    for _ in range(200):
+        if (root / f"{tag}.qmp").exists():
+            with contextlib.suppress(Exception):
+                await conn.connect(root / f"{tag}.qmp")
+                return conn
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"QEMU {tag} did not start")
+
+
+class LoopbackCapture:
+    """Every TCP payload on ``lo`` while active (an AF_PACKET socket, root only):
+    how many bytes went by and how many segments contained ``needle``."""
+
+    def __init__(self, needle: bytes) -> None:
+        self.needle = needle
+        self.tcp_bytes = 0
+        self.hits = 0
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self._sock.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE
+        self._sock.bind(("lo", 0))
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LoopbackCapture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.3)
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def _run(self) -> None:
+        buf = bytearray(1 << 17)
+        while not self._stop.is_set():
+            try:
+                n, addr = self._sock.recvfrom_into(buf)
+            except TimeoutError:
+                continue
+            if addr[2] == socket.PACKET_OUTGOING:  # lo shows each packet twice
+                continue
+            ip = 14  # lo's (all-zero) Ethernet header
+            if n < ip + 20 or buf[ip] >> 4 != 4 or buf[ip + 9] != 6:
+                continue
+            tcp = ip + (buf[ip] & 0x0F) * 4
+            start = tcp + (buf[tcp + 12] >> 4) * 4
+            self.tcp_bytes += max(0, n - start)
+            if buf.find(self.needle, start, n) >= 0:
+                self.hits += 1

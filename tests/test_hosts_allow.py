@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ferry.hostsallow import HostsAllow
-from helpers import Host, listening_ports
+from helpers import Host, certificate, listening_ports, tls_context, tls_request
 
 
 def test_patterns() -> None:
@@ -60,6 +60,20 @@ def test_refused_peer_is_cut_off_and_logged(guarded: Host) -> None:
     assert listening_ports("127.0.0.2") == {guarded.control_port}
 
 
-def test_allowed_peer_gets_an_answer(guarded: Host) -> None:
-    reply = exchange(guarded, "127.0.0.1")
-    assert reply.startswith(b"HTTP/1.1 200") and b'"aborted": false' in reply
+def test_allowed_peer_gets_an_answer(guarded: Host, workdir: Path) -> None:
+    ctx = tls_context(*certificate(workdir, "allowed", "host", ["127.0.0.1"]))
+    status, body = tls_request(guarded, ctx, "POST", "/v1/relocation/abort",
+                               b'{"job_id": "0123456789ab", "reason": "x"}')
+    assert status == 200 and '"aborted": false' in body
+
+
+def test_refused_before_the_tls_handshake(guarded: Host, workdir: Path) -> None:
+    """Even with a good certificate, an address outside hosts_allow gets nowhere."""
+    ctx = tls_context(*certificate(workdir, "outsider", "host", ["127.0.0.3"]))
+    before = guarded.log.read_text()
+    status, err = tls_request(guarded, ctx, source="127.0.0.3")
+    assert status is None, err
+    time.sleep(0.2)
+    new = guarded.log.read_text()[len(before):]
+    assert "refused a connection from 127.0.0.3" in new and "not in hosts_allow" in new
+    assert "TLS handshake" not in new

@@ -1,9 +1,12 @@
 """Migration between real ferryd hosts on 127.0.0.1/2/3 with real QEMU guests."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,10 +19,16 @@ from helpers import (
     FERRY,
     GapRecorder,
     Host,
+    LoopbackCapture,
     Probe,
+    certificate,
     free_port,
     guest_config,
     listening_ports,
+    plain_qemu_argv,
+    plain_qmp,
+    tls_context,
+    tls_request,
     wait_for,
 )
 
@@ -28,7 +37,7 @@ ADDRS = {"ma": "127.0.0.1", "mb": "127.0.0.2", "mc": "127.0.0.3"}
 
 class Cluster:
     def __init__(self, root: Path) -> None:
-        ports = {n: free_port(__import__("socket").SOCK_STREAM, a) for n, a in ADDRS.items()}
+        ports = {n: free_port(socket.SOCK_STREAM, a) for n, a in ADDRS.items()}
         self.hosts = {
             n: Host(root, n, a, control_port=ports[n], storage_dirs=[str(root)],
                     peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
@@ -274,6 +283,17 @@ def test_memory_on_destination_is_refused(cluster: Cluster, resident: Probe,
         tight.cleanup()
 
 
+def as_ma(cluster: Cluster, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST ``body`` to mb's relocation API as host ma would (its certificate,
+    from its address)."""
+    ma = cluster["ma"]
+    ctx = tls_context(*certificate(ma.root, "ma", "host", [ma.address]))
+    status, text = tls_request(cluster["mb"], ctx, "POST", path, json.dumps(body).encode(),
+                               source=ma.address)
+    assert status is not None, text
+    return status, json.loads(text)
+
+
 def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     cfg = guest_config(name, 1, bind="")
     cfg.update(patch.pop("config", {}))
@@ -300,20 +320,11 @@ def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[s
                                                  expect: str) -> None:
     """The relocation API's checks, called as a source would call them; a refused
     Prepare leaves the destination as it was."""
-    import urllib.request
-    mb = cluster["mb"]
     body = relocation_request("visitor", **patch)
     before = snapshot(cluster)
 
     def post(path: str) -> tuple[int, Any]:
-        req = urllib.request.Request(f"http://{mb.endpoint}{path}",
-                                     data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return as_ma(cluster, path, body)
 
     status, res = post("/v1/relocation/check")
     assert status == 200 and any(expect in b for b in res["blockers"]), res
@@ -332,8 +343,6 @@ def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[s
 def test_malformed_relocation_requests_are_refused(cluster: Cluster,
                                                    patch: dict[str, Any]) -> None:
     """What a peer sends is validated before it touches the host."""
-    import urllib.request
-    mb = cluster["mb"]
     body = relocation_request("visitor")
     for key, value in patch.items():
         if key == "config":
@@ -341,14 +350,19 @@ def test_malformed_relocation_requests_are_refused(cluster: Cluster,
         else:
             body[key] = value
     before = snapshot(cluster)
-    req = urllib.request.Request(f"http://{mb.endpoint}/v1/relocation/prepare",
-                                 data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(req, timeout=10)
-    assert info.value.code == 400
-    assert json.loads(info.value.read())["error"]["code"] == "invalid"
+    status, res = as_ma(cluster, "/v1/relocation/prepare", body)
+    assert status == 400 and res["error"]["code"] == "invalid", res
     assert snapshot(cluster) == before
+
+
+def test_running_domain_without_stream_credentials_is_refused(cluster: Cluster) -> None:
+    """No plaintext fallback: a Prepare without TLS credentials for the stream is
+    refused before anything starts."""
+    before = snapshot(cluster)
+    status, res = as_ma(cluster, "/v1/relocation/prepare", relocation_request("visitor"))
+    assert status == 400 and "never migrates a guest in plaintext" in res["error"]["message"]
+    assert snapshot(cluster) == before
+    assert cluster["mb"].qemu_pids() == []
 
 
 def test_unknown_destination_is_refused(cluster: Cluster, resident: Probe) -> None:
@@ -567,3 +581,62 @@ def test_destination_crash_right_after_resume_is_adopted(cluster: Cluster) -> No
         if mb.proc is None:
             mb.start()
         remove(cluster, "phoenix")
+
+
+async def plain_qemu_migration(root: Path, cmdline: str, capture: LoopbackCapture) -> None:
+    """The test guest migrated by plain QEMU, no TLS, with ``capture`` running
+    during the migration only."""
+    port, mig = free_port(), free_port(socket.SOCK_STREAM, "127.0.0.2")
+    procs = [subprocess.Popen(plain_qemu_argv(root, tag, 256, cmdline,
+                                              f"udp:{addr}:{port}-:7777", incoming),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for tag, addr, incoming in (("plain-src", "127.0.0.1", None),
+                                         ("plain-dst", "127.0.0.2", f"tcp:127.0.0.2:{mig}"))]
+    probe = Probe(port, "127.0.0.1", "127.0.0.2")
+    try:
+        src, dst = await plain_qmp(root, "plain-src"), await plain_qmp(root, "plain-dst")
+        await src.execute("cont")
+        await asyncio.to_thread(probe.wait_up)  # the agent has filled its marker
+        with capture:
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.2:{mig}"})
+            while (info := await src.execute("query-migrate"))["status"] != "completed":
+                assert info["status"] not in ("failed", "cancelled"), info
+                await asyncio.sleep(0.05)
+        await dst.execute("cont")
+        assert (await asyncio.to_thread(probe.wait_up, 10))["corrupt"] == "0"
+        await src.close()
+        await dst.close()
+    finally:
+        probe.close()
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_migration_stream_is_encrypted(cluster: Cluster, workdir: Path) -> None:
+    """The guest fills memory with a marker; a capture of all TCP on lo during a
+    Ferry migration (API and stream) never contains it, while the same capture
+    of a plain QEMU migration of the same guest does: the check can fail."""
+    marker = f"FERRY-SECRET-{secrets.token_hex(8)}"
+    probe = boot(cluster, "ma", "secret", cmdline_extra=f"ferry.marker={marker}")
+    try:
+        for mode, src, dst in (("--live", "ma", "mb"), ("--offline", "mb", "ma")):
+            with LoopbackCapture(marker.encode()) as cap:
+                job = migrate(cluster[src], "secret", dst, *([mode] if mode == "--live"
+                                                            else []))
+            assert job["state"] == "completed", job
+            # the whole guest went by (its 32 MiB pattern at least), never readable
+            assert cap.tcp_bytes > 32 << 20, cap.tcp_bytes
+            print(f"Ferry {mode}: {cap.tcp_bytes >> 20} MiB of TCP on lo, marker in "
+                  f"{cap.hits} segments")
+            assert cap.hits == 0, f"marker seen in {cap.hits} segments ({mode})"
+            assert probe.wait_up(10)["corrupt"] == "0"
+    finally:
+        probe.close()
+        remove(cluster, "secret")
+    control = LoopbackCapture(marker.encode())
+    cmdline = guest_config("x", 0, cmdline_extra=f"ferry.marker={marker}")["cmdline"]
+    asyncio.run(plain_qemu_migration(workdir, cmdline, control))
+    print(f"plain QEMU: {control.tcp_bytes >> 20} MiB, marker in {control.hits} segments")
+    assert control.tcp_bytes > 32 << 20
+    assert control.hits > 0, "the capture never saw the marker in plaintext"

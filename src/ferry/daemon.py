@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ferry import tls
 from ferry.api.consoles import Consoles
 from ferry.api.relocation import make_relocation_app
 from ferry.api.server import make_app
@@ -32,7 +33,7 @@ from ferry.errors import FerryError
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig, load_host_config
 from ferry.hostres import meminfo
-from ferry.hostsallow import AllowGate, HostsAllow
+from ferry.hostsallow import AllowGate, HostsAllow, Target
 from ferry.migration.destination import RelocationService
 from ferry.migration.source import MigrationService
 from ferry.models import HostInfo
@@ -48,6 +49,7 @@ class Daemon:
         self._lockfile: int | None = None
         self._runner: web.AppRunner | None = None
         self._reloc_runner: web.AppRunner | None = None
+        self._remote_runner: web.AppRunner | None = None
         self._reloc_server: asyncio.Server | None = None
         self.svc: DomainService | None = None
         self.store: Store | None = None
@@ -96,23 +98,49 @@ class Daemon:
             os.umask(old)
         log.info("listening on %s", sock)
         if cfg.control_port:
-            self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation, self.consoles),
-                                               handle_signals=False, access_log=None,
-                                               shutdown_timeout=2.0)
-            await self._reloc_runner.setup()
-            http = self._reloc_runner.server
-            assert http is not None
-            allow = HostsAllow(cfg.hosts_allow)
-            where = f"{cfg.address}:{cfg.control_port}"
-            try:
-                # not web.TCPSite: hosts_allow must act before aiohttp reads a byte
-                self._reloc_server = await asyncio.get_running_loop().create_server(
-                    lambda: AllowGate(allow, http, where), cfg.address, cfg.control_port,
-                    reuse_address=True)
-            except OSError as exc:
-                raise FerryError(f"cannot listen on {cfg.address}:{cfg.control_port}: "
-                                 f"{exc.strerror}") from exc
-            log.info("relocation API on %s, hosts_allow %s", where, cfg.hosts_allow)
+            await self._listen_tcp()
+
+    async def _listen_tcp(self) -> None:
+        """The TCP port: mutual TLS; host certificates reach the relocation API,
+        operator certificates the management API, nothing else gets in."""
+        cfg = self.config
+        assert cfg.tls is not None and self.svc is not None  # HostConfig insists
+        tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
+        self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation, self.consoles),
+                                           handle_signals=False, access_log=None,
+                                           shutdown_timeout=2.0)
+        self._remote_runner = web.AppRunner(
+            make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True),
+            handle_signals=False, access_log=None, shutdown_timeout=2.0)
+        for runner in (self._reloc_runner, self._remote_runner):
+            await runner.setup()
+        reloc, remote = self._reloc_runner.server, self._remote_runner.server
+        assert reloc is not None and remote is not None
+
+        def route(who: tls.Identity | None, address: str) -> Target | str:
+            if who is None:
+                return "no client certificate"
+            if who.role == "host":
+                if address not in who.addresses:
+                    return (f"{who} names {', '.join(who.addresses) or 'no address'}, "
+                            f"but the connection comes from {address}")
+                return reloc
+            if who.role == "operator":
+                return remote
+            return f"{who} carries no Ferry role"
+
+        allow = HostsAllow(cfg.hosts_allow)
+        where = f"{cfg.address}:{cfg.control_port}"
+        context = tls.server_context(cfg.tls)
+        try:
+            # not web.TCPSite: hosts_allow must act before TLS or aiohttp read a byte
+            self._reloc_server = await asyncio.get_running_loop().create_server(
+                lambda: AllowGate(allow, route, where, context), cfg.address,
+                cfg.control_port, reuse_address=True)
+        except OSError as exc:
+            raise FerryError(f"cannot listen on {where}: {exc.strerror}") from exc
+        log.info("TCP API on %s (mutual TLS, CA %s), hosts_allow %s", where, cfg.tls.ca,
+                 cfg.hosts_allow)
 
     def host_info(self) -> HostInfo:
         assert self.svc is not None
@@ -128,8 +156,9 @@ class Daemon:
     async def stop(self) -> None:
         if self._reloc_server is not None:
             self._reloc_server.close()
-        if self._reloc_runner is not None:
-            await self._reloc_runner.cleanup()
+        for runner in (self._reloc_runner, self._remote_runner):
+            if runner is not None:
+                await runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.svc is not None:
@@ -178,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator")
     ap.add_argument("--address", help="this host's IPv4 address (relocation API, "
                     "migration streams)")
-    ap.add_argument("--control-port", type=int, help="TCP port of the relocation API "
-                    "(0 closes it)")
+    ap.add_argument("--control-port", type=int, help="TCP port of the API for peers and "
+                    "remote operators, mutual TLS only (needs [tls] in the config; 0 "
+                    "closes it)")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)

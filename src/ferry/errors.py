@@ -6,6 +6,7 @@ Two kinds of failure, so that an error says whether anything changed::
      ├── Refused                    nothing changed; safe to fix and retry
      │    ├── InvalidInput          a name, path, size or enum is wrong
      │    ├── NotFound              no such domain (or other object)
+     │    ├── Forbidden             the caller's certificate does not allow it
      │    ├── Conflict              duplicate name/UUID, wrong state for the action
      │    ├── Busy                  another operation holds the object
      │    └── InsufficientResources not enough memory (or other resource) free
@@ -62,6 +63,14 @@ class NotFound(Refused):
     http_status = 404
 
 
+class Forbidden(Refused):
+    """The caller's certificate does not allow this (a host certificate on the
+    management API, an operator certificate on the relocation API, ...)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class Conflict(Refused):
     code = "conflict"
     http_status = 409
@@ -92,6 +101,6 @@ class QemuError(Failed):
 
 
 _BY_CODE: dict[str, type[FerryError]] = {
-    c.code: c for c in (FerryError, Refused, InvalidInput, NotFound, Conflict, Busy,
+    c.code: c for c in (FerryError, Refused, InvalidInput, NotFound, Forbidden, Conflict, Busy,
                         InsufficientResources, Failed, QemuError)
 }

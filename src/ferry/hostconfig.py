@@ -10,12 +10,17 @@ Example (every key optional)::
     memory_reserve = 512                # MiB kept back for the host itself
     shutdown_timeout = 60               # s before an ACPI shutdown becomes destroy
     address = "127.0.0.1"               # this host's address (control, user-net forwards)
-    control_port = 7790                 # TCP port of the relocation API (0: closed)
+    control_port = 7790                 # TCP port of the API for peers and remote
+                                        # operators (default 0: closed); needs [tls]
     migration_address = "127.0.0.1"     # where incoming migration streams arrive
                                         # (default: address)
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
     storage_dirs = ["/var/lib/ferry/images"]  # disks must be below one of these
+    [tls]                               # mutual TLS on the TCP port (ferry pki)
+    ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
+    cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
+    key = "/etc/ferry/pki/host-a.key"
     [[peers]]                           # other hosts, so they can be named
     name = "host-b"
     address = "192.0.2.2"               # optionally "ADDRESS:PORT"
@@ -28,11 +33,19 @@ import socket
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ferry import hostsallow
 from ferry.errors import InvalidInput
 from ferry.models import AbsPath, Accel, check_name
+from ferry.tls import TlsFiles
 from ferry.validation import describe
 
 
@@ -79,12 +92,21 @@ class HostConfig(BaseModel):
     memory_reserve: int = Field(default=512, ge=0)
     shutdown_timeout: float = Field(default=60.0, ge=0, le=3600)
     address: str = "127.0.0.1"
-    control_port: int = Field(default=7790, ge=0, le=65535)
+    control_port: int = Field(default=0, ge=0, le=65535)
     migration_address: str | None = None
     peers: list[Peer] = Field(default_factory=list)
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
     # disk images may only live below these directories (requests from peers too)
     storage_dirs: list[AbsPath] = Field(default_factory=lambda: [Path("/var/lib/ferry/images")])
+    tls: TlsFiles | None = None
+
+    @model_validator(mode="after")
+    def _tls_if_open(self) -> HostConfig:
+        if self.control_port and self.tls is None:
+            raise ValueError(f"control_port {self.control_port} is open but [tls] is not "
+                             "configured: Ferry's TCP API is mutual TLS only (see "
+                             "'ferry pki'); set [tls] ca, cert, key, or control_port = 0")
+        return self
 
     @field_validator("hosts_allow")
     @classmethod

@@ -6,8 +6,8 @@ matched against the peer's address and its reverse-DNS name
 (``^host-[0-9]+\\.example\\.org$``). The default is localhost only.
 
 ``AllowGate`` enforces it at the socket: a connection from elsewhere is
-aborted in ``connection_made``, before a byte of it is read, and logged with
-the peer's address.
+aborted in ``connection_made``, before a byte of it is read (before the TLS
+handshake too), and logged with the peer's address.
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Callable, Sequence
+
+from ferry.tls import Identity, identity
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +64,103 @@ def _reverse_names(address: str) -> tuple[str, ...]:
     return (name, *aliases)
 
 
-class AllowGate(asyncio.Protocol):
-    """Wraps the protocol of each accepted connection; refuses disallowed peers
-    before the wrapped protocol (the HTTP parser) ever exists."""
+Target = Callable[[], asyncio.Protocol]
+# (the peer's certificate or None without TLS, its address) -> where its requests
+# go, or why it is refused
+Router = Callable[[Identity | None, str], Target | str]
+HANDSHAKE_TIMEOUT = 10.0
 
-    def __init__(self, allow: HostsAllow, inner_factory: Callable[[], asyncio.Protocol],
-                 listener: str) -> None:
+
+_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate",
+    "HTTP_REQUEST": "plain HTTP, not TLS",
+    "WRONG_VERSION_NUMBER": "not TLS 1.3",
+    "UNSUPPORTED_PROTOCOL": "not TLS 1.3",
+}
+
+
+def _why(exc: BaseException) -> str:
+    """A handshake failure in words: OpenSSL's verify message ("certificate has
+    expired", "unable to get local issuer certificate") or its reason code."""
+    verify = getattr(exc, "verify_message", None)
+    if verify:
+        return f"client certificate rejected: {verify}"
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return _REASONS.get(str(reason), str(reason))
+    return str(exc) or type(exc).__name__
+
+
+class AllowGate(asyncio.Protocol):
+    """Wraps each accepted connection: refuses peers outside ``hosts_allow`` before
+    a byte is read, then (with ``tls``) runs the TLS handshake, and hands the
+    connection to the protocol ``router`` picks for the peer's certificate, or
+    drops it with the router's reason. Every refusal is logged with the address."""
+
+    def __init__(self, allow: HostsAllow, router: Router, listener: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._allow = allow
-        self._factory = inner_factory
+        self._router = router
         self._listener = listener
+        self._tls = tls
+        self._address = "?"
         self._inner: asyncio.Protocol | None = None
+        self._early: list[bytes] = []     # data decrypted before the router decided
+        self._lost = False
+        self._handshake: asyncio.Task[None] | None = None
+
+    def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
+        log.warning("refused a connection from %s to %s: %s", self._address,
+                    self._listener, why)
+        # abort, not close: drop at once, without reading what the peer sent
+        transport.abort()  # type: ignore[attr-defined]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        address = peer[0] if peer else "?"
-        if not self._allow.permits(address):
-            log.warning("refused a connection from %s to %s: not in hosts_allow", address,
-                        self._listener)
-            # abort, not close: drop at once, without reading what the peer sent
-            transport.abort()  # type: ignore[attr-defined]
+        self._address = peer[0] if peer else "?"
+        if not self._allow.permits(self._address):
+            return self._refuse(transport, "not in hosts_allow")
+        if self._tls is None:
+            return self._attach(transport, None)
+        transport.pause_reading()  # type: ignore[attr-defined]  # start_tls resumes it
+        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    async def _start_tls(self, raw: asyncio.BaseTransport) -> None:
+        assert self._tls is not None
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, self._tls, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except Exception as exc:  # every failure is a refusal
+            return self._refuse(raw, f"TLS handshake failed: {_why(exc)}")
+        if tls is None or self._lost:
+            raw.abort()  # type: ignore[attr-defined]
             return
-        self._inner = self._factory()
+        self._attach(tls, identity(tls.get_extra_info("peercert")))
+
+    def _attach(self, transport: asyncio.BaseTransport, who: Identity | None) -> None:
+        target = self._router(who, self._address)
+        if isinstance(target, str):
+            return self._refuse(transport, target)
+        if who is not None:
+            log.debug("connection from %s to %s: %s", self._address, self._listener, who)
+        self._inner = target()
         self._inner.connection_made(transport)
+        for data in self._early:
+            self._inner.data_received(data)
+        self._early.clear()
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
+        elif self._tls is not None:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._inner is not None:
             self._inner.connection_lost(exc)
 

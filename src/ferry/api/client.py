@@ -1,4 +1,4 @@
-"""Async client of ferryd's API, over its Unix socket.
+"""Async client of ferryd's API: over its Unix socket, or over TCP with mutual TLS.
 
 Every error comes back as the FerryError subclass the daemon raised
 (structured JSON, never a string to parse); a daemon that can't be reached
@@ -13,26 +13,62 @@ from typing import Any
 
 import aiohttp
 
-from ferry.errors import FerryError
+from ferry.errors import FerryError, Refused
+from ferry.hostconfig import HostConfig, parse_endpoint
+from ferry.tls import TlsFiles, client_context
 
 DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
+
+
+def _cert_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    err = exc.certificate_error
+    return str(getattr(err, "verify_message", None) or getattr(err, "reason", None) or err)
+
+
+def peer_client(host: HostConfig, peer: str, endpoint: tuple[str, int],
+                timeout: float | None) -> FerryClient:
+    """A client from host ``host`` to its peer ``peer`` (a name, or an address when
+    the peer is not configured by name) at ``endpoint``: mutual TLS with the
+    host's certificate, and the peer's certificate must name ``peer``."""
+    if host.tls is None:
+        raise Refused(f"host {host.name} has no [tls] configured, so it cannot reach "
+                      "other hosts (Ferry's TCP API is mutual TLS only)")
+    try:
+        parse_endpoint(peer, 7790)
+        server_name = endpoint[0]  # an address: its certificate must name it
+    except ValueError:
+        server_name = peer
+    return FerryClient(endpoint=endpoint, timeout=timeout, tls=host.tls,
+                       server_name=server_name, local_address=host.address)
 
 
 class FerryClient:
     """Talks to one ferryd: over its Unix socket, or (``endpoint``) over TCP."""
 
     def __init__(self, socket: Path = DEFAULT_SOCKET, timeout: float | None = 600.0,
-                 endpoint: tuple[str, int] | None = None) -> None:
+                 endpoint: tuple[str, int] | None = None, tls: TlsFiles | None = None,
+                 server_name: str | None = None, local_address: str | None = None) -> None:
+        """Over TCP (``endpoint``) only with ``tls``: our certificate, and the CA
+        the server's must be signed by; the server's must name ``server_name``
+        (default: the endpoint's address). ``local_address``: where to connect from
+        (a host connects from its own address, which its certificate names)."""
         self.socket = socket
+        self.server_name: str | None = None
         connector: aiohttp.BaseConnector
         if endpoint is None:
             connector = aiohttp.UnixConnector(path=str(socket))
             self.base = "http://ferryd"
             self.where = str(socket)
         else:
-            connector = aiohttp.TCPConnector(force_close=True)
-            self.base = f"http://{endpoint[0]}:{endpoint[1]}"
-            self.where = f"{endpoint[0]}:{endpoint[1]}"
+            if tls is None:
+                raise FerryError(f"refusing to reach {endpoint[0]}:{endpoint[1]} without "
+                                 "TLS: no certificate configured")
+            self.server_name = server_name or endpoint[0]
+            connector = aiohttp.TCPConnector(
+                force_close=True, ssl=client_context(tls),
+                local_addr=(local_address, 0) if local_address else None)
+            self.base = f"https://{endpoint[0]}:{endpoint[1]}"
+            self.where = f"{self.server_name} ({endpoint[0]}:{endpoint[1]})"
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
 
@@ -54,10 +90,16 @@ class FerryClient:
                     data=None if body is None else json.dumps(body),
                     headers={"Content-Type": "application/json"},
                     timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout),
-                    ) as resp:
+                    server_hostname=self.server_name) as resp:
                 raw = await resp.read()
                 ctype = resp.content_type
                 status = resp.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise FerryError(f"ferryd at {self.where} is not who we expected: "
+                             f"{_cert_reason(exc)}") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise FerryError(f"TLS with ferryd at {self.where} failed: {exc.os_error}"
+                             ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
                              ) from exc
@@ -106,7 +148,11 @@ class FerryClient:
         """A websocket to ``path``; connection errors become FerryError."""
         try:
             return await self._session.ws_connect(self.base + path, params=params or {},
-                                                  heartbeat=20)
+                                                  heartbeat=20,
+                                                  server_hostname=self.server_name)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise FerryError(f"ferryd at {self.where} is not who we expected: "
+                             f"{_cert_reason(exc)}") from exc
         except aiohttp.WSServerHandshakeError as exc:
             raise FerryError(f"ferryd at {self.where} refused {path} ({exc.status})") from exc
         except aiohttp.ClientConnectorError as exc:

@@ -21,13 +21,15 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ferry.api.client import FerryClient
+from ferry.api.client import peer_client
 from ferry.console import ConsoleHub, ConsoleLog
 from ferry.domains import DomainService
 from ferry.errors import FerryError, InvalidInput, NotFound
 from ferry.hostconfig import HostConfig
 from ferry.store import Store
 
+# a host: its name (or address) and its TCP endpoint
+Hop = tuple[str, tuple[str, int]]
 log = logging.getLogger(__name__)
 
 MOVED = 4001
@@ -56,39 +58,40 @@ class Consoles:
             await hub.close()
 
     # -- where is it? -----------------------------------------------------------------
-    def next_hop(self, name: str) -> tuple[str, int] | None:
-        """Where this host sent ``name`` last (the newest completed migration away)."""
+    def next_hop(self, name: str) -> Hop | None:
+        """Where this host sent ``name`` last (the newest completed migration away):
+        (the host's name, its endpoint)."""
         for rec in reversed(self.store.migrations(state="completed")):
             if rec["domain"] == name and rec["role"] == "source":
                 try:
-                    return self.host.resolve_peer(rec["dest"])[1]
+                    return self.host.resolve_peer(rec["dest"])
                 except ValueError:
                     return None
         return None
 
-    async def locate(self, name: str) -> tuple[str, int]:
-        """The relocation endpoint of the host that has ``name``; NotFound if none."""
+    async def locate(self, name: str) -> Hop:
+        """The host that has ``name`` (its name and endpoint); NotFound if none."""
         seen: set[tuple[str, int]] = set()
         hop = self.next_hop(name)
-        while hop is not None and hop not in seen and len(seen) < MAX_HOPS:
-            seen.add(hop)
-            answer = await _ask(hop, name)
+        while hop is not None and hop[1] not in seen and len(seen) < MAX_HOPS:
+            seen.add(hop[1])
+            answer = await self._ask(hop, name)
             if answer is None:
                 break
             if answer.get("here"):
                 return hop
             nxt = answer.get("next")
-            hop = (str(nxt[0]), int(nxt[1])) if nxt else None
+            hop = (str(nxt[0]), (str(nxt[1]), int(nxt[2]))) if nxt else None
         for peer in self.host.peers:
             try:
-                endpoint = self.host.resolve_peer(peer.name)[1]
+                hop = self.host.resolve_peer(peer.name)
             except ValueError:
                 continue
-            if endpoint in seen:
+            if hop[1] in seen:
                 continue
-            answer = await _ask(endpoint, name)
+            answer = await self._ask(hop, name)
             if answer and answer.get("here"):
-                return endpoint
+                return hop
         raise NotFound(f"no domain named {name!r} on host {self.host.name} or its peers",
                        domain=name)
 
@@ -97,7 +100,7 @@ class Consoles:
         if name in self.svc.domains:
             return {"here": True}
         hop = self.next_hop(name)
-        return {"here": False, "next": list(hop) if hop else None}
+        return {"here": False, "next": [hop[0], *hop[1]] if hop else None}
 
     # -- sessions ---------------------------------------------------------------------
     async def serve(self, request: web.Request, name: str, relay: bool) -> web.StreamResponse:
@@ -152,11 +155,10 @@ class Consoles:
             await hub.detach(queue)
         return ws
 
-    async def _relay(self, request: web.Request, endpoint: tuple[str, int],
-                     name: str) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, hop: Hop, name: str) -> web.StreamResponse:
         start = start_offset(request)
         params = {} if start is None else {"from": str(start)}
-        async with FerryClient(endpoint=endpoint, timeout=None) as peer:
+        async with peer_client(self.host, *hop, timeout=None) as peer:
             try:
                 upstream = await peer.ws(f"/v1/relocation/consoles/{name}", params)
             except FerryError as exc:
@@ -196,24 +198,23 @@ class Consoles:
             return ConsoleLog(self.svc.paths(name).root).tail(tail)
         if not relay:
             raise NotFound(f"no domain named {name!r} on host {self.host.name}")
-        endpoint = await self.locate(name)
+        hop = await self.locate(name)
         query = f"?tail={tail}" if tail is not None else ""
-        async with FerryClient(endpoint=endpoint, timeout=30) as peer:
+        async with peer_client(self.host, *hop, timeout=30) as peer:
             data = await peer.request("GET", f"/v1/relocation/consoles/{name}/log{query}")
         if not isinstance(data, bytes):
             raise FerryError(f"unexpected answer for the console log of {name}")
         return data
 
-
-async def _ask(endpoint: tuple[str, int], name: str) -> dict[str, Any] | None:
-    """A peer's whereabouts answer for ``name``; None if it doesn't answer."""
-    try:
-        async with FerryClient(endpoint=endpoint, timeout=5) as peer:
-            answer = await peer.request("GET", f"/v1/relocation/whereabouts/{name}")
-    except FerryError as exc:
-        log.info("locating %s: %s:%d did not answer: %s", name, *endpoint, exc.message)
-        return None
-    return answer if isinstance(answer, dict) else None
+    async def _ask(self, hop: Hop, name: str) -> dict[str, Any] | None:
+        """A peer's whereabouts answer for ``name``; None if it doesn't answer."""
+        try:
+            async with peer_client(self.host, *hop, timeout=5) as peer:
+                answer = await peer.request("GET", f"/v1/relocation/whereabouts/{name}")
+        except FerryError as exc:
+            log.info("locating %s: %s did not answer: %s", name, hop[0], exc.message)
+            return None
+        return answer if isinstance(answer, dict) else None
 
 
 async def _forward_input(ws: web.WebSocketResponse, hub: ConsoleHub) -> None:

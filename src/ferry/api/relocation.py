@@ -17,30 +17,56 @@ from ferry.api.server import (
     job_id,
     ok,
 )
+from ferry.errors import Forbidden
 from ferry.migration.destination import RelocationService
 from ferry.migration.models import AbortRequest, FinishRequest, RelocationRequest
+from ferry.tls import identity
 
 RELOC: web.AppKey[RelocationService] = web.AppKey("reloc", RelocationService)
 
 
+def peer_host(request: web.Request) -> str | None:
+    """The host named by the caller's certificate (the gate let only host
+    certificates through to this app); None on a plain connection (tests)."""
+    who = identity(request.transport.get_extra_info("peercert")
+                   if request.transport is not None else None)
+    return who.name if who is not None else None
+
+
+def _as_source(request: web.Request, source: str | None) -> None:
+    """A host may only speak for itself, and only about its own jobs."""
+    peer = peer_host(request)
+    if peer is not None and source is not None and peer != source:
+        raise Forbidden(f"host {peer} may not act for host {source}")
+
+
 async def check(request: web.Request) -> web.Response:
     req = await body_as(request, RelocationRequest)
+    _as_source(request, req.source)
     return ok({"blockers": request.app[RELOC].blockers(req)})
 
 
 async def prepare(request: web.Request) -> web.Response:
     req = await body_as(request, RelocationRequest)
+    _as_source(request, req.source)
     return ok(await request.app[RELOC].prepare(req))
 
 
 async def finish(request: web.Request) -> web.Response:
     req = await body_as(request, FinishRequest)
+    _as_source(request, request.app[RELOC].source_of(req.job_id))
     return ok(await request.app[RELOC].finish(req))
 
 
 async def abort(request: web.Request) -> web.Response:
     req = await body_as(request, AbortRequest)
+    _as_source(request, request.app[RELOC].source_of(req.job_id))
     return ok(await request.app[RELOC].abort(req))
+
+
+async def not_for_hosts(request: web.Request) -> web.Response:
+    raise Forbidden(f"host certificates may only use the relocation API, not "
+                    f"{request.method} {request.path}")
 
 
 async def status(request: web.Request) -> web.Response:
@@ -71,4 +97,5 @@ def make_relocation_app(reloc: RelocationService, consoles: Consoles) -> web.App
     app.router.add_post("/v1/relocation/finish", finish)
     app.router.add_post("/v1/relocation/abort", abort)
     app.router.add_get("/v1/relocation/jobs/{job}", status)
+    app.router.add_route("*", "/{tail:.*}", not_for_hosts)
     return app

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
-from ferry.errors import FerryError, InvalidInput
+from ferry.errors import FerryError, Forbidden, InvalidInput
 from ferry.migration.models import MigrateRequest
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
@@ -178,8 +178,15 @@ def job_id(request: web.Request) -> str:
     return value
 
 
+async def not_for_operators(request: web.Request) -> web.Response:
+    raise Forbidden("the relocation API is for peer hosts (host certificates), not for "
+                    "operators")
+
+
 def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
-             migrations: MigrationService, consoles: Consoles) -> web.Application:
+             migrations: MigrationService, consoles: Consoles,
+             remote: bool = False) -> web.Application:
+    """The management API; ``remote``: the copy served over TLS to operators."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     app[SVC] = svc
     app[HOSTINFO] = hostinfo
@@ -198,9 +205,11 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app.router.add_post("/v1/domains/{name}/{action}", domain_action)
     app.router.add_get("/v1/domains/{name}/console/log", console_log)
     app.router.add_get("/v1/domains/{name}/console", console_ws)
+    app.router.add_route("*", "/v1/relocation/{tail:.*}", not_for_operators)
+    if not remote:  # the Unix socket's app owns the console sessions
 
-    async def close_consoles(app: web.Application) -> None:
-        await app[CONSOLES].close()
+        async def close_consoles(app: web.Application) -> None:
+            await app[CONSOLES].close()
 
-    app.on_shutdown.append(close_consoles)
+        app.on_shutdown.append(close_consoles)
     return app

@@ -85,6 +85,11 @@ class RelocationService:
                            f"{self.host.name}")
         return out
 
+    def source_of(self, job_id: str) -> str | None:
+        """The host that prepared job ``job_id`` here, if it is still open."""
+        inc = self.incoming.get(job_id)
+        return inc.request.source if inc is not None else None
+
     # -- Prepare ----------------------------------------------------------------------
     async def prepare(self, req: RelocationRequest) -> dict[str, object]:
         """Check, reserve, start the incoming QEMU, open its endpoint.

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.api.client import FerryClient
+from ferry.api.client import FerryClient, peer_client
 from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
 from ferry.errors import Busy, Failed, FerryError, InvalidInput, NotFound, Refused
@@ -124,7 +124,7 @@ class MigrationService:
         dest_name, endpoint = self._dest(req.dest)
         out = self._begin_blockers(dom)
         rel = self._relocation("0" * 12, dom, req.mode)
-        async with FerryClient(endpoint=endpoint, timeout=30) as peer:
+        async with peer_client(self.host, dest_name, endpoint, timeout=30) as peer:
             try:
                 res = await peer.request("POST", "/v1/relocation/check",
                                          rel.model_dump(mode="json"))
@@ -192,7 +192,7 @@ class MigrationService:
         steps: list[tuple[Phase, Callable[[SourceJob], Awaitable[None]]]] = [
             (Phase.prepare, self._prepare), (Phase.perform, self._perform),
             (Phase.finish, self._finish), (Phase.confirm, self._confirm)]
-        async with FerryClient(endpoint=job.endpoint, timeout=60) as peer:
+        async with peer_client(self.host, job.record.dest, job.endpoint, timeout=60) as peer:
             job.peer = peer  # open until the undo (which may need it) has run
             try:
                 for phase, step in steps:
@@ -410,12 +410,12 @@ class MigrationService:
                 continue
             job_id, dom = rec["id"], self.domains.domains.get(rec["domain"])
             try:
-                _, endpoint = self._dest(rec["dest"])
+                dest_name, endpoint = self._dest(rec["dest"])
             except InvalidInput:
                 endpoint = None
             dest_state = None
             if endpoint is not None:
-                async with FerryClient(endpoint=endpoint, timeout=10) as peer:
+                async with peer_client(self.host, dest_name, endpoint, timeout=10) as peer:
                     try:
                         res = await peer.request("GET", f"/v1/relocation/jobs/{job_id}")
                         dest_state = res.get("state")

@@ -1,0 +1,144 @@
+"""Mutual TLS on a real ferryd's TCP port: who gets in, and to which API."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry import pki
+from helpers import (
+    Host,
+    certificate,
+    guest_config,
+    pki_dir,
+    tls_context,
+    tls_request,
+    to_toml,
+)
+
+
+@pytest.fixture(scope="module")
+def secured(guest: Any, workdir: Path) -> Iterator[Host]:
+    h = Host(workdir, "secured", "127.0.0.2")
+    h.start()
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ca(secured: Host, workdir: Path) -> Path:
+    return pki_dir(workdir) / "ca.pem"
+
+
+def new_log(host: Host, before: str) -> str:
+    time.sleep(0.2)
+    return host.log.read_text()[len(before):]
+
+
+def refused(host: Host, ctx: Any, why: str, source: str = "127.0.0.1") -> str:
+    """Assert a request with ``ctx`` gets no answer and is logged as refused for
+    ``why``; nothing reaches the API. Returns the client's error."""
+    before = host.log.read_text()
+    status, err = tls_request(host, ctx, source=source)
+    assert status is None, err
+    log = new_log(host, before)
+    assert f"refused a connection from {source}" in log and why in log, log
+    assert "/v1/domains" not in log  # the request was never parsed
+    return err
+
+
+def test_operator_certificate_reaches_the_management_api(secured: Host, workdir: Path) -> None:
+    status, body = tls_request(secured, tls_context(*certificate(workdir, "alice", "operator")))
+    assert status == 200 and json.loads(body) == []
+
+
+def test_without_a_client_certificate_is_refused(secured: Host, ca: Path) -> None:
+    refused(secured, tls_context(ca), "TLS handshake failed: no client certificate")
+
+
+def test_plaintext_is_refused(secured: Host) -> None:
+    refused(secured, None, "TLS handshake failed: plain HTTP, not TLS")
+
+
+def test_certificate_from_another_ca_is_refused(secured: Host, ca: Path,
+                                                workdir: Path) -> None:
+    other = workdir / "other-ca"
+    pki.init_ca(other)
+    pki.issue(other, "mallory", "operator")
+    refused(secured, tls_context(ca, other / "mallory.pem", other / "mallory.key"),
+            "client certificate rejected: unable to get local issuer certificate")
+
+
+def test_expired_certificate_is_refused(secured: Host, ca: Path, workdir: Path) -> None:
+    d = pki_dir(workdir)
+    pki.issue(d, "retired", "operator", days=1,
+              not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    refused(secured, tls_context(ca, d / "retired.pem", d / "retired.key"),
+            "client certificate rejected: certificate has expired")
+
+
+def test_host_certificate_may_not_use_the_management_api(secured: Host,
+                                                        workdir: Path) -> None:
+    ctx = tls_context(*certificate(workdir, "peer3", "host", ["127.0.0.3"]))
+    status, body = tls_request(secured, ctx, source="127.0.0.3")
+    assert status == 403 and "only use the relocation API" in body
+    status, body = tls_request(secured, ctx, "POST", "/v1/domains/x/destroy",
+                               source="127.0.0.3")
+    assert status == 403
+    # the relocation API is open to it
+    status, body = tls_request(secured, ctx, path="/v1/relocation/whereabouts/x",
+                               source="127.0.0.3")
+    assert status == 200 and json.loads(body) == {"here": False, "next": None}
+
+
+def test_operator_certificate_may_not_use_the_relocation_api(secured: Host,
+                                                            workdir: Path) -> None:
+    ctx = tls_context(*certificate(workdir, "alice", "operator"))
+    status, body = tls_request(secured, ctx, path="/v1/relocation/whereabouts/x")
+    assert status == 403 and "not for operators" in body
+
+
+def test_host_certificate_from_an_address_it_does_not_name(secured: Host,
+                                                          workdir: Path) -> None:
+    ctx = tls_context(*certificate(workdir, "peer9", "host", ["127.0.0.9"]))
+    refused(secured, ctx, "names 127.0.0.9, but the connection comes from 127.0.0.3",
+            source="127.0.0.3")
+
+
+def test_host_may_not_act_for_another_host(secured: Host, workdir: Path) -> None:
+    ctx = tls_context(*certificate(workdir, "peer3", "host", ["127.0.0.3"]))
+    body = json.dumps({"job_id": "0123456789ab", "source": "someone-else",
+                       "config": guest_config("x", 9, memory=64), "mode": "live",
+                       "running": False, "accel": None, "arch": "x86_64"}).encode()
+    status, answer = tls_request(secured, ctx, "POST", "/v1/relocation/prepare", body,
+                                 source="127.0.0.3")
+    assert status == 403 and "may not act for host someone-else" in answer
+    assert secured.domains() == {}
+
+
+def test_peer_presenting_another_hosts_certificate_is_refused(secured: Host,
+                                                             workdir: Path) -> None:
+    """A host that expects peer "impostor" at secured's address gets secured's
+    certificate, which names another host: the check refuses to talk to it."""
+    src = Host(workdir, "checker", "127.0.0.4", peers={"impostor": secured.endpoint})
+    src.start()
+    try:
+        src.ferry("define", str(_definition(workdir)))
+        res = src.ferry("migrate", "quiet", "impostor", "--check", "--json", check=False)
+        out = json.loads(res.stdout)
+        assert any("is not who we expected" in b and "impostor" in b
+                   for b in out["blockers"]), out
+        assert secured.domains() == {}
+    finally:
+        src.cleanup()
+
+
+def _definition(workdir: Path) -> Path:
+    path = workdir / "quiet.toml"
+    path.write_text(to_toml(guest_config("quiet", 9, memory=64)))
+    return path
