@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +14,16 @@ import pytest
 
 from ferry import pki
 from helpers import (
+    FERRY,
     Host,
     certificate,
+    free_port,
     guest_config,
     pki_dir,
     tls_context,
     tls_request,
     to_toml,
+    wait_for,
 )
 
 
@@ -142,3 +147,60 @@ def _definition(workdir: Path) -> Path:
     path = workdir / "quiet.toml"
     path.write_text(to_toml(guest_config("quiet", 9, memory=64)))
     return path
+
+
+def remote(host_arg: str, *args: str, env: dict[str, str] | None = None,
+           creds: tuple[Path, Path, Path] | None = None) -> subprocess.CompletedProcess[str]:
+    """``ferry --host HOST_ARG ARGS`` with operator files ``creds`` (as flags)."""
+    flags = []
+    if creds is not None:
+        flags = ["--ca", str(creds[0]), "--cert", str(creds[1]), "--key", str(creds[2])]
+    return subprocess.run([FERRY, "--host", host_arg, *flags, *args], capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "FERRY_SOCKET": "/nonexistent", **(env or {})})
+
+
+def test_remote_operation_with_an_operator_certificate(secured: Host, workdir: Path) -> None:
+    """ferry --host drives a ferryd over TCP: create a guest, read its console,
+    destroy and undefine it; the local socket is not used at all."""
+    alice = certificate(workdir, "alice", "operator")
+    res = remote(secured.endpoint, "host", "--json", creds=alice)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["name"] == "secured"
+    # by name, from the client configuration, with the files from there too
+    config = workdir / "client.toml"
+    config.write_text(f'ca = "{alice[0]}"\ncert = "{alice[1]}"\nkey = "{alice[2]}"\n'
+                      f'[[hosts]]\nname = "secured"\naddress = "{secured.endpoint}"\n')
+    env = {"FERRY_CLIENT_CONFIG": str(config)}
+    path = workdir / "remote-guest.toml"
+    path.write_text(to_toml(guest_config("remote-guest", free_port())))
+    assert remote("secured", "create", str(path), env=env).returncode == 0
+    try:
+        assert secured.domains()["remote-guest"]["state"] == "running"
+        wait_for(lambda: "FERRY-AGENT READY" in remote(
+            "secured", "console", "remote-guest", "--log", env=env).stdout, 60, "the agent")
+        assert remote("secured", "destroy", "remote-guest", env=env).returncode == 0
+        assert remote("secured", "undefine", "remote-guest", env=env).returncode == 0
+        assert secured.domains() == {}
+    finally:
+        secured.ferry("destroy", "remote-guest", check=False)
+        secured.ferry("undefine", "remote-guest", check=False)
+
+
+def test_remote_operation_refusals(secured: Host, workdir: Path) -> None:
+    alice = certificate(workdir, "alice", "operator")
+    # no certificate at all: a clear error, nothing sent
+    res = remote(secured.endpoint, "list", env={"FERRY_CLIENT_CONFIG": "/nonexistent"})
+    assert res.returncode == 1 and "needs an operator certificate" in res.stderr
+    # a host certificate is not an operator's
+    res = remote(secured.endpoint, "list",
+                 creds=certificate(workdir, "peer1", "host", ["127.0.0.1"]))
+    assert res.returncode == 1 and "only use the relocation API" in res.stderr
+    # a name whose host presents another name's certificate
+    config = workdir / "wrong.toml"
+    config.write_text(f'ca = "{alice[0]}"\ncert = "{alice[1]}"\nkey = "{alice[2]}"\n'
+                      f'[[hosts]]\nname = "elsewhere"\naddress = "{secured.endpoint}"\n')
+    res = remote("elsewhere", "list", env={"FERRY_CLIENT_CONFIG": str(config)})
+    assert res.returncode == 1 and "is not who we expected" in res.stderr, res.stderr
+    res = remote("no-such-host.invalid", "list", creds=alice)
+    assert res.returncode == 1 and "unknown host" in res.stderr

@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ferry.api.client import DEFAULT_SOCKET, FerryClient
+from ferry.cli.target import Target
 from ferry.errors import FerryError
 
 T = TypeVar("T")
@@ -42,13 +43,31 @@ def _valid_name(value: str) -> str:
 NameArg = Annotated[str, typer.Argument(help="The domain's name.", show_default=False,
                                         callback=_valid_name)]
 
-_state: dict[str, Path] = {"socket": DEFAULT_SOCKET}
+HostOpt = Annotated[str | None, typer.Option(
+    "--host", envvar="FERRY_HOST", show_default=False,
+    help="Drive another host over TCP (mutual TLS, operator certificate): a name "
+         "from the client config, a DNS name, or ADDRESS[:PORT]. Default: the local "
+         "ferryd over --socket.")]
+CaOpt = Annotated[Path | None, typer.Option(
+    "--ca", envvar="FERRY_CA", show_default=False, help="With --host: the cluster CA.")]
+CertOpt = Annotated[Path | None, typer.Option(
+    "--cert", envvar="FERRY_CERT", show_default=False,
+    help="With --host: your operator certificate.")]
+KeyOpt = Annotated[Path | None, typer.Option(
+    "--key", envvar="FERRY_KEY", show_default=False, help="With --host: its key.")]
+
+_state: dict[str, Target] = {"target": Target(DEFAULT_SOCKET)}
 
 
 @app.callback()
-def main(socket: SocketOpt = DEFAULT_SOCKET) -> None:
-    """Ferry: run QEMU domains ("xm" for QEMU hosts)."""
-    _state["socket"] = socket
+def main(socket: SocketOpt = DEFAULT_SOCKET, host: HostOpt = None, ca: CaOpt = None,
+         cert: CertOpt = None, key: KeyOpt = None) -> None:
+    """Ferry: run QEMU domains ("xm" for QEMU hosts).
+
+    Without --host, ferry talks to the local ferryd over its root-only socket.
+    With --host it reaches any ferryd's TCP port with an operator certificate
+    (--ca/--cert/--key, or ~/.config/ferry/client.toml; see docs/security.md)."""
+    _state["target"] = Target(socket, host or None, ca, cert, key)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -57,9 +76,9 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def call(fn: Callable[[FerryClient], Awaitable[T]]) -> T:
-    """Run one API call against the configured socket; errors become one line."""
+    """Run one API call against the chosen ferryd; errors become one line."""
     async def go() -> T:
-        async with FerryClient(_state["socket"]) as client:
+        async with _state["target"].client() as client:
             return await fn(client)
     try:
         return asyncio.run(go())
@@ -302,7 +321,11 @@ def migrate(
     if detach:
         return print_json(job) if as_json else typer.echo(job["id"])
     from ferry.cli.progress import follow
-    final = follow(_state["socket"], job, quiet=as_json)
+    try:
+        final = follow(_state["target"], job, quiet=as_json)
+    except FerryError as exc:
+        fail(exc.message)
+        raise AssertionError("unreachable") from exc
     if as_json:
         print_json(final)
     if final["state"] != "completed":

@@ -5,14 +5,13 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from ferry.api.client import FerryClient
+from ferry.cli.target import Target
 from ferry.errors import FerryError
 
 
@@ -57,12 +56,12 @@ def summary(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def follow(socket: Path, job: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+def follow(target: Target, job: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
     """Show the job's progress until it ends; Ctrl-C asks, then aborts it."""
-    return asyncio.run(_follow(socket, job, quiet))
+    return asyncio.run(_follow(target, job, quiet))
 
 
-async def _follow(socket: Path, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+async def _follow(target: Target, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
     console = Console(stderr=True)
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,7 +70,7 @@ async def _follow(socket: Path, job: dict[str, Any], quiet: bool) -> dict[str, A
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.percentage:>3.0f}%"), console=console,
                         transient=True, disable=not show)
-    async with FerryClient(socket) as client:
+    async with target.client() as client:
         with progress:
             bar = progress.add_task(job["domain"], total=1)
             while job["state"] == "running":
