@@ -28,12 +28,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# the cluster's certificates: a CA, one certificate per host, one for the operator
+PKI=$DEMO/pki
+echo "== ferry pki init; ferry pki issue a|b --host; ferry pki issue demo-operator --operator"
+"$BIN/ferry" pki init --dir "$PKI" >/dev/null
+"$BIN/ferry" pki issue a --host --address 127.0.0.1 --dir "$PKI" >/dev/null
+"$BIN/ferry" pki issue b --host --address 127.0.0.2 --dir "$PKI" >/dev/null
+"$BIN/ferry" pki issue demo-operator --operator --dir "$PKI" >/dev/null
+
 hostconf() {  # name address peer-name peer-address
     cat > "$DEMO/$1.toml" <<CONF
 name = "$1"
 state_dir = "$DEMO/$1"
 address = "$2"
 control_port = $PORT
+[tls]
+ca = "$PKI/ca.pem"
+cert = "$PKI/$1.pem"
+key = "$PKI/$1.key"
 [[peers]]
 name = "$3"
 address = "$4:$PORT"
@@ -94,8 +106,9 @@ probe
 echo "== host a: ferry migrate demo b --live"
 ferry_on a migrate demo b --live
 probe
-echo "== host b: ferry list"
-ferry_on b list
+echo "== from anywhere, as the operator: ferry --host 127.0.0.2 list (mutual TLS)"
+"$BIN/ferry" --host 127.0.0.2:$PORT --ca "$PKI/ca.pem" --cert "$PKI/demo-operator.pem" \
+    --key "$PKI/demo-operator.key" list
 echo "== host b: ferry migrate demo a --live"
 ferry_on b migrate demo a --live
 probe

@@ -625,6 +625,7 @@ def test_migration_stream_is_encrypted(cluster: Cluster, workdir: Path) -> None:
                 job = migrate(cluster[src], "secret", dst, *([mode] if mode == "--live"
                                                             else []))
             assert job["state"] == "completed", job
+            assert job["stats"]["stream_tls"] is True
             # the whole guest went by (its 32 MiB pattern at least), never readable
             assert cap.tcp_bytes > 32 << 20, cap.tcp_bytes
             print(f"Ferry {mode}: {cap.tcp_bytes >> 20} MiB of TCP on lo, marker in "

@@ -48,6 +48,8 @@ def summary(job: dict[str, Any]) -> str:
     if s.get("transferred") is not None:
         lines.append(f"  sent:       {mib(s.get('transferred'))} of {mib(s.get('total'))} "
                      f"in {s.get('passes', 0)} passes")
+    if s.get("stream_tls"):
+        lines.append("  stream:     TLS, with credentials made for this migration only")
     if s.get("forced_pause"):
         lines.append("  note:       paused at the timeout to finish")
     if times:

@@ -275,6 +275,7 @@ class MigrationService:
         assert job.stream_creds is not None
         await streamtls.install(qmp, self.domains.paths(dom.name).root, job.record.id,
                                 False, job.stream_creds)
+        job.record.stats["stream_tls"] = True
 
         if not live and job.was_running:
             await self._pause_for_migration(job, proc, "paused for an offline migration")
