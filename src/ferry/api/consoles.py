@@ -188,6 +188,14 @@ class Consoles:
             for t in tasks:
                 t.cancel()
             code = upstream.close_code or 1000
+            if code not in (1000, MOVED) and not ws.closed:
+                # the upstream session broke rather than closed: if the domain has
+                # left that host meanwhile, it is a move like any other
+                log.info("console relay of %s from %s broke (%s, %s)", name, hop[0], code,
+                         upstream.exception())
+                answer = await self._ask(hop, name)
+                if answer is not None and not answer.get("here"):
+                    code = MOVED
             await upstream.close()
             # pass "moved" (or the end) on, so the client knows to come back
             await ws.close(code=code if code in (1000, MOVED) else 1011)
