@@ -16,6 +16,9 @@
  *     counted in the probe reply;
  *   - on ferry.dirty=<mib>:<mib/s> dirties memory from boot;
  *   - on ferry.marker=STRING fills 1 MiB with STRING (for traffic captures);
+ *   - echoes whatever arrives on TCP port ferry.port (up to 4 connections,
+ *     non-blocking, in order), so a client outside can stream through the
+ *     guest in both directions and check every byte;
  *   - prints a tick line every ferry.tick seconds (default 5, 0 = never);
  *   - echoes each line typed on the serial console as "FERRY-AGENT heard: ...",
  *     so a test can prove console input reaches the guest;
@@ -47,6 +50,89 @@
 #define WORDS (PAGE / 8u)
 #define MAX_INPUTS 8
 #define CONSOLE_SLOT 1 /* fds[1] is the serial console (stdin) */
+#define MAX_CONNS 4
+
+static void say(const char *fmt, ...);
+
+/* TCP echo: one buffer per connection; while it holds unsent bytes the
+ * connection is polled for POLLOUT only, so a slow reader never blocks the loop */
+static struct conn {
+    int fd;
+    size_t off, len;
+    char buf[65536];
+} conns[MAX_CONNS];
+
+static int tcp_listen(unsigned port)
+{
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, MAX_CONNS) < 0)
+        return -1;
+    for (int i = 0; i < MAX_CONNS; i++)
+        conns[i].fd = -1;
+    return s;
+}
+
+static void conn_close(struct conn *c, const char *why)
+{
+    say("FERRY-AGENT tcp connection closed (%s)", why);
+    close(c->fd);
+    c->fd = -1;
+    c->off = c->len = 0;
+}
+
+static void conn_flush(struct conn *c)
+{
+    while (c->off < c->len) {
+        ssize_t w = write(c->fd, c->buf + c->off, c->len - c->off);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EINTR)
+                conn_close(c, strerror(errno));
+            return;
+        }
+        c->off += (size_t)w;
+    }
+    c->off = c->len = 0;
+}
+
+static void tcp_accept(int ls)
+{
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof peer;
+    int fd = accept4(ls, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK);
+    if (fd < 0)
+        return;
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (conns[i].fd < 0) {
+            conns[i].fd = fd;
+            say("FERRY-AGENT tcp connection from %s:%u", inet_ntoa(peer.sin_addr),
+                ntohs(peer.sin_port));
+            return;
+        }
+    close(fd);
+}
+
+static void tcp_serve(struct conn *c, short revents)
+{
+    if (c->len) {                       /* still sending the last read */
+        if (revents & (POLLOUT | POLLERR | POLLHUP))
+            conn_flush(c);
+        return;
+    }
+    if (!(revents & (POLLIN | POLLERR | POLLHUP)))
+        return;
+    ssize_t n = read(c->fd, c->buf, sizeof c->buf);
+    if (n == 0)
+        conn_close(c, "end of stream");
+    else if (n < 0 && errno != EAGAIN && errno != EINTR)
+        conn_close(c, strerror(errno));
+    else if (n > 0) {
+        c->off = 0;
+        c->len = (size_t)n;
+        conn_flush(c);
+    }
+}
 
 static char cmdline[4096];
 static char boot_id[64] = "unknown";
@@ -349,12 +435,16 @@ int main(void)
             set_dirty(mib, rate);
     }
 
-    struct pollfd fds[2 + MAX_INPUTS];
+    int ls = tcp_listen(port);
+    if (ls < 0)
+        say("FERRY-AGENT cannot listen on tcp/%u: %s", port, strerror(errno));
+    struct pollfd fds[2 + MAX_INPUTS + 1 + MAX_CONNS];
     fds[0].fd = s;
     fds[0].events = POLLIN;
     fds[CONSOLE_SLOT].fd = 0;
     fds[CONSOLE_SLOT].events = POLLIN;
-    int nfds = 2 + open_power_buttons(fds + 2, MAX_INPUTS);
+    int nbase = 2 + open_power_buttons(fds + 2, MAX_INPUTS);
+    int nfds = nbase + 1 + MAX_CONNS;
     char line[256];
     size_t line_len = 0;
     fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
@@ -363,6 +453,13 @@ int main(void)
     uint64_t next_tick = now_ns() + (uint64_t)tick * 1000000000ull, ticks = 0;
     for (;;) {
         int busy = pattern_pages > 0 || dirty_pages > 0;
+        fds[nbase].fd = ls;
+        fds[nbase].events = POLLIN;
+        for (int i = 0; i < MAX_CONNS; i++) {
+            fds[nbase + 1 + i].fd = conns[i].fd;   /* -1: ignored by poll */
+            fds[nbase + 1 + i].events = conns[i].len ? POLLOUT : POLLIN;
+            fds[nbase + 1 + i].revents = 0;
+        }
         int r = poll(fds, (nfds_t)nfds, busy ? 10 : 200);
         if (r > 0) {
             if (fds[0].revents & POLLIN)
@@ -382,7 +479,12 @@ int main(void)
                         line[line_len++] = c;
                 }
             }
-            for (int k = 2; k < nfds; k++) {
+            if (ls >= 0 && fds[nbase].revents & POLLIN)
+                tcp_accept(ls);
+            for (int i = 0; i < MAX_CONNS; i++)
+                if (conns[i].fd >= 0 && fds[nbase + 1 + i].fd == conns[i].fd)
+                    tcp_serve(&conns[i], fds[nbase + 1 + i].revents);
+            for (int k = 2; k < nbase; k++) {
                 struct input_event ev;
                 while (fds[k].revents & POLLIN &&
                        read(fds[k].fd, &ev, sizeof ev) == (ssize_t)sizeof ev)

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev iproute2 python3 python3-venv
+PKGS=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev iproute2 iputils-ping python3 python3-venv
       ca-certificates)
 # QEMU 7.2, what Debian 12 ships, loses about one guest in ten in a live migration
 # under TCG while the guest dirties memory (bench/plain_qemu_early_migration.py);

@@ -109,6 +109,8 @@ class Host:
         self.peers = dict(peers or {})
         # (ca, cert, key); default: a host certificate for name and address
         self.tls: tuple[Path, Path, Path] | None = settings.pop("tls", None)
+        # run ferryd (and so its QEMUs and taps) inside this network namespace
+        self.netns: str | None = settings.pop("netns", None)
         self.settings = settings
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -130,8 +132,9 @@ class Host:
     def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.write_config()
         with open(self.log, "ab") as log:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [FERRYD, "--config", str(self.config), "--log-level", "DEBUG", *extra],
+                [*prefix, FERRYD, "--config", str(self.config), "--log-level", "DEBUG", *extra],
                 env={**os.environ, **(env or {})},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()

@@ -28,7 +28,7 @@ from ferry.errors import (
 )
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig
-from ferry.hostres import bridge_exists, meminfo, rss_mib
+from ferry.hostres import meminfo, rss_mib
 from ferry.models import (
     ACTIVE_STATES,
     TRANSITIONS,
@@ -37,7 +37,8 @@ from ferry.models import (
     DomainState,
     NicMode,
 )
-from ferry.qemu.argv import RuntimePaths, build_argv
+from ferry.net import bridge_exists, create_taps, delete_taps
+from ferry.qemu.argv import RuntimePaths, build_argv, taps
 from ferry.qemu.process import QemuProcess, pid_alive, read_pid, remove_runtime_files
 from ferry.store import Store
 
@@ -117,6 +118,7 @@ class DomainService:
                 proc = None
             if proc is None:
                 remove_runtime_files(paths)
+                await self.remove_taps(dom.config)
                 if dom.state in ACTIVE_STATES:
                     new = DomainState.shutoff if dom.state == DomainState.stopping \
                         else DomainState.crashed
@@ -183,6 +185,7 @@ class DomainService:
             return
         await proc.close()
         remove_runtime_files(proc.paths)
+        await self.remove_taps(dom.config)
         dom.proc = None
         if dom.expected_exit:
             reason = dom.expected_exit
@@ -225,7 +228,13 @@ class DomainService:
             out.append(f"domain {config.name} needs {config.memory} MiB but host "
                        f"{self.host.name} has {free} MiB free")
         for nic in config.nics:
-            if nic.mode == NicMode.bridge and not bridge_exists(str(nic.bridge)):
+            if nic.mode != NicMode.bridge:
+                continue
+            allowed = self.host.bridges
+            if allowed is not None and nic.bridge not in allowed:
+                out.append(f"bridge {nic.bridge} is not one of host {self.host.name}'s "
+                           f"bridges ({', '.join(allowed) or 'none'})")
+            elif not bridge_exists(str(nic.bridge)):
                 out.append(f"bridge {nic.bridge} does not exist on host {self.host.name}")
         return out
 
@@ -292,14 +301,14 @@ class DomainService:
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
             self._check(dom.config, to_run=True)
-            paths = self.paths(name)
             argv = self.argv(dom.config)
             dom.expected_exit, dom.guest_powered_off = None, False
-            proc = await QemuProcess.launch(name, paths, argv, self._event_handler(dom))
+            proc = await self._launch(dom.config, argv, self._event_handler(dom))
             try:
                 await proc.qmp.execute("cont")
             except QemuError:
                 await proc.stop()
+                await self.remove_taps(dom.config)
                 raise
             dom.proc = proc
             dom.accel = self.accel_for(dom.config)
@@ -371,7 +380,25 @@ class DomainService:
     def argv(self, config: DomainConfig, incoming: str | None = None) -> list[str]:
         return build_argv(config, self.paths(config.name), qemu=self.host.qemu,
                           accel=self.accel_for(config), incoming=incoming,
-                          host_address=self.host.address)
+                          host_address=self.host.address, host_name=self.host.name)
+
+    async def _launch(self, config: DomainConfig, argv: list[str],
+                      on_event: Any = None) -> QemuProcess:
+        """Create the domain's taps, then start its QEMU; no taps left if it fails."""
+        # pyroute2's calls block (and run their own event loop): in a thread
+        await asyncio.to_thread(create_taps, taps(config, self.host.name))
+        try:
+            return await QemuProcess.launch(config.name, self.paths(config.name), argv,
+                                            on_event)
+        except BaseException:
+            await self.remove_taps(config)
+            raise
+
+    async def remove_taps(self, config: DomainConfig) -> None:
+        """Delete the domain's taps on this host (after its QEMU has exited)."""
+        names = [tap for tap, _, _ in taps(config, self.host.name)]
+        if names:
+            await asyncio.to_thread(delete_taps, names)
 
     async def launch_incoming(self, config: DomainConfig) -> QemuProcess:
         """Start a paused QEMU waiting for a migration stream (``-incoming defer``).
@@ -379,8 +406,7 @@ class DomainService:
         # no domain of that name is defined here (checked): whatever is left in
         # its directory is stale, e.g. a console log from an earlier visit
         shutil.rmtree(self.paths(config.name).root, ignore_errors=True)
-        return await QemuProcess.launch(config.name, self.paths(config.name),
-                                        self.argv(config, incoming="defer"))
+        return await self._launch(config, self.argv(config, incoming="defer"))
 
     def adopt(self, config: DomainConfig, proc: QemuProcess, state: DomainState,
               reason: str) -> Domain:

@@ -17,6 +17,12 @@ Example (every key optional)::
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
     storage_dirs = ["/var/lib/ferry/images"]  # disks must be below one of these
+    bridges = ["br0"]                   # bridges domains may use (default: any bridge)
+    [announce]                          # after a migration, the destination announces
+    rounds = 5                          # the guest's MACs (QEMU announce-self): rounds,
+    initial_ms = 50                     # first gap, growing by step_ms up to max_ms
+    max_ms = 550
+    step_ms = 100
     [tls]                               # mutual TLS on the TCP port (ferry pki)
     ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
     cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
@@ -81,6 +87,22 @@ def parse_endpoint(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+class Announce(BaseModel):
+    """QEMU's announce-self after switch-over: ``rounds`` gratuitous RARPs per MAC,
+    the first ``initial_ms`` apart, each gap ``step_ms`` longer, at most ``max_ms``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(default=5, ge=1, le=100)
+    initial_ms: int = Field(default=50, ge=1, le=100_000)
+    max_ms: int = Field(default=550, ge=1, le=100_000)
+    step_ms: int = Field(default=100, ge=1, le=100_000)
+
+    def qmp(self) -> dict[str, int]:
+        return {"rounds": self.rounds, "initial": self.initial_ms, "max": self.max_ms,
+                "step": self.step_ms}
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -98,6 +120,9 @@ class HostConfig(BaseModel):
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
     # disk images may only live below these directories (requests from peers too)
     storage_dirs: list[AbsPath] = Field(default_factory=lambda: [Path("/var/lib/ferry/images")])
+    # bridges domains may use; None: any bridge that exists
+    bridges: list[str] | None = None
+    announce: Announce = Field(default_factory=Announce)
     tls: TlsFiles | None = None
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Host resources as the kernel reports them (memory, process RSS, bridges)."""
+"""Host resources as the kernel reports them (memory, process RSS)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +22,3 @@ def rss_mib(pid: int) -> int:
         pass
     return 0
 
-
-def bridge_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}/bridge").is_dir()

@@ -166,7 +166,7 @@ class DomainConfig(Strict):
     initrd: AbsPath | None = None
     cmdline: str = ""
     disks: list[Disk] = Field(default_factory=list)
-    nics: list[Nic] = Field(default_factory=list)
+    nics: list[Nic] = Field(default_factory=list, max_length=8)
     serial: bool = True
 
     @field_validator("machine")

@@ -179,8 +179,7 @@ class RelocationService:
                         await proc.qmp.execute("cont")
                         crash_point("finish-after-cont")
                         # tell the network where the guest is now, only once it runs
-                        await proc.qmp.execute("announce-self", {
-                            "initial": 50, "max": 550, "rounds": 5, "step": 100})
+                        await proc.qmp.execute("announce-self", self.host.announce.qmp())
                 except FerryError as exc:
                     await self._undo(inc, f"finish failed: {exc.message}")
                     raise Failed(f"finish on {self.host.name} failed: {exc.message}",
@@ -235,6 +234,7 @@ class RelocationService:
             await inc.proc.stop(grace=1.0)
             shutil.rmtree(self.domains.paths(inc.request.config.name).root,
                           ignore_errors=True)
+            await self.domains.remove_taps(inc.request.config)
             inc.proc = None
         self.domains.reservations.pop(inc.record.id, None)
         self.incoming.pop(inc.record.id, None)

@@ -5,6 +5,7 @@ Nothing here touches the host: paths for sockets and logs come in as
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,19 +39,31 @@ class RuntimePaths:
         return self.root / "qemu.log"
 
 
-def tap_name(config: DomainConfig, index: int) -> str:
-    """The tap device of a bridged NIC: stable, unique per domain, ≤ 15 chars."""
-    return f"fy{config.uuid.hex[:8]}n{index}"
+def tap_name(config: DomainConfig, index: int, host: str) -> str:
+    """The tap device of NIC ``index`` of ``config`` on host ``host``: stable, ≤ 15
+    characters, and different on every host, so that while a domain migrates its
+    source and destination taps never share a name (not even with both hosts in
+    one network namespace)."""
+    digest = hashlib.blake2s(f"{host}/{config.uuid}".encode(), digest_size=5).hexdigest()
+    return f"fy{digest}n{index}"
+
+
+def taps(config: DomainConfig, host: str) -> list[tuple[str, str, str]]:
+    """(tap, bridge, guest MAC) of each bridged NIC of ``config`` on host ``host``."""
+    return [(tap_name(config, i, host), str(nic.bridge), str(nic.mac))
+            for i, nic in enumerate(config.nics) if nic.mode == NicMode.bridge]
 
 
 def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: str,
-               incoming: str | None = None, host_address: str = "") -> list[str]:
+               incoming: str | None = None, host_address: str = "",
+               host_name: str = "host") -> list[str]:
     """The full argv that starts ``config`` paused (``-S``), QMP on ``paths.qmp``.
 
     ``incoming``, when given, is passed as ``-incoming`` (``"defer"`` for a
     migration destination). A user-net forward with no host address binds
     ``host_address``: the same definition then listens on each host's own
-    address, wherever the domain runs."""
+    address, wherever the domain runs. ``host_name`` names the bridged NICs'
+    taps (see tap_name)."""
     argv = [
         qemu,
         "-name", f"guest={config.name},debug-threads=on",
@@ -74,7 +87,7 @@ def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: s
         if config.cmdline:
             argv += ["-append", config.cmdline]
     argv += _disk_args(config)
-    argv += _nic_args(config, host_address)
+    argv += _nic_args(config, host_address, host_name)
     if config.serial:
         argv += [
             "-chardev",
@@ -113,7 +126,7 @@ def _disk_args(config: DomainConfig) -> list[str]:
     return args
 
 
-def _nic_args(config: DomainConfig, host_address: str) -> list[str]:
+def _nic_args(config: DomainConfig, host_address: str, host_name: str) -> list[str]:
     args: list[str] = []
     for i, nic in enumerate(config.nics):
         dev = f"{nic.model.value},id=nic{i},mac={nic.mac}"
@@ -122,7 +135,8 @@ def _nic_args(config: DomainConfig, host_address: str) -> list[str]:
             args += ["-netdev", f"user,id=net{i}{fwd}", "-device", f"{dev},netdev=net{i}"]
         elif nic.mode == NicMode.bridge:
             args += ["-netdev",
-                     f"tap,id=net{i},ifname={tap_name(config, i)},script=no,downscript=no",
+                     f"tap,id=net{i},ifname={tap_name(config, i, host_name)},script=no,"
+                     "downscript=no",
                      "-device", f"{dev},netdev=net{i}"]
         else:
             args += ["-device", dev]
