@@ -40,7 +40,8 @@ class Cluster:
         ports = {n: free_port(socket.SOCK_STREAM, a) for n, a in ADDRS.items()}
         self.hosts = {
             n: Host(root, n, a, control_port=ports[n], storage_dirs=[str(root)],
-                    peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
+                    peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n},
+                    **({"bridges": ["fybr-allowed"]} if n == "mb" else {}))
             for n, a in ADDRS.items()}
 
     def __getitem__(self, name: str) -> Host:
@@ -309,7 +310,7 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     ({"config": {"cpu": "nosuchcpu"}}, "CPU model nosuchcpu"),
     ({"config": {"machine": "nosuchmachine"}}, "machine type nosuchmachine"),
     ({"config": {"nics": [{"mode": "bridge", "bridge": "fybr-missing"}]}},
-     "bridge fybr-missing"),
+     "bridge fybr-missing is not one of host mb's bridges (fybr-allowed)"),
     ({"config": {"disks": [{"path": "/nonexistent/shared/disk.qcow2"}]}},
      "/nonexistent/shared/disk.qcow2"),
     ({"config": {"disks": [{"path": "/etc/shadow", "format": "raw"}]}},

@@ -204,3 +204,31 @@ def test_remote_operation_refusals(secured: Host, workdir: Path) -> None:
     assert res.returncode == 1 and "is not who we expected" in res.stderr, res.stderr
     res = remote("no-such-host.invalid", "list", creds=alice)
     assert res.returncode == 1 and "unknown host" in res.stderr
+
+
+@pytest.mark.parametrize("cert_of,why", [
+    (("peer9", "host", ["127.0.0.5"]), "names host 'peer9', but this host is 'wrongcert'"),
+    (("wrongcert", "host", ["127.0.0.9"]), "not this host's address 127.0.0.5"),
+    (("alice", "operator", None), "has the role 'operator', not 'host'"),
+])
+def test_ferryd_refuses_a_certificate_that_is_not_its_own(
+        secured: Host, workdir: Path, cert_of: tuple[str, str, list[str] | None],
+        why: str) -> None:
+    name, role, addrs = cert_of
+    if name == "wrongcert":  # a second certificate of that name: its own directory
+        d = workdir / "pki-wrong"
+        if not d.exists():
+            d.mkdir()
+            for f in ("ca.pem", "ca.key"):
+                (d / f).write_bytes((pki_dir(workdir) / f).read_bytes())
+            pki.issue(d, name, role, addrs)
+        files = (d / "ca.pem", d / f"{name}.pem", d / f"{name}.key")
+    else:
+        files = certificate(workdir, name, role, addrs)
+    h = Host(workdir, "wrongcert", "127.0.0.5", tls=files)
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            h.start()
+        assert why in h.log.read_text()
+    finally:
+        h.cleanup()

@@ -52,6 +52,7 @@ class Daemon:
         self._remote_runner: web.AppRunner | None = None
         self._reloc_server: asyncio.Server | None = None
         self.svc: DomainService | None = None
+        self.migrations: MigrationService | None = None
         self.store: Store | None = None
 
     def _take_lock(self) -> None:
@@ -72,6 +73,8 @@ class Daemon:
         os.chmod(cfg.state_dir, 0o700)
         (cfg.state_dir / "domains").mkdir(exist_ok=True, mode=0o700)
         self._take_lock()
+        if cfg.control_port and cfg.tls is not None:  # refuse a wrong certificate early
+            tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
         accel = await asyncio.to_thread(resolve_accel, cfg.accel.value, cfg.qemu)
         log.info("host %s: state in %s, accelerator %s, %s", cfg.name, cfg.state_dir, accel,
                  qemu_version(cfg.qemu))
@@ -105,7 +108,7 @@ class Daemon:
         operator certificates the management API, nothing else gets in."""
         cfg = self.config
         assert cfg.tls is not None and self.svc is not None  # HostConfig insists
-        tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
+        assert self.migrations is not None
         self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation, self.consoles),
                                            handle_signals=False, access_log=None,
                                            shutdown_timeout=2.0)
@@ -161,6 +164,8 @@ class Daemon:
                 await runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.migrations is not None:
+            await self.migrations.close()
         if self.svc is not None:
             await self.svc.close()
         if self.store is not None:

@@ -113,8 +113,7 @@ def check_own(files: TlsFiles, name: str, role: str, address: str | None = None)
     except (ValueError, TypeError, Exception) as exc:
         raise InvalidInput(f"{files.cert} is not signed by the CA in {files.ca}") from exc
     if pki.role_of(cert) != role:
-        raise InvalidInput(f"{files.cert} is a {pki.role_of(cert)} certificate, "
-                           f"not a {role} certificate")
+        raise InvalidInput(f"{files.cert} has the role {pki.role_of(cert)!r}, not {role!r}")
     cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
     if role == "host" and (not cn or cn[0].value != name):
         raise InvalidInput(f"{files.cert} names host {cn[0].value if cn else '?'!r}, "

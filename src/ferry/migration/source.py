@@ -94,6 +94,15 @@ class MigrationService:
         self.store = store
         self.jobs: dict[str, SourceJob] = {}
 
+    async def close(self) -> None:
+        """ferryd is stopping: interrupt running jobs where they are (their record
+        keeps the phase; recover() settles them at the next start) while the
+        database is still open. The guests keep running."""
+        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- entry points -----------------------------------------------------------------
     def _dest(self, dest: str) -> tuple[str, tuple[str, int]]:
         try:
