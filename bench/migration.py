@@ -5,7 +5,9 @@
 
 Plain QEMU: two QEMU processes started by hand (the destination with
 ``-incoming``), ``migrate`` over QMP, ``cont`` on the destination: the least a
-live migration can cost. Ferry: two ferryd hosts on 127.0.0.1/127.0.0.2 and
+live migration can cost; once in plaintext, once with TLS credentials made per
+hop as Ferry does (Ferry's stream is always TLS, so "plain + TLS" is the
+like-for-like baseline). Ferry: two ferryd hosts on 127.0.0.1/127.0.0.2 and
 ``ferry migrate --live``. Both move the same test guest (same memory, same
 dirtying agent) back and forth; the script prints medians, their ratio, and
 where Ferry's own time goes (everything that is not QEMU's transfer).
@@ -26,22 +28,28 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ferry.migration import streamtls
 from ferry.qemu.qmp import QmpConnection
 from helpers import Host, Probe, free_port, guest_config, plain_qemu_argv, plain_qmp
 
 
 async def plain_hop(root: Path, args: argparse.Namespace, src: QmpConnection, hop: int,
-                    addr: str, port: int, cmdline: str) -> tuple[QmpConnection,
-                                                                 subprocess.Popen[bytes],
-                                                                 dict[str, float]]:
+                    addr: str, port: int, cmdline: str,
+                    tls: bool) -> tuple[QmpConnection, subprocess.Popen[bytes],
+                                        dict[str, float]]:
     tag = f"q{hop}"
     mig_port = free_port(socket.SOCK_STREAM, addr)
     proc = subprocess.Popen(plain_qemu_argv(root, tag, args.memory, cmdline,
-                                      f"udp:{addr}:{port}-:7777",
-                                      f"tcp:{addr}:{mig_port}"),
+                                            f"udp:{addr}:{port}-:7777", "defer"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     dst = await plain_qmp(root, tag)
+    if tls:
+        job = f"{hop:012x}"
+        server, client = streamtls.make_pair(job)
+        await streamtls.install(dst, root, job, True, server)
+        await streamtls.install(src, root, job, False, client)
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{addr}:{mig_port}"})
     await src.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "auto-converge", "state": True}]})
     await src.execute("migrate-set-parameters", {"downtime-limit": 300,
@@ -61,7 +69,8 @@ async def plain_hop(root: Path, args: argparse.Namespace, src: QmpConnection, ho
                        "downtime": info["downtime"] / 1000}
 
 
-async def run_plain(args: argparse.Namespace, root: Path) -> list[dict[str, float]]:
+async def run_plain(args: argparse.Namespace, root: Path,
+                    tls: bool) -> list[dict[str, float]]:
     port = free_port()
     cmdline = (f"console=ttyS0 quiet ferry.ip=10.0.2.15/24 ferry.tick=0 "
                f"ferry.mem={args.pattern} ferry.dirty={args.dirty}")
@@ -76,7 +85,8 @@ async def run_plain(args: argparse.Namespace, root: Path) -> list[dict[str, floa
     try:
         for hop in range(1, args.hops + 1):
             addr = "127.0.0.2" if hop % 2 else "127.0.0.1"
-            src, proc, res = await plain_hop(root, args, src, hop, addr, port, cmdline)
+            src, proc, res = await plain_hop(root, args, src, hop, addr, port, cmdline,
+                                             tls)
             procs.append(proc)
             results.append(res)
             assert probe.wait_up(10)["corrupt"] == "0"
@@ -135,12 +145,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fybm", dir="/tmp") as tmp:
         root = Path(tmp)
-        plain = asyncio.run(run_plain(args, root))
+        plain = asyncio.run(run_plain(args, root, tls=False))
+        plain_tls = asyncio.run(run_plain(args, root, tls=True))
         ferry = run_ferry(args, root)
 
-    p_wall = med([r["wall"] for r in plain])
-    p_qemu = med([r["qemu_total"] for r in plain])
-    p_down = med([r["downtime"] for r in plain])
+    p_wall, t_wall = (med([r["wall"] for r in x]) for x in (plain, plain_tls))
+    p_qemu, t_qemu = (med([r["qemu_total"] for r in x]) for x in (plain, plain_tls))
+    p_down, t_down = (med([r["downtime"] for r in x]) for x in (plain, plain_tls))
     jobs = [r["job"] for r in ferry]
     f_wall = med([r["wall"] for r in ferry])
     f_job = med([j["ended"] - j["started"] for j in jobs])
@@ -153,14 +164,18 @@ def main() -> None:
 
     print(f"guest: {args.memory} MiB, {args.pattern} MiB pattern, dirtying {args.dirty} "
           f"(MiB:MiB/s); {args.hops} live hops each; medians")
-    print(f"{'':28}{'plain QEMU':>12}{'Ferry':>12}{'ratio':>8}")
-    print(f"{'migrate → resumed on dest':28}{p_wall:11.3f}s{f_job:11.3f}s"
-          f"{f_job / p_wall:8.2f}")
-    print(f"{'QEMU transfer (total-time)':28}{p_qemu:11.3f}s{f_qemu:11.3f}s"
-          f"{f_qemu / p_qemu:8.2f}")
-    print(f"{'QEMU downtime':28}{p_down * 1000:10.0f}ms{f_down * 1000:10.0f}ms"
-          f"{(f_down / p_down if p_down else float('nan')):8.2f}")
-    print(f"{'CLI wall time (ferry only)':28}{'':12}{f_wall:11.3f}s")
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:8.2f}" if b else f"{'-':>8}"
+
+    print(f"{'':28}{'plain QEMU':>12}{'plain + TLS':>12}{'Ferry':>12}"
+          f"{'/plain':>8}{'/+TLS':>8}")
+    print(f"{'migrate → resumed on dest':28}{p_wall:11.3f}s{t_wall:11.3f}s{f_job:11.3f}s"
+          f"{ratio(f_job, p_wall)}{ratio(f_job, t_wall)}")
+    print(f"{'QEMU transfer (total-time)':28}{p_qemu:11.3f}s{t_qemu:11.3f}s{f_qemu:11.3f}s"
+          f"{ratio(f_qemu, p_qemu)}{ratio(f_qemu, t_qemu)}")
+    print(f"{'QEMU downtime':28}{p_down * 1000:10.0f}ms{t_down * 1000:10.0f}ms"
+          f"{f_down * 1000:10.0f}ms{ratio(f_down, p_down)}{ratio(f_down, t_down)}")
+    print(f"{'CLI wall time (ferry only)':28}{'':24}{f_wall:11.3f}s")
     print(f"Ferry's own time (job - QEMU transfer): {overhead * 1000:.0f} ms; phases: "
           + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
 

@@ -155,6 +155,18 @@ def test_tcp_stream_survives_live_a_b_a(lab: Lab, lan: dict[str, Host], roamer: 
     assert answered > 0
 
 
+def test_announce_moves_a_quiet_guests_mac(lab: Lab, lan: dict[str, Host],
+                                           roamer: str) -> None:
+    """With no traffic to or from the guest, only the destination's announce can
+    tell the LAN where the guest went: the switch knows as soon as migrate returns."""
+    assert where(lan, roamer) == ["na"]
+    time.sleep(1)  # let the last stream's frames drain
+    for src, dst in (("na", "nb"), ("nb", "na")):
+        assert lab.fdb_port(MAC) == f"lan-{src[1]}"
+        assert migrate(lan[src], roamer, dst, "--live")["state"] == "completed"
+        assert lab.fdb_port(MAC) == f"lan-{dst[1]}"
+
+
 def test_offline_migration_keeps_the_connection(lab: Lab, lan: dict[str, Host],
                                                 roamer: str) -> None:
     """Offline, the guest is paused while its memory is copied; TCP retransmits
