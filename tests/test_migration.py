@@ -584,6 +584,57 @@ def test_destination_crash_right_after_resume_is_adopted(cluster: Cluster) -> No
         remove(cluster, "phoenix")
 
 
+
+@pytest.mark.parametrize("back_in_time", [True, False])
+def test_destination_dies_before_resuming(cluster: Cluster, back_in_time: bool) -> None:
+    """The destination ferryd dies in Finish before resuming the guest. If it is
+    back within the source's wait, it reports the job failed (its restart killed
+    the paused copy) and the source resumes the guest itself. If not, the source
+    can't know: it keeps its copy paused (in doubt) and says so, and the operator
+    unpauses it. Never two running copies, never none that could be resumed."""
+    name = f"lazarus{int(back_in_time)}"
+    probe = boot(cluster, "ma", name)
+    ma, mb = cluster["ma"], cluster["mb"]
+    env = {**os.environ, "FERRY_SOCKET": str(ma.socket)}
+    try:
+        first = probe.wait_up()
+        mb.stop()
+        mb.start(env={"FERRY_CRASH_AT": "finish-before-cont"})
+        mig = subprocess.Popen([FERRY, "migrate", name, "mb", "--live", "--json"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        assert mb.proc is not None
+        mb.proc.wait(30)  # it died at the crash point
+        mb.proc = None
+        assert ma.domains()[name]["state"] == "paused"
+        if back_in_time:
+            mb.start()
+        out, err = mig.communicate(timeout=60)
+        job = json.loads(out)
+        assert job["state"] == "failed" and job["error"]["phase"] == "finish", (job, err)
+        if back_in_time:
+            assert "the guest goes on here" in job["error"]["message"]
+            assert ma.domains()[name]["state"] == "running"
+        else:
+            assert "kept paused" in job["error"]["message"]
+            assert ma.domains()[name]["state"] == "paused"
+            mb.start()
+            # the restarted destination dropped its paused copy; resume the source
+            wait_for(lambda: mb.qemu_pids() == [], 10, "mb's copy to go")
+            ma.ferry("unpause", name)
+        assert cluster.has_domain(name) == ["ma"] and cluster.where(name) == ["ma"]
+        assert mb.qemu_pids() == [] and name not in mb.domains()
+        reply = probe.wait_up(10)
+        assert probe.last_from == ADDRS["ma"]
+        assert reply["boot_id"] == first["boot_id"] and reply["corrupt"] == "0"
+        rec = next(r for r in mb.json("migrations") if r["id"] == job["id"])
+        assert rec["state"] == "failed"
+    finally:
+        probe.close()
+        if mb.proc is None:
+            mb.start()
+        remove(cluster, name)
+
 async def plain_qemu_migration(root: Path, cmdline: str, capture: LoopbackCapture) -> None:
     """The test guest migrated by plain QEMU, no TLS, with ``capture`` running
     during the migration only."""

@@ -166,7 +166,9 @@ def test_remote_operation_with_an_operator_certificate(secured: Host, workdir: P
     alice = certificate(workdir, "alice", "operator")
     res = remote(secured.endpoint, "host", "--json", creds=alice)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["name"] == "secured"
+    info = json.loads(res.stdout)
+    assert info["name"] == "secured"
+    assert info["tcp_api"].startswith(f"{secured.endpoint} (mutual TLS; hosts_allow")
     # by name, from the client configuration, with the files from there too
     config = workdir / "client.toml"
     config.write_text(f'ca = "{alice[0]}"\ncert = "{alice[1]}"\nkey = "{alice[2]}"\n'

@@ -154,7 +154,14 @@ class Daemon:
                         memory_total=mem["MemTotal"] // 1024,
                         memory_free=self.svc.memory_free(), domains=len(domains),
                         running=sum(1 for d in domains if d.pid),
-                        state_dir=str(self.config.state_dir))
+                        state_dir=str(self.config.state_dir), tcp_api=self._tcp_api())
+
+    def _tcp_api(self) -> str:
+        cfg = self.config
+        if not cfg.control_port or self._reloc_server is None:
+            return "closed"
+        return (f"{cfg.address}:{cfg.control_port} (mutual TLS; hosts_allow "
+                f"{', '.join(cfg.hosts_allow)})")
 
     async def stop(self) -> None:
         if self._reloc_server is not None:

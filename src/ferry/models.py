@@ -256,6 +256,8 @@ class HostInfo(BaseModel):
     domains: int
     running: int
     state_dir: str
+    # "ADDRESS:PORT (mutual TLS, hosts_allow ...)" or "closed"
+    tcp_api: str = "closed"
 
 
 class DefineRequest(Strict):

@@ -152,12 +152,12 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def host(as_json: JsonOpt = False) -> None:
-    """Show this host: name, accelerator, QEMU, memory."""
+    """Show this host: name, accelerator, QEMU, memory, its TCP API."""
     data = call(lambda c: c.host())
     if as_json:
         return print_json(data)
     for key in ("name", "arch", "accel", "qemu_version", "memory_total", "memory_free",
-                "domains", "running", "state_dir"):
+                "domains", "running", "state_dir", "tcp_api"):
         unit = " MiB" if key.startswith("memory") else ""
         typer.echo(f"{key:<13} {data[key]}{unit}")
 

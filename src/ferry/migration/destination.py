@@ -175,6 +175,7 @@ class RelocationService:
                 try:
                     await self._wait_incoming(proc)
                     await streamtls.remove(proc.qmp, req.job_id)
+                    crash_point("finish-before-cont")
                     if req.resume:
                         await proc.qmp.execute("cont")
                         crash_point("finish-after-cont")
@@ -277,6 +278,10 @@ class RelocationService:
                 continue
             if proc is not None:
                 await proc.stop(grace=1.0)
+            with contextlib.suppress(OSError, ValueError):
+                req = RelocationRequest.model_validate_json(
+                    self._request_file(name).read_text())
+                await self.domains.remove_taps(req.config)
             shutil.rmtree(paths.root, ignore_errors=True)
             rec.update(state=JobState.failed.value, ended=time.time(),
                        error={"phase": rec["phase"], "host": self.host.name,

@@ -378,9 +378,14 @@ class MigrationService:
         except FerryError as exc:
             if exc.code in ("failed", "not_found", "invalid", "refused", "conflict"):
                 raise  # the destination answered: it undid its side, so may we
-            # no answer: did the destination take over before it went silent?
-            if await self._destination_has_it(peer, job):
-                return
+            # no answer: what does the destination say once it is back?
+            verdict = await self._destination_verdict(peer, job)
+            if verdict == "completed":
+                return  # it took over before it went silent
+            if verdict == "gone":  # its copy is dead: ours may run again (undo)
+                raise Failed(f"destination failed during Finish ({exc.message}) and "
+                             "dropped its copy; the guest goes on here",
+                             host=job.record.dest, phase="finish") from exc
             # in doubt: keep the source paused rather than risk two running copies
             job.undo.clear()
             raise Failed(f"destination did not confirm the domain runs there "
@@ -388,17 +393,26 @@ class MigrationService:
                          f"{job.record.dest}, then unpause or destroy it here",
                          host=job.record.dest, phase="finish") from exc
 
-    async def _destination_has_it(self, peer: FerryClient, job: SourceJob) -> bool:
+    async def _destination_verdict(self, peer: FerryClient, job: SourceJob) -> str | None:
+        """Ask the destination about the job for ~10 s: "completed" (it runs the
+        guest), "gone" (it failed the job or never had it: no copy there), or None
+        (no answer, or still undecided)."""
         for _ in range(10):
             try:
                 res = await peer.request("GET", f"/v1/relocation/jobs/{job.record.id}",
                                          timeout=2)
-                return bool(res.get("state") == JobState.completed.value)
             except NotFound:
-                return False
+                return "gone"
             except FerryError:
                 await asyncio.sleep(1)
-        return False
+                continue
+            state = res.get("state")
+            if state == JobState.completed.value:
+                return "completed"
+            if state in (JobState.failed.value, JobState.aborted.value):
+                return "gone"
+            await asyncio.sleep(1)
+        return None
 
     # -- Confirm ----------------------------------------------------------------------
     async def _confirm(self, job: SourceJob) -> None:
