@@ -13,9 +13,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import Any
 
 from ferry.errors import Failed
 
@@ -31,7 +29,10 @@ def link_exists(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _ipr() -> Iterator[IPRoute]:
+def _ipr() -> Iterator[Any]:
+    # imported here: pyroute2 costs ~20 MiB of ferryd's memory, and only hosts with
+    # bridged domains need it
+    from pyroute2 import IPRoute
     ipr = IPRoute()
     try:
         yield ipr
@@ -51,6 +52,9 @@ def create_taps(taps: Sequence[tuple[str, str, str]]) -> None:
     """Create each (tap, bridge, guest MAC): a tap device, enslaved to the bridge,
     up. A leftover tap of that name is replaced. All or nothing: Failed, with none
     left."""
+    if not taps:
+        return
+    from pyroute2 import NetlinkError
     made: list[str] = []
     try:
         with _ipr() as ipr:
@@ -79,6 +83,7 @@ def delete_taps(taps: Sequence[str]) -> None:
     """Delete the taps that exist; never fails (logs what it could not do)."""
     if not any(link_exists(t) for t in taps):
         return
+    from pyroute2 import NetlinkError
     with _ipr() as ipr:
         for tap in taps:
             if not link_exists(tap):
