@@ -284,6 +284,21 @@ def test_memory_on_destination_is_refused(cluster: Cluster, resident: Probe,
         tight.cleanup()
 
 
+def test_stream_credentials_qemu_refuses_fail_prepare_cleanly(cluster: Cluster) -> None:
+    """Credentials the destination QEMU can't load: Prepare fails, its QEMU and
+    reservation are gone; no plaintext fallback."""
+    before = snapshot(cluster)
+    garbage = "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n"
+    body = relocation_request("visitor", stream={"ca": garbage, "cert": garbage,
+                                                 "key": garbage})
+    status, res = as_ma(cluster, "/v1/relocation/prepare", body)
+    assert status == 500 and "did not take the migration's TLS credentials" in \
+        res["error"]["message"], res
+    assert snapshot(cluster) == before
+    assert cluster["mb"].qemu_pids() == [] and cluster["mb"].json("jobs") == []
+    assert listening_ports(cluster["mb"].address) == {cluster["mb"].control_port}
+
+
 def as_ma(cluster: Cluster, path: str, body: dict[str, Any]) -> tuple[int, Any]:
     """POST ``body`` to mb's relocation API as host ma would (its certificate,
     from its address)."""
