@@ -3,6 +3,7 @@
     ferry pki init  [--dir D]                       → D/ca.pem, D/ca.key
     ferry pki issue NAME --host --address IP [...]  → D/NAME.pem, D/NAME.key
     ferry pki issue NAME --operator                 → D/NAME.pem, D/NAME.key
+    ferry pki show NAME|FILE                        what a certificate says
 
 A certificate's role is in its subject's organizational unit (``ferry-host`` or
 ``ferry-operator``); a host certificate names its host (CN and a DNS
@@ -162,3 +163,38 @@ def role_of(cert: x509.Certificate) -> str | None:
         if ou in ous:
             return role
     return None
+
+
+def describe(path: Path, ca_path: Path | None = None) -> dict[str, object]:
+    """What a certificate says, for an operator: name, role, addresses, validity,
+    and (given the CA) whether the CA signed it."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise NotFound(f"no certificate {path}") from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{path} is not a PEM certificate: {exc}") from exc
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        dns, ips = [], []
+    now = _now()
+    info: dict[str, object] = {
+        "file": str(path), "name": str(cn[0].value) if cn else None, "role": role_of(cert),
+        "dns_names": dns, "addresses": ips, "issuer": cert.issuer.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "valid_now": cert.not_valid_before_utc <= now <= cert.not_valid_after_utc,
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(":"),
+    }
+    if ca_path is not None and ca_path.exists():
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca)
+            info["signed_by_ca"] = True
+        except Exception:  # cryptography raises several kinds for "not signed by"
+            info["signed_by_ca"] = False
+    return info

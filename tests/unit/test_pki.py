@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,25 @@ def test_cli(tmp_path: Path) -> None:
     bad = subprocess.run([FERRY, "pki", "issue", "x", "--dir", d], capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "exactly one of --host or --operator" in bad.stderr
+
+
+def test_show_says_what_a_certificate_is(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "host-a", "host", ["192.0.2.11"])
+    res = subprocess.run([FERRY, "pki", "show", "host-a", "--dir", str(tmp_path), "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["name"] == "host-a" and info["role"] == "host"
+    assert info["addresses"] == ["192.0.2.11"] and info["dns_names"] == ["host-a"]
+    assert info["valid_now"] is True and info["signed_by_ca"] is True
+    other = tmp_path / "other"
+    pki.init_ca(other)
+    info = pki.describe(tmp_path / "host-a.pem", other / "ca.pem")
+    assert info["signed_by_ca"] is False
+    res = subprocess.run([FERRY, "pki", "show", "nobody", "--dir", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "no certificate" in res.stderr
+    (tmp_path / "junk.pem").write_text("junk")
+    with pytest.raises(InvalidInput, match="not a PEM certificate"):
+        pki.describe(tmp_path / "junk.pem")

@@ -420,5 +420,29 @@ def pki_issue(
     typer.echo(f"issued {role} certificate {path}")
 
 
+@pki_app.command("show")
+def pki_show(
+    cert: Annotated[str, typer.Argument(help="A certificate file, or a NAME in --dir.")],
+    directory: PkiDir = Path("/etc/ferry/pki"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what a certificate says: name, role, addresses, validity, and whether the
+    CA in --dir signed it (what ferryd checks when it lets a peer in)."""
+    from ferry import pki
+    path = Path(cert)
+    if not path.exists() and "/" not in cert:
+        path = directory / f"{cert}.pem"
+    try:
+        info = pki.describe(path, directory / "ca.pem")
+    except FerryError as err:
+        fail(err.message)
+        raise AssertionError("unreachable") from err
+    if as_json:
+        return print_json(info)
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        typer.echo(f"{key:<13} {shown if shown not in ('', None) else '-'}")
+
+
 def run() -> None:
     app()
