@@ -107,8 +107,9 @@ class Host:
         self.control_port = settings.pop("control_port", None) or free_port(
             socket.SOCK_STREAM, address)
         self.peers = dict(peers or {})
-        # (ca, cert, key); default: a host certificate for name and address
-        self.tls: tuple[Path, Path, Path] | None = settings.pop("tls", None)
+        # (ca, cert, key); default: a host certificate for name and address;
+        # "none": no [tls], the TCP port closed
+        self.tls: tuple[Path, Path, Path] | str | None = settings.pop("tls", None)
         # run ferryd (and so its QEMUs and taps) inside this network namespace
         self.netns: str | None = settings.pop("netns", None)
         self.settings = settings
@@ -122,9 +123,13 @@ class Host:
         cfg: dict[str, Any] = {"name": self.name, "state_dir": str(self.state_dir),
                                "address": self.address, "control_port": self.control_port,
                                "accel": "tcg", **self.settings}
+        if self.tls == "none":  # no TLS: the TCP port stays closed
+            cfg["control_port"] = 0
         text = to_toml(cfg)
-        ca, cert, key = self.tls or certificate(self.root, self.name, "host", [self.address])
-        text += f'\n[tls]\nca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\n'
+        if self.tls != "none":
+            ca, cert, key = self.tls or certificate(self.root, self.name, "host",
+                                                    [self.address])
+            text += f'\n[tls]\nca = "{ca}"\ncert = "{cert}"\nkey = "{key}"\n'
         for name, endpoint in self.peers.items():
             text += f'\n[[peers]]\nname = "{name}"\naddress = "{endpoint}"\n'
         self.config.write_text(text)

@@ -234,3 +234,21 @@ def test_ferryd_refuses_a_certificate_that_is_not_its_own(
         assert why in h.log.read_text()
     finally:
         h.cleanup()
+
+
+def test_host_without_tls_keeps_its_port_closed_and_refuses_to_migrate(
+        guest: Any, workdir: Path) -> None:
+    h = Host(workdir, "loner", "127.0.0.6", tls="none")
+    h.start()
+    try:
+        assert h.json("host")["tcp_api"] == "closed"
+        path = workdir / "lonely.toml"
+        path.write_text(to_toml(guest_config("lonely", free_port(), memory=64)))
+        h.ferry("define", str(path))
+        res = h.ferry("migrate", "lonely", "127.0.0.2:7790", check=False)
+        assert res.returncode == 1 and "has no [tls] configured" in res.stderr
+        # refused before anything: the domain is not left busy
+        h.ferry("undefine", "lonely")
+        assert h.domains() == {}
+    finally:
+        h.cleanup()

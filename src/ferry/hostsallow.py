@@ -107,6 +107,7 @@ class AllowGate(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._early: list[bytes] = []     # data decrypted before the router decided
         self._lost = False
+        self._early_eof = False           # EOF before the router decided
         self._handshake: asyncio.Task[None] | None = None
 
     def _refuse(self, transport: asyncio.BaseTransport, why: str) -> None:
@@ -136,7 +137,12 @@ class AllowGate(asyncio.Protocol):
         if tls is None or self._lost:
             raw.abort()  # type: ignore[attr-defined]
             return
-        self._attach(tls, identity(tls.get_extra_info("peercert")))
+        try:
+            self._attach(tls, identity(tls.get_extra_info("peercert")))
+        except Exception:
+            log.exception("connection from %s to %s: cannot serve it", self._address,
+                          self._listener)
+            tls.abort()
 
     def _attach(self, transport: asyncio.BaseTransport, who: Identity | None) -> None:
         target = self._router(who, self._address)
@@ -149,6 +155,8 @@ class AllowGate(asyncio.Protocol):
         for data in self._early:
             self._inner.data_received(data)
         self._early.clear()
+        if self._early_eof:
+            self._inner.eof_received()
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
@@ -157,7 +165,10 @@ class AllowGate(asyncio.Protocol):
             self._early.append(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+        if self._inner is None:
+            self._early_eof = True
+            return True  # keep the transport open until the router has decided
+        return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

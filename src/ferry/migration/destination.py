@@ -131,9 +131,10 @@ class RelocationService:
             if not addrs:
                 raise Failed(f"QEMU on {self.host.name} opened no incoming endpoint")
             port = int(addrs[0]["port"])
-        except FerryError as exc:
-            await self._undo(inc, f"prepare failed: {exc.message}")
-            raise Failed(f"prepare on {self.host.name} failed: {exc.message}",
+        except (FerryError, OSError) as exc:
+            why = exc.message if isinstance(exc, FerryError) else str(exc)
+            await self._undo(inc, f"prepare failed: {why}")
+            raise Failed(f"prepare on {self.host.name} failed: {why}",
                          host=self.host.name, phase="prepare") from exc
         record.phase_times["prepare"] = time.monotonic() - t0
         self._save(inc)
@@ -177,14 +178,20 @@ class RelocationService:
                     await streamtls.remove(proc.qmp, req.job_id)
                     crash_point("finish-before-cont")
                     if req.resume:
-                        await proc.qmp.execute("cont")
-                        crash_point("finish-after-cont")
-                        # tell the network where the guest is now, only once it runs
-                        await proc.qmp.execute("announce-self", self.host.announce.qmp())
+                        await self._resume(proc)
                 except FerryError as exc:
                     await self._undo(inc, f"finish failed: {exc.message}")
                     raise Failed(f"finish on {self.host.name} failed: {exc.message}",
                                  host=self.host.name, phase="finish") from exc
+                # the guest has run here: from now on nothing may undo this side
+                if req.resume:
+                    crash_point("finish-after-cont")
+                    # tell the network where the guest is now, only once it runs
+                    try:
+                        await proc.qmp.execute("announce-self", self.host.announce.qmp())
+                    except FerryError as exc:
+                        log.warning("job %s: announcing %s failed (it runs here anyway): "
+                                    "%s", req.job_id, cfg.name, exc.message)
                 if inc.watcher is not None:
                     inc.watcher.cancel()
                 state = DomainState.running if req.resume else DomainState.paused
@@ -199,6 +206,16 @@ class RelocationService:
             self._save(inc)
             del self.incoming[req.job_id]
             return {"finish_s": inc.record.phase_times["finish"]}
+
+    @staticmethod
+    async def _resume(proc: QemuProcess) -> None:
+        """``cont``; if QEMU's answer is lost but the guest runs, that is success."""
+        try:
+            await proc.qmp.execute("cont")
+        except FerryError:
+            status = await proc.qmp.execute("query-status")
+            if not status.get("running"):
+                raise
 
     async def _wait_incoming(self, proc: QemuProcess) -> None:
         deadline = time.monotonic() + INCOMING_TIMEOUT
@@ -270,9 +287,16 @@ class RelocationService:
             if name in self.domains.domains:
                 continue
             paths = self.domains.paths(name)
-            proc = None
-            with contextlib.suppress(FerryError):
+            try:
                 proc = await QemuProcess.attach(name, paths)
+            except FerryError as exc:
+                # alive but deaf: it may run a guest Finish resumed. Don't kill it and
+                # don't call the job failed (the source would resume its copy):
+                # leave it undecided, for an operator
+                log.error("job %s: the incoming QEMU of %s is alive but does not answer "
+                          "(%s); the job stays undecided: check that QEMU by hand",
+                          rec["id"], name, exc.message)
+                continue
             if proc is not None and rec["phase"] == Phase.finish.value \
                     and await self._adopt_resumed(rec, proc):
                 continue

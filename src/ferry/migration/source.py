@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
+import ipaddress
 import logging
 import platform
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ from ferry.migration.models import (
 from ferry.models import DomainState
 from ferry.qemu.process import QemuProcess
 from ferry.store import Store
+from ferry.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,14 @@ class MigrationService:
             raise InvalidInput(f"{dest} is this host ({self.host.name})")
         return name, endpoint
 
+    def _check_tls(self) -> None:
+        """Refuse a migration this host can't authenticate, before anything starts."""
+        if self.host.tls is None:
+            raise Refused(f"host {self.host.name} has no [tls] configured, so it cannot "
+                          "migrate (Ferry's hosts talk mutual TLS only; see "
+                          "docs/security.md)")
+        client_context(self.host.tls)  # InvalidInput if its files are unreadable
+
     def _relocation(self, job_id: str, dom: Domain, mode: Mode) -> RelocationRequest:
         return RelocationRequest(job_id=job_id, source=self.host.name, config=dom.config,
                                  mode=mode, running=dom.proc is not None,
@@ -148,6 +158,7 @@ class MigrationService:
         the other phases in the background. Returns the job's record."""
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
+        self._check_tls()
         if dom.lock.locked():
             what = f"migration {dom.job}" if dom.job else "another operation"
             raise Busy(f"domain {name} is busy with {what}", domain=name, job=dom.job)
@@ -201,27 +212,31 @@ class MigrationService:
         steps: list[tuple[Phase, Callable[[SourceJob], Awaitable[None]]]] = [
             (Phase.prepare, self._prepare), (Phase.perform, self._perform),
             (Phase.finish, self._finish), (Phase.confirm, self._confirm)]
-        async with peer_client(self.host, job.record.dest, job.endpoint, timeout=60) as peer:
-            job.peer = peer  # open until the undo (which may need it) has run
-            try:
-                for phase, step in steps:
-                    job.record.phase = phase
-                    self._save(job)  # persisted before it runs
-                    t0 = time.monotonic()
-                    await step(job)
-                    job.record.phase_times[phase.value] = time.monotonic() - t0
-                job.record.state = JobState.completed
-                log.info("job %s: %s now runs on %s", job.record.id, job.record.domain,
-                         job.record.dest)
-            except Exception as exc:
-                await self._fail(job, exc)
-            finally:
-                job.record.ended = time.time()
-                job.dom.job = None
-                if job.dom.lock.locked():
-                    job.dom.lock.release()
-                self._save(job)
-                self.jobs.pop(job.record.id, None)
+        try:
+            async with peer_client(self.host, job.record.dest, job.endpoint,
+                                   timeout=60) as peer:
+                job.peer = peer  # open until the undo (which may need it) has run
+                try:
+                    for phase, step in steps:
+                        job.record.phase = phase
+                        self._save(job)  # persisted before it runs
+                        t0 = time.monotonic()
+                        await step(job)
+                        job.record.phase_times[phase.value] = time.monotonic() - t0
+                    job.record.state = JobState.completed
+                    log.info("job %s: %s now runs on %s", job.record.id,
+                             job.record.domain, job.record.dest)
+                except Exception as exc:
+                    await self._fail(job, exc)
+        except FerryError as exc:  # no client at all (TLS files gone since start())
+            await self._fail(job, exc)
+        finally:
+            job.record.ended = time.time()
+            job.dom.job = None
+            if job.dom.lock.locked():
+                job.dom.lock.release()
+            self._save(job)
+            self.jobs.pop(job.record.id, None)
 
     async def _fail(self, job: SourceJob, exc: BaseException) -> None:
         if isinstance(exc, FerryError):
@@ -253,12 +268,12 @@ class MigrationService:
                                                                job.record.id)
             rel = rel.model_copy(update={"stream": server})
         res = await peer.request("POST", "/v1/relocation/prepare", rel.model_dump(mode="json"))
-        job.uri = res["uri"]
 
         async def undo() -> None:
             await peer.request("POST", "/v1/relocation/abort", {
                 "job_id": job.record.id, "reason": (job.record.error or {}).get("message", "")})
         job.undo.append((Phase.prepare, undo))
+        job.uri = _check_uri(res.get("uri"), rel.running, job.record.dest)
 
     # -- Perform ----------------------------------------------------------------------
     async def _perform(self, job: SourceJob) -> None:
@@ -388,10 +403,33 @@ class MigrationService:
                              host=job.record.dest, phase="finish") from exc
             # in doubt: keep the source paused rather than risk two running copies
             job.undo.clear()
+            if job.dom.proc is not None:
+                await streamtls.remove(job.dom.proc.qmp, job.record.id)
             raise Failed(f"destination did not confirm the domain runs there "
                          f"({exc.message}); the source copy is kept paused: check host "
                          f"{job.record.dest}, then unpause or destroy it here",
                          host=job.record.dest, phase="finish") from exc
+
+    @staticmethod
+    async def _settle(peer: FerryClient, job_id: str) -> str | None:
+        """After a restart: have the destination drop its side if it still can;
+        then its state of the job ("completed", "failed", "aborted", "incoming"),
+        "failed" if it never had it, None if it does not answer."""
+        path = f"/v1/relocation/jobs/{job_id}"
+        try:
+            state = (await peer.request("GET", path)).get("state")
+            if state == "incoming":
+                res = await peer.request("POST", "/v1/relocation/abort", {
+                    "job_id": job_id, "reason": "source ferryd restarted"})
+                if res.get("aborted") is True:
+                    return JobState.aborted.value
+                # too late to abort (Finish got there first?): what is it now?
+                state = (await peer.request("GET", path)).get("state")
+        except NotFound:
+            return JobState.failed.value
+        except FerryError:
+            return None
+        return str(state) if state is not None else None
 
     async def _destination_verdict(self, peer: FerryClient, job: SourceJob) -> str | None:
         """Ask the destination about the job for ~10 s: "completed" (it runs the
@@ -439,16 +477,13 @@ class MigrationService:
                 endpoint = None
             dest_state = None
             if endpoint is not None:
-                async with peer_client(self.host, dest_name, endpoint, timeout=10) as peer:
-                    try:
-                        res = await peer.request("GET", f"/v1/relocation/jobs/{job_id}")
-                        dest_state = res.get("state")
-                    except FerryError:
-                        dest_state = None
-                    if dest_state == "incoming":
-                        with contextlib.suppress(FerryError):
-                            await peer.request("POST", "/v1/relocation/abort", {
-                                "job_id": job_id, "reason": "source ferryd restarted"})
+                try:
+                    async with peer_client(self.host, dest_name, endpoint,
+                                           timeout=10) as peer:
+                        dest_state = await self._settle(peer, job_id)
+                except FerryError as exc:
+                    log.warning("job %s: cannot ask %s after restart: %s", job_id,
+                                rec["dest"], exc.message)
             if dest_state == JobState.completed.value and dom is not None:
                 await self.domains.release(dom)
                 rec.update(state=JobState.completed.value, ended=time.time())
@@ -456,22 +491,47 @@ class MigrationService:
                 log.info("job %s: confirmed after restart: %s runs on %s", job_id,
                          rec["domain"], rec["dest"])
                 continue
-            if dom is not None and dom.proc is not None and dest_state != JobState.completed:
+            # only a destination that says its side is gone lets our copy run again
+            gone = dest_state in (JobState.failed.value, JobState.aborted.value)
+            if dom is not None and dom.proc is not None:
                 proc = dom.proc
                 status = await proc.qmp.execute("query-migrate")
                 if status.get("status") in ("active", "setup", "pre-switchover", "device"):
                     await self._cancel_stream(proc)
                 run = await proc.qmp.execute("query-status")
-                if rec.get("stats", {}).get("was_running") and not run["running"] \
-                        and dest_state is not None:
+                if rec.get("stats", {}).get("was_running") and not run["running"] and gone:
                     await proc.qmp.execute("cont")
+                await streamtls.remove(proc.qmp, job_id)
             rec.update(state=JobState.failed.value, ended=time.time(),
                        error={"phase": rec["phase"], "host": self.host.name,
                               "message": "ferryd restarted during the migration"
-                              + ("" if dest_state is not None else
-                                 "; destination unreachable: the source copy is left "
-                                 "as QEMU has it")})
+                              + ("" if gone else
+                                 f"; destination {rec['dest']} did not say its copy is "
+                                 f"gone ({dest_state or 'no answer'}): the source copy "
+                                 "is left as QEMU has it")})
             self.store.save_migration(rec)
+
+
+_URI_RE = re.compile(r"tcp:(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+
+
+def _check_uri(uri: object, running: bool, dest: str) -> str | None:
+    """The destination's incoming URI goes to QEMU's ``migrate``: only
+    ``tcp:IPv4:PORT`` (an ``exec:`` or ``fd:`` URI from a compromised peer would
+    run a command here, and would not be upgraded to TLS)."""
+    if not running:
+        return None
+    m = _URI_RE.fullmatch(uri) if isinstance(uri, str) else None
+    try:
+        ok = m is not None and 0 < int(m.group(2)) < 65536 and \
+            bool(ipaddress.IPv4Address(m.group(1)))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise Failed(f"destination {dest} answered Prepare with an unusable migration "
+                     f"URI {uri!r} (only tcp:IPv4:PORT is accepted)", host=dest,
+                     phase="prepare")
+    return str(uri)
 
 
 def _update_stats(stats: dict[str, Any], info: dict[str, Any]) -> None:

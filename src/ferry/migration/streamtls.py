@@ -90,6 +90,8 @@ async def install(qmp: QmpConnection, workdir: Path, job_id: str, server: bool,
     except FerryError as exc:
         raise Failed(f"QEMU did not take the migration's TLS credentials: {exc.message}"
                      ) from exc
+    except OSError as exc:
+        raise Failed(f"cannot write the migration's TLS credentials: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # QEMU has read them
     params = {"tls-creds": object_id(job_id)}
