@@ -42,7 +42,9 @@ class HostsAllow:
                     raise ValueError(f"hosts_allow pattern {pattern!r} is neither an "
                                      f"address, a CIDR range nor a regex: {exc}") from exc
 
-    def permits(self, address: str) -> bool:
+    def quick(self, address: str) -> bool | None:
+        """The verdict from the address alone, or None if a reverse-DNS lookup
+        (which may block) is needed to decide."""
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -51,8 +53,18 @@ class HostsAllow:
             return True
         if not self._regexes:
             return False
-        names = [address, *_reverse_names(address)]
-        return any(rx.search(name) for rx in self._regexes for name in names)
+        if any(rx.search(address) for rx in self._regexes):
+            return True
+        return None
+
+    def by_names(self, address: str) -> bool:
+        """The regexes against the address's reverse names (blocks on DNS)."""
+        return any(rx.search(name) for rx in self._regexes
+                   for name in _reverse_names(address))
+
+    def permits(self, address: str) -> bool:
+        verdict = self.quick(address)
+        return self.by_names(address) if verdict is None else verdict
 
 
 @functools.lru_cache(maxsize=256)
@@ -119,14 +131,24 @@ class AllowGate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._address = peer[0] if peer else "?"
-        if not self._allow.permits(self._address):
+        verdict = self._allow.quick(self._address)
+        if verdict is False:
             return self._refuse(transport, "not in hosts_allow")
-        if self._tls is None:
+        if verdict is True and self._tls is None:
             return self._attach(transport, None)
-        transport.pause_reading()  # type: ignore[attr-defined]  # start_tls resumes it
-        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+        # reverse DNS and the handshake take time: not in this callback
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self._handshake = asyncio.get_running_loop().create_task(
+            self._admit(transport, check_names=verdict is None))
 
-    async def _start_tls(self, raw: asyncio.BaseTransport) -> None:
+    async def _admit(self, raw: asyncio.BaseTransport, check_names: bool) -> None:
+        if check_names:
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(None, self._allow.by_names, self._address):
+                return self._refuse(raw, "not in hosts_allow")
+        if self._tls is None:
+            raw.resume_reading()  # type: ignore[attr-defined]
+            return self._attach(raw, None)
         assert self._tls is not None
         try:
             tls = await asyncio.get_running_loop().start_tls(
