@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -404,13 +405,17 @@ async def plain_qmp(root: Path, tag: str) -> Any:
 
 
 class LoopbackCapture:
-    """Every TCP payload on ``lo`` while active (an AF_PACKET socket, root only):
-    how many bytes went by and how many segments contained ``needle``."""
+    """Every TCP payload on ``lo`` between ``addrs`` while active (an AF_PACKET
+    socket, root only): how many bytes went by, how many segments contained
+    ``needle``, and how many packets the kernel dropped before we read them."""
 
-    def __init__(self, needle: bytes) -> None:
+    def __init__(self, needle: bytes, addrs: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")
+                 ) -> None:
         self.needle = needle
+        self.addrs = {socket.inet_aton(a) for a in addrs}
         self.tcp_bytes = 0
         self.hits = 0
+        self.drops = 0
         self._stop = threading.Event()
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self._sock.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE
@@ -426,6 +431,12 @@ class LoopbackCapture:
         time.sleep(0.3)
         self._stop.set()
         self._thread.join()
+        # struct tpacket_stats {packets, drops}: SOL_PACKET 263, PACKET_STATISTICS 6
+        _, self.drops = struct.unpack("II", self._sock.getsockopt(263, 6, 8))
+        self._sock.close()
+
+    def close(self) -> None:
+        """For a capture never entered."""
         self._sock.close()
 
     def _run(self) -> None:
@@ -439,6 +450,9 @@ class LoopbackCapture:
                 continue
             ip = 14  # lo's (all-zero) Ethernet header
             if n < ip + 20 or buf[ip] >> 4 != 4 or buf[ip + 9] != 6:
+                continue
+            if bytes(buf[ip + 12:ip + 16]) not in self.addrs \
+                    or bytes(buf[ip + 16:ip + 20]) not in self.addrs:
                 continue
             tcp = ip + (buf[ip] & 0x0F) * 4
             start = tcp + (buf[tcp + 12] >> 4) * 4

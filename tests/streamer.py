@@ -14,16 +14,19 @@ import json
 import os
 import selectors
 import socket
+import struct
 import sys
 import time
 
-PERIOD = 251  # a prime: a shifted, dropped or repeated chunk cannot line up again
-
 
 def pattern(offset: int, length: int) -> bytes:
-    start = offset % PERIOD
-    reps = (start + length) // PERIOD + 1
-    return (bytes(range(PERIOD)) * reps)[start:start + length]
+    """Bytes ``offset`` .. ``offset + length`` of the stream: consecutive 8-byte
+    big-endian counters, so no stretch of it ever repeats: a lost, duplicated or
+    reordered block cannot line up with what was expected."""
+    first, skip = divmod(offset, 8)
+    words = (skip + length + 7) // 8
+    data = b"".join(struct.pack(">Q", w) for w in range(first, first + words))
+    return data[skip:skip + length]
 
 
 def main() -> None:

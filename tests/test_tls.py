@@ -46,14 +46,15 @@ def new_log(host: Host, before: str) -> str:
 
 
 def refused(host: Host, ctx: Any, why: str, source: str = "127.0.0.1") -> str:
-    """Assert a request with ``ctx`` gets no answer and is logged as refused for
-    ``why``; nothing reaches the API. Returns the client's error."""
+    """Assert that a request with ``ctx`` to define a domain gets no answer, is
+    logged as refused for ``why``, and defined nothing. Returns the client's error."""
     before = host.log.read_text()
-    status, err = tls_request(host, ctx, source=source)
+    body = json.dumps({"config": guest_config("intruder", 9, memory=64)}).encode()
+    status, err = tls_request(host, ctx, "POST", "/v1/domains", body, source=source)
     assert status is None, err
     log = new_log(host, before)
     assert f"refused a connection from {source}" in log and why in log, log
-    assert "/v1/domains" not in log  # the request was never parsed
+    assert host.domains() == {}  # the request never reached the API
     return err
 
 
@@ -228,10 +229,11 @@ def test_ferryd_refuses_a_certificate_that_is_not_its_own(
     else:
         files = certificate(workdir, name, role, addrs)
     h = Host(workdir, "wrongcert", "127.0.0.5", tls=files)
+    before = h.log.read_text() if h.log.exists() else ""
     try:
         with pytest.raises(RuntimeError, match="exited"):
             h.start()
-        assert why in h.log.read_text()
+        assert why in h.log.read_text()[len(before):]
     finally:
         h.cleanup()
 
