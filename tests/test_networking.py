@@ -5,6 +5,7 @@ the guest's users see is checked from the client's namespace."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -228,3 +229,29 @@ def test_destination_without_the_bridge_is_refused(lab: Lab, lan: dict[str, Host
         lab.exec("a", "ip", "link", "del", "brx", check=False)
     # destroying the domain removed its tap
     assert not mine & set(taps(lab, "a"))
+
+
+def test_taps_of_a_guest_that_died_with_ferryd_down_are_removed(
+        lab: Lab, lan: dict[str, Host]) -> None:
+    """QEMU killed while ferryd is down: the restarted ferryd marks the domain
+    crashed and removes its tap."""
+    na = lan["na"]
+    before = set(taps(lab, "a"))
+    na.create(lan_guest("ghost", mac="52:54:00:77:00:52"))
+    try:
+        mine = set(taps(lab, "a")) - before
+        assert len(mine) == 1
+        pid = na.domains()["ghost"]["pid"]
+        na.kill9()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists()
+                 or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], 10, "QEMU")
+        assert mine <= set(taps(lab, "a"))  # nobody removed it yet
+        na.start()
+        assert na.domains()["ghost"]["state"] == "crashed"
+        assert not mine & set(taps(lab, "a"))
+    finally:
+        if na.proc is None:
+            na.start()
+        na.ferry("destroy", "ghost", check=False)
+        na.ferry("undefine", "ghost", check=False)
