@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def workdir() -> Iterator[Path]:
     # short path: Unix socket paths are limited to 107 bytes
     path = Path(tempfile.mkdtemp(prefix="fy", dir="/tmp"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get("FERRY_KEEP_WORKDIR"):  # set it to read the ferryd logs
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,14 @@ class Lab:
                 run("ip", "link", "add", f"up-{h}", "netns", self.ns(h), "type", "veth",
                     "peer", "name", f"lan-{h}", "netns", self.lan)
                 run("ip", "-n", self.lan, "link", "set", f"lan-{h}", "master", "lan0", "up")
-            for h, addr in HOSTS.items():
+            for i, (h, addr) in enumerate(HOSTS.items(), start=1):
                 ns = self.ns(h)
-                run("ip", "-n", ns, "link", "add", "br0", "type", "bridge",
-                    "forward_delay", "0", "stp_state", "0")
+                # a fixed address: a bridge without one takes its lowest port's,
+                # which changes as guests' taps come and go, and the host's
+                # neighbours' ARP caches go stale (Ferry's fe:... taps make that
+                # rare, but a random veth address can be higher still)
+                run("ip", "-n", ns, "link", "add", "br0", "address", f"02:77:00:00:00:{i:02x}",
+                    "type", "bridge", "forward_delay", "0", "stp_state", "0")
                 run("ip", "-n", ns, "link", "set", f"up-{h}", "master", "br0", "up")
                 run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "br0")
                 run("ip", "-n", ns, "link", "set", "br0", "up")

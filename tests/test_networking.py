@@ -23,6 +23,7 @@ from netlab import GUEST_IP, HOSTS, SUBNET, Lab
 MAC = "52:54:00:77:00:50"
 PORT = 7790
 STREAMER = str(Path(__file__).resolve().parent / "streamer.py")
+LAN_HOSTS: list[Host] = []  # for diagnostics when a migration hangs
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def lan(lab: Lab, workdir: Path) -> Iterator[dict[str, Host]]:
                       peers={f"n{o}": f"{oaddr}:{PORT}" for o, oaddr in HOSTS.items()
                              if o != h})
         for h, addr in HOSTS.items()}
+    LAN_HOSTS[:] = hosts.values()
     try:
         for h in hosts.values():
             h.start()
@@ -66,7 +68,11 @@ def where(lan: dict[str, Host], name: str) -> list[str]:
 
 
 def migrate(host: Host, name: str, dest: str, *flags: str) -> dict[str, Any]:
-    res = host.ferry("migrate", name, dest, *flags, "--json", check=False)
+    try:
+        res = host.ferry("migrate", name, dest, *flags, "--json", check=False, timeout=90)
+    except subprocess.TimeoutExpired:
+        logs = {h.name: h.log.read_text()[-3000:] for h in LAN_HOSTS}
+        raise AssertionError(f"migrate {name} to {dest} hung; ferryd logs: {logs}") from None
     return {**json.loads(res.stdout or "{}"), "_rc": res.returncode, "_err": res.stderr}
 
 

@@ -40,6 +40,19 @@ def _ipr() -> Iterator[Any]:
         ipr.close()
 
 
+def _warn_if_floating(bridge: str) -> None:
+    """A bridge whose address was never set takes its lowest port's: adding or
+    removing ports may change the host's MAC under its neighbours' ARP caches."""
+    try:
+        kind = Path(f"/sys/class/net/{bridge}/addr_assign_type").read_text().strip()
+    except OSError:
+        return
+    if kind != "3":  # NET_ADDR_SET
+        log.warning("bridge %s has no fixed MAC address: it may change as taps come and "
+                    "go; give it one (e.g. systemd-networkd does, or 'ip link set %s "
+                    "address ...')", bridge, bridge)
+
+
 def tap_mac(guest_mac: str) -> str:
     """The tap's own address: the guest's with the first byte 0xfe. A Linux bridge
     without a fixed address takes the lowest of its ports' addresses; a tap with
@@ -71,6 +84,7 @@ def create_taps(taps: Sequence[tuple[str, str, str]]) -> None:
                 ipr.link("set", index=idx, master=found[0])
                 ipr.link("set", index=idx, state="up")
                 log.info("tap %s on bridge %s", tap, bridge)
+                _warn_if_floating(bridge)
     except (NetlinkError, OSError) as exc:
         delete_taps(made)
         raise Failed(f"cannot create tap devices {[t[0] for t in taps]}: {exc}") from exc
