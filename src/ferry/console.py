@@ -20,6 +20,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 QUEUE_CHUNKS = 1024  # per subscriber; a client that can't keep up loses output
+# the websocket close code that says "the domain left this host: reconnect through
+# your own ferryd from the offset you got to" (see ferry.api.consoles)
+MOVED = 4001
 
 
 class ConsoleHub:

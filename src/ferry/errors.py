@@ -10,8 +10,11 @@ Two kinds of failure, so that an error says whether anything changed::
      │    ├── Conflict              duplicate name/UUID, wrong state for the action
      │    ├── Busy                  another operation holds the object
      │    └── InsufficientResources not enough memory (or other resource) free
-     └── Failed                     execution went wrong; undo ran (or is needed)
-          └── QemuError             QEMU failed to start or to answer
+     ├── Failed                     execution went wrong; undo ran (or is needed)
+     │    ├── QemuError             QEMU failed to start or to answer
+     │    └── Aborted               stopped on purpose (operator, policy); undo ran
+     └── Unreachable                no answer from a ferryd (connect, TLS, timeout,
+                                    connection lost): whether it acted is unknown
 
 Every error carries a machine-readable ``code``, a one-line ``message`` and
 ``details``; daemons and the CLI exchange them as structured JSON
@@ -100,7 +103,24 @@ class QemuError(Failed):
     http_status = 500
 
 
+class Aborted(Failed):
+    """A job stopped on purpose (the operator, the timeout policy, the peer) and
+    undone."""
+
+    code = "aborted"
+    http_status = 409
+
+
+class Unreachable(FerryError):
+    """A ferryd could not be reached or did not answer in time. Unlike a peer's
+    own error, this says nothing about what the peer did: callers that must know
+    ask again."""
+
+    code = "unreachable"
+    http_status = 502
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     c.code: c for c in (FerryError, Refused, InvalidInput, NotFound, Forbidden, Conflict, Busy,
-                        InsufficientResources, Failed, QemuError)
+                        InsufficientResources, Failed, QemuError, Aborted, Unreachable)
 }

@@ -21,8 +21,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ferry.api.client import peer_client
-from ferry.console import ConsoleHub, ConsoleLog
+from ferry.client import peer_client
+from ferry.console import MOVED, ConsoleHub, ConsoleLog
 from ferry.domains import DomainService
 from ferry.errors import FerryError, InvalidInput, NotFound
 from ferry.hostconfig import HostConfig
@@ -32,7 +32,6 @@ from ferry.store import Store
 Hop = tuple[str, tuple[str, int]]
 log = logging.getLogger(__name__)
 
-MOVED = 4001
 MAX_HOPS = 8
 POLL_S = 0.05
 

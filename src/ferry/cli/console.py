@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 import aiohttp
 
-from ferry.api.client import FerryClient
-from ferry.api.consoles import MOVED
+from ferry.client import FerryClient
+from ferry.console import MOVED
 from ferry.errors import FerryError
 
 DETACH = b"\x1d"  # Ctrl-]

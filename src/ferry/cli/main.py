@@ -17,8 +17,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ferry.api.client import DEFAULT_SOCKET, FerryClient
 from ferry.cli.target import Target
+from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError
 
 T = TypeVar("T")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ferry.api.client import FerryClient
+from ferry.client import FerryClient
 from ferry.errors import InvalidInput, NotFound
 from ferry.hostconfig import parse_endpoint
 from ferry.tls import TlsFiles

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.api.client import FerryClient, peer_client
+from ferry.client import FerryClient, peer_client
 from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
 from ferry.errors import Busy, Failed, FerryError, InvalidInput, NotFound, Refused

@@ -13,16 +13,32 @@ from typing import Any
 
 import aiohttp
 
-from ferry.errors import FerryError, Refused
+from ferry.errors import FerryError, Refused, Unreachable
 from ferry.hostconfig import HostConfig, parse_endpoint
 from ferry.tls import TlsFiles, client_context
 
 DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
+# seconds to open a connection to a ferryd, TCP and TLS handshake included: a host
+# that drops packets is given up on this fast, whatever the call's own timeout
+CONNECT_TIMEOUT = 5.0
+HANDSHAKE_HINT = ("the host closed the connection during the TLS handshake: is this "
+                  "address in its hosts_allow, and is your certificate signed by its CA?")
 
 
 def _cert_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
     err = exc.certificate_error
     return str(getattr(err, "verify_message", None) or getattr(err, "reason", None) or err)
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError, server_name: str | None) -> str:
+    """Why a connection failed, in words (aiohttp leaves strerror None when the
+    peer hung up during the TLS handshake)."""
+    reason = exc.os_error.strerror
+    if reason:
+        return str(reason)
+    if server_name is not None:
+        return HANDSHAKE_HINT
+    return repr(exc.os_error)
 
 
 def peer_client(host: HostConfig, peer: str, endpoint: tuple[str, int],
@@ -69,8 +85,10 @@ class FerryClient:
                 local_addr=(local_address, 0) if local_address else None)
             self.base = f"https://{endpoint[0]}:{endpoint[1]}"
             self.where = f"{self.server_name} ({endpoint[0]}:{endpoint[1]})"
+        self._timeout = timeout
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout))
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=CONNECT_TIMEOUT))
 
     async def __aenter__(self) -> FerryClient:
         return self
@@ -89,25 +107,30 @@ class FerryClient:
                     method, self.base + path,
                     data=None if body is None else json.dumps(body),
                     headers={"Content-Type": "application/json"},
-                    timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout),
+                    timeout=None if timeout is None else aiohttp.ClientTimeout(
+                        total=timeout, connect=min(timeout, CONNECT_TIMEOUT)),
                     server_hostname=self.server_name) as resp:
                 raw = await resp.read()
                 ctype = resp.content_type
                 status = resp.status
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise FerryError(f"ferryd at {self.where} is not who we expected: "
-                             f"{_cert_reason(exc)}") from exc
+            raise Unreachable(f"ferryd at {self.where} is not who we expected: "
+                              f"{_cert_reason(exc)}") from exc
         except aiohttp.ClientSSLError as exc:
-            raise FerryError(f"TLS with ferryd at {self.where} failed: {exc.os_error}"
-                             ) from exc
+            raise Unreachable(f"TLS with ferryd at {self.where} failed: {exc.os_error}"
+                              ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
-                             ) from exc
+            raise Unreachable(f"cannot reach ferryd at {self.where}: "
+                              f"{_os_reason(exc, self.server_name)}") from exc
         except TimeoutError as exc:
-            raise FerryError(f"ferryd at {self.where} did not answer {method} {path} "
-                             "in time") from exc
+            raise Unreachable(f"ferryd at {self.where} did not answer {method} {path} "
+                              "in time") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            hint = f": {HANDSHAKE_HINT}" if self.server_name else ""
+            raise Unreachable(f"lost ferryd at {self.where} before it answered{hint}"
+                              ) from exc
         except aiohttp.ClientError as exc:
-            raise FerryError(f"lost ferryd at {self.where}: {exc!r}") from exc
+            raise Unreachable(f"lost ferryd at {self.where}: {exc!r}") from exc
         if ctype != "application/json":
             if status >= 400:
                 raise FerryError(f"ferryd answered {status}: {raw[:200]!r}")
@@ -151,13 +174,13 @@ class FerryClient:
                                                   heartbeat=20,
                                                   server_hostname=self.server_name)
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise FerryError(f"ferryd at {self.where} is not who we expected: "
-                             f"{_cert_reason(exc)}") from exc
+            raise Unreachable(f"ferryd at {self.where} is not who we expected: "
+                              f"{_cert_reason(exc)}") from exc
         except aiohttp.WSServerHandshakeError as exc:
             raise FerryError(f"ferryd at {self.where} refused {path} ({exc.status})") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
-                             ) from exc
+            raise Unreachable(f"cannot reach ferryd at {self.where}: "
+                              f"{_os_reason(exc, self.server_name)}") from exc
 
     async def console(self, name: str, start: int | None = None
                       ) -> aiohttp.ClientWebSocketResponse:
@@ -172,8 +195,8 @@ class FerryClient:
             await self.domain(name)
             raise FerryError(f"console of {name} is not available ({exc.status})") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise FerryError(f"cannot reach ferryd at {self.where}: {exc.os_error.strerror}"
-                             ) from exc
+            raise Unreachable(f"cannot reach ferryd at {self.where}: "
+                              f"{_os_reason(exc, self.server_name)}") from exc
 
     # -- migration --------------------------------------------------------------------
     async def migrate(self, name: str, **body: Any) -> dict[str, Any]:
