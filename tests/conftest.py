@@ -63,3 +63,11 @@ def running(host: Host) -> Iterator[RunningGuest]:
     probe.wait_up()
     yield RunningGuest(host, "shared", probe)
     probe.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that boots the test guest (directly or through a fixture) is
+    marked ``qemu``: ``pytest -m "not qemu"`` runs the pure and fault tiers alone."""
+    for item in items:
+        if "guest" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.qemu)

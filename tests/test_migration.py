@@ -313,7 +313,8 @@ def as_ma(cluster: Cluster, path: str, body: dict[str, Any]) -> tuple[int, Any]:
 def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     cfg = guest_config(name, 1, bind="")
     cfg.update(patch.pop("config", {}))
-    body = {"job_id": "0123456789ab", "source": "ma", "config": cfg, "mode": "live",
+    body = {"protocol": 2, "job_id": "0123456789ab", "source": "ma", "config": cfg,
+            "mode": "live",
             "running": True, "accel": "tcg", "arch": os.uname().machine}
     body.update(patch)
     return body
@@ -331,6 +332,7 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     ({"config": {"disks": [{"path": "/etc/shadow", "format": "raw"}]}},
      "/etc/shadow is outside the storage directories"),
     ({"config": {"memory": 4 * 1024 * 1024}}, "MiB free"),
+    ({"protocol": 1}, "host ma speaks relocation protocol 1, host mb speaks 2"),
 ])
 def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[str, Any],
                                                  expect: str) -> None:
@@ -343,7 +345,7 @@ def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[s
         return as_ma(cluster, path, body)
 
     status, res = post("/v1/relocation/check")
-    assert status == 200 and any(expect in b for b in res["blockers"]), res
+    assert status == 200 and any(expect in b["message"] for b in res["blockers"]), res
     status, res = post("/v1/relocation/prepare")
     assert status >= 400 and res["error"]["kind"] == "refused"
     assert expect in res["error"]["message"]
@@ -605,8 +607,9 @@ def test_destination_dies_before_resuming(cluster: Cluster, back_in_time: bool) 
     """The destination ferryd dies in Finish before resuming the guest. If it is
     back within the source's wait, it reports the job failed (its restart killed
     the paused copy) and the source resumes the guest itself. If not, the source
-    can't know: it keeps its copy paused (in doubt) and says so, and the operator
-    unpauses it. Never two running copies, never none that could be resumed."""
+    can't know: the job is in doubt and its copy stays paused; once the destination
+    is back, the source asks again by itself, hears that the copy there is gone, and
+    resumes its own — no operator action. Never two running copies, never none."""
     name = f"lazarus{int(back_in_time)}"
     probe = boot(cluster, "ma", name)
     ma, mb = cluster["ma"], cluster["mb"]
@@ -629,17 +632,26 @@ def test_destination_dies_before_resuming(cluster: Cluster, back_in_time: bool) 
             assert time.monotonic() - t0 < 8, "mb took too long to restart"
         out, err = mig.communicate(timeout=60)
         job = json.loads(out)
-        assert job["state"] == "failed" and job["error"]["phase"] == "finish", (job, err)
+        assert job["error"]["phase"] == "finish", (job, err)
         if back_in_time:
+            assert job["state"] == "failed", (job, err)
             assert "the guest goes on here" in job["error"]["message"]
             assert ma.domains()[name]["state"] == "running"
         else:
+            assert job["state"] == "in_doubt", (job, err)
             assert "kept paused" in job["error"]["message"]
             assert ma.domains()[name]["state"] == "paused"
+            assert "in doubt" in ma.domains()[name]["state_reason"]
             mb.start()
-            # the restarted destination dropped its paused copy; resume the source
-            wait_for(lambda: mb.qemu_pids() == [], 10, "mb's copy to go")
-            ma.ferry("unpause", name)
+            # the source asks again by itself and resumes its copy: nobody unpauses
+
+            def settled() -> dict[str, Any] | None:
+                rec = next(r for r in ma.json("migrations") if r["id"] == job["id"])
+                return rec if rec["state"] == "failed" else None
+
+            rec = wait_for(settled, 40, "the source to settle the job")
+            assert rec["source_facts"]["dest_gone"], rec
+            assert ma.domains()[name]["state"] == "running"
         assert cluster.has_domain(name) == ["ma"] and cluster.where(name) == ["ma"]
         assert mb.qemu_pids() == [] and name not in mb.domains()
         reply = probe.wait_up(10)

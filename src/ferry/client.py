@@ -102,14 +102,15 @@ class FerryClient:
 
     async def request(self, method: str, path: str, body: Any = None,
                       timeout: float | None = None) -> Any:
+        # no `timeout` argument: the session's (aiohttp reads timeout=None as "none")
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(
+            total=timeout, connect=min(timeout, CONNECT_TIMEOUT))}
         try:
             async with self._session.request(
                     method, self.base + path,
                     data=None if body is None else json.dumps(body),
                     headers={"Content-Type": "application/json"},
-                    timeout=None if timeout is None else aiohttp.ClientTimeout(
-                        total=timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-                    server_hostname=self.server_name) as resp:
+                    server_hostname=self.server_name, **extra) as resp:
                 raw = await resp.read()
                 ctype = resp.content_type
                 status = resp.status

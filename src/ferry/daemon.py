@@ -173,6 +173,7 @@ class Daemon:
             await self._runner.cleanup()
         if self.migrations is not None:
             await self.migrations.close()
+            await self.relocation.close()
         if self.svc is not None:
             await self.svc.close()
         if self.store is not None:

@@ -76,15 +76,43 @@ class Domain:
                           config=self.config if with_config else None)
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A domain on its way here (an incoming migration from Prepare on): its name
+    and UUID are taken, so nothing else can be defined under them meanwhile."""
+
+    job_id: str
+    name: str
+    uuid: str
+    source: str
+
+
+class QemuLauncher:
+    """How the domain service starts and finds QEMU processes (the fault-injection
+    tier passes a fake one)."""
+
+    async def launch(self, name: str, paths: RuntimePaths, argv: list[str],
+                     on_event: Any = None) -> QemuProcess:
+        return await QemuProcess.launch(name, paths, argv, on_event)
+
+    async def attach(self, name: str, paths: RuntimePaths,
+                     on_event: Any = None) -> QemuProcess | None:
+        return await QemuProcess.attach(name, paths, on_event)
+
+
 class DomainService:
-    def __init__(self, host: HostConfig, store: Store, accel: str, events: EventBus) -> None:
+    def __init__(self, host: HostConfig, store: Store, accel: str, events: EventBus,
+                 qemu: QemuLauncher | None = None) -> None:
         self.host = host
         self.store = store
         self.accel = accel
         self.events = events
+        self.qemu = qemu or QemuLauncher()
         self.domains: dict[str, Domain] = {}
         # MiB promised to incoming migrations, by job id
         self.reservations: dict[str, int] = {}
+        # domains arriving by migration, by job id
+        self.arrivals: dict[str, Arrival] = {}
 
     # -- paths and lookups ------------------------------------------------------------
     def paths(self, name: str) -> RuntimePaths:
@@ -107,7 +135,7 @@ class DomainService:
             self.domains[dom.name] = dom
             paths = self.paths(dom.name)
             try:
-                proc = await QemuProcess.attach(dom.name, paths, self._event_handler(dom))
+                proc = await self.qemu.attach(dom.name, paths, self._event_handler(dom))
             except QemuError as exc:
                 # alive but deaf: don't guess, kill it and say so
                 pid = read_pid(paths)
@@ -245,6 +273,20 @@ class DomainService:
                 else InvalidInput
             raise cls("; ".join(found), domain=config.name, blockers=found)
 
+    def arriving(self, config: DomainConfig) -> Arrival | None:
+        """The incoming migration that holds ``config``'s name or UUID, if any."""
+        for arrival in self.arrivals.values():
+            if arrival.name == config.name or arrival.uuid == str(config.uuid):
+                return arrival
+        return None
+
+    def _refuse_arriving(self, config: DomainConfig) -> None:
+        arrival = self.arriving(config)
+        if arrival is not None:
+            raise Busy(f"domain {arrival.name} is busy: arriving from host {arrival.source} "
+                       f"(migration {arrival.job_id}); its name and UUID are taken",
+                       domain=config.name, job=arrival.job_id)
+
     def identity_conflicts(self, config: DomainConfig) -> list[str]:
         out = []
         if config.name in self.domains:
@@ -260,6 +302,7 @@ class DomainService:
     async def define(self, config: DomainConfig, start: bool = False) -> DomainInfo:
         """Add a domain (and start it if asked). Refuses duplicates, missing paths,
         memory the host doesn't have; nothing is stored then."""
+        self._refuse_arriving(config)
         conflicts = self.identity_conflicts(config)
         if conflicts:
             raise Conflict("; ".join(conflicts), domain=config.name)
@@ -377,6 +420,52 @@ class DomainService:
             await self._finish_watch(dom, proc)
 
     # -- for migrations ---------------------------------------------------------------
+    async def hold_for_job(self, name: str, job_id: str) -> Domain:
+        """Hold a domain for a whole migration job (every other operation on it gets
+        Busy until ``let_go``); Busy at once if something holds it already."""
+        dom = self.get(name)
+        if dom.lock.locked():
+            what = f"migration {dom.job}" if dom.job else "another operation"
+            raise Busy(f"domain {name} is busy with {what}", domain=name, job=dom.job)
+        await dom.lock.acquire()  # free (checked above): returns without yielding
+        dom.job = job_id
+        return dom
+
+    def let_go(self, dom: Domain) -> None:
+        """End ``hold_for_job``."""
+        dom.job = None
+        if dom.lock.locked():
+            dom.lock.release()
+
+    def reserve_arrival(self, job_id: str, config: DomainConfig, source: str,
+                        memory: int) -> None:
+        """Take the arriving domain's name, UUID and (``memory`` MiB) memory."""
+        self.arrivals[job_id] = Arrival(job_id, config.name, str(config.uuid), source)
+        if memory:
+            self.reservations[job_id] = memory
+
+    def release_arrival(self, job_id: str) -> None:
+        self.arrivals.pop(job_id, None)
+        self.reservations.pop(job_id, None)
+
+    async def stop_guest(self, dom: Domain, reason: str) -> None:
+        """Pause the guest's CPUs for a migration; the state change carries ``reason``."""
+        assert dom.proc is not None
+        await self._qmp_with_reason(dom, dom.proc, "stop", reason)
+
+    async def resume_guest(self, dom: Domain, reason: str) -> None:
+        """Resume a guest a migration paused (``cont``); carries ``reason``."""
+        assert dom.proc is not None
+        await self._qmp_with_reason(dom, dom.proc, "cont", reason)
+
+    def note(self, dom: Domain, reason: str) -> None:
+        """Say why the domain is as it is without changing its state (e.g. a
+        migration in doubt), persisted and shown by ``ferry list``."""
+        self.store.set_state(dom.name, dom.state, reason, dom.accel)
+        dom.reason, dom.since = reason, time.time()
+        self.events.publish("domain.state", domain=dom.name, state=dom.state.value,
+                            reason=reason)
+
     def argv(self, config: DomainConfig, incoming: str | None = None) -> list[str]:
         return build_argv(config, self.paths(config.name), qemu=self.host.qemu,
                           accel=self.accel_for(config), incoming=incoming,
@@ -388,8 +477,8 @@ class DomainService:
         # pyroute2's calls block (and run their own event loop): in a thread
         await asyncio.to_thread(create_taps, taps(config, self.host.name))
         try:
-            return await QemuProcess.launch(config.name, self.paths(config.name), argv,
-                                            on_event)
+            return await self.qemu.launch(config.name, self.paths(config.name), argv,
+                                          on_event)
         except BaseException:
             await self.remove_taps(config)
             raise
@@ -481,14 +570,3 @@ class DomainService:
             raise Busy(f"domain {dom.name} is busy with {what}", domain=dom.name, job=dom.job)
         async with dom.lock:
             yield
-
-    @contextlib.asynccontextmanager
-    async def hold(self, name: str, job_id: str) -> Any:
-        """Hold a domain for a whole migration job: every other operation gets Busy."""
-        dom = self.get(name)
-        async with self._locked(dom):
-            dom.job = job_id
-            try:
-                yield dom
-            finally:
-                dom.job = None

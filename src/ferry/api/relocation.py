@@ -19,7 +19,13 @@ from ferry.api.server import (
 )
 from ferry.errors import Forbidden
 from ferry.migration.destination import RelocationService
-from ferry.migration.models import AbortRequest, FinishRequest, RelocationRequest
+from ferry.migration.models import (
+    PROTOCOL_VERSION,
+    AbortRequest,
+    CheckAnswer,
+    FinishRequest,
+    RelocationRequest,
+)
 from ferry.tls import identity
 
 RELOC: web.AppKey[RelocationService] = web.AppKey("reloc", RelocationService)
@@ -43,7 +49,8 @@ def _as_source(request: web.Request, source: str | None) -> None:
 async def check(request: web.Request) -> web.Response:
     req = await body_as(request, RelocationRequest)
     _as_source(request, req.source)
-    return ok({"blockers": request.app[RELOC].blockers(req)})
+    return ok(CheckAnswer(protocol=PROTOCOL_VERSION,
+                          blockers=request.app[RELOC].typed_blockers(req)))
 
 
 async def prepare(request: web.Request) -> web.Response:

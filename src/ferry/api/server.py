@@ -168,7 +168,7 @@ async def abort_job(request: web.Request) -> web.Response:
 
 
 async def list_migrations(request: web.Request) -> web.Response:
-    return ok(request.app[MIG].records())
+    return ok(request.app[MIG].records_json())
 
 
 def job_id(request: web.Request) -> str:

@@ -1,9 +1,16 @@
 """The destination's half of a migration: Prepare, Finish, and their undo.
 
-Called by the source's ferryd over the relocation API. An incoming domain is
-not a domain of this host until Finish has resumed it: before that it is an
-``Incoming`` (a reservation and a paused ``-incoming defer`` QEMU), and every
-failure path removes it without trace.
+Called by the source's ferryd over the relocation API. From Prepare on, the
+arriving domain's name, UUID and memory are reserved here (nothing else may be
+defined under them). It becomes a domain of this host in Finish, when the
+stream has completed: first adopted paused (stored and listed), then resumed —
+the commit point of this side, after which nothing here is undone.
+
+The undo reads only the record's ``DestinationFacts`` (saved before each step),
+so it is the same after a restart: kill the incoming QEMU, drop its files and
+taps, release the reservation. An incoming side that its source stops talking
+to for ``INCOMING_LEASE_S`` (no heartbeat, no call) is undone by itself, so a
+dead source never holds a reservation here.
 """
 from __future__ import annotations
 
@@ -14,40 +21,64 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from ferry.console import ConsoleLog
-from ferry.domains import DomainService
+from ferry.domains import Domain, DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration import streamtls
+from ferry.migration.job import JobRecords
 from ferry.migration.models import (
+    FINAL_STATES,
+    PROTOCOL_VERSION,
+    AbortAnswer,
     AbortRequest,
+    Blocker,
+    DestinationFacts,
+    FinishAnswer,
     FinishRequest,
     JobRecord,
     JobState,
+    JobStatus,
     Phase,
+    PrepareAnswer,
     RelocationRequest,
+    Role,
+    check_protocol,
 )
-from ferry.models import DomainState
+from ferry.models import DomainConfig, DomainState
+from ferry.qemu.migrate import MigrationQmp, guest_running
 from ferry.qemu.probe import cpu_models, machine_types
 from ferry.qemu.process import QemuProcess
+from ferry.stats import MigrationStatus
 from ferry.store import Store
 
 log = logging.getLogger(__name__)
 
 INCOMING_TIMEOUT = 120.0  # s for the stream to complete once the source says it did
+INCOMING_LEASE_S = 30.0   # s without a word from the source before its side is dropped
 
 
 @dataclass
 class Incoming:
-    request: RelocationRequest
     record: JobRecord
+    source: str
     proc: QemuProcess | None = None
-    lock: asyncio.Lock | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
+    adopted: Domain | None = None       # adopted in Finish, not yet resumed
+    last_contact: float = field(default_factory=time.monotonic)
+
+    @property
+    def facts(self) -> DestinationFacts:
+        return self.record.dest_facts
+
+    @property
+    def config(self) -> DomainConfig:
+        assert self.facts.config is not None
+        return self.facts.config
 
 
 class RelocationService:
@@ -55,291 +86,363 @@ class RelocationService:
         self.host = host
         self.domains = domains
         self.store = store
+        self.records = JobRecords(store, domains.events, host.name)
         self.incoming: dict[str, Incoming] = {}
 
+    async def close(self) -> None:
+        for inc in self.incoming.values():
+            if inc.watcher is not None:
+                inc.watcher.cancel()
+
     # -- checks -----------------------------------------------------------------------
-    def blockers(self, req: RelocationRequest) -> list[str]:
+    def typed_blockers(self, req: RelocationRequest) -> list[Blocker]:
         """Every reason this host can't take the domain; changes nothing."""
         cfg, out = req.config, []
-        out += self.domains.identity_conflicts(cfg)
-        for other in self.incoming.values():
-            if other.request.config.name == cfg.name or other.request.config.uuid == cfg.uuid:
-                out.append(f"domain {cfg.name} is already arriving on host {self.host.name} "
-                           f"(job {other.record.id})")
-        out += self.domains.blockers(cfg, to_run=req.running)
+        if req.protocol != PROTOCOL_VERSION:
+            out.append(Blocker(code="protocol", message=(
+                f"host {req.source} speaks relocation protocol {req.protocol}, host "
+                f"{self.host.name} speaks {PROTOCOL_VERSION}: upgrade both to the same "
+                "Ferry")))
+        arrival = self.domains.arriving(cfg)
+        if arrival is not None:
+            out.append(Blocker(code="arriving", message=(
+                f"domain {cfg.name} is already arriving on host {self.host.name} from "
+                f"{arrival.source} (job {arrival.job_id})")))
+        out += [Blocker(code="name", message=m) for m in self.domains.identity_conflicts(cfg)]
+        out += [Blocker(code="host", message=m)
+                for m in self.domains.blockers(cfg, to_run=req.running)]
         if req.arch != platform.machine():
-            out.append(f"architecture {req.arch} differs from host {self.host.name}'s "
-                       f"{platform.machine()}")
+            out.append(Blocker(code="arch", message=(
+                f"architecture {req.arch} differs from host {self.host.name}'s "
+                f"{platform.machine()}")))
         if req.running:
             accel = self.domains.accel_for(cfg)
             if req.accel is not None and accel != req.accel:
-                out.append(f"the domain runs under {req.accel} but host {self.host.name} "
-                           f"would use {accel}")
-            machines = machine_types(self.host.qemu)
-            if cfg.machine not in machines:
-                out.append(f"machine type {cfg.machine} is unknown to the QEMU of host "
-                           f"{self.host.name}")
+                out.append(Blocker(code="accel", message=(
+                    f"the domain runs under {req.accel} but host {self.host.name} "
+                    f"would use {accel}")))
+            if cfg.machine not in machine_types(self.host.qemu):
+                out.append(Blocker(code="machine", message=(
+                    f"machine type {cfg.machine} is unknown to the QEMU of host "
+                    f"{self.host.name}")))
             cpus = cpu_models(self.host.qemu)
             if cpus and cfg.cpu.split(",")[0] not in cpus:
-                out.append(f"CPU model {cfg.cpu} is unknown to the QEMU of host "
-                           f"{self.host.name}")
+                out.append(Blocker(code="cpu", message=(
+                    f"CPU model {cfg.cpu} is unknown to the QEMU of host "
+                    f"{self.host.name}")))
         return out
 
     def source_of(self, job_id: str) -> str | None:
-        """The host that prepared job ``job_id`` here, if it is still open."""
+        """The host that prepared job ``job_id`` here (open or ended)."""
         inc = self.incoming.get(job_id)
-        return inc.request.source if inc is not None else None
+        if inc is not None:
+            return inc.source
+        rec = self._stored(job_id)
+        return rec.source if rec is not None else None
 
     # -- Prepare ----------------------------------------------------------------------
-    async def prepare(self, req: RelocationRequest) -> dict[str, object]:
+    async def prepare(self, req: RelocationRequest) -> PrepareAnswer:
         """Check, reserve, start the incoming QEMU, open its endpoint.
         Refused (nothing changed) or Failed (undone) on error."""
-        if req.job_id in self.incoming:
-            raise Conflict(f"job {req.job_id} is already prepared on {self.host.name}")
-        found = self.blockers(req)
+        check_protocol(req.protocol, req.source, self.host.name)
+        if req.job_id in self.incoming or self._stored(req.job_id) is not None:
+            raise Conflict(f"job {req.job_id} is already known on {self.host.name}")
+        found = self.typed_blockers(req)
         if found:
-            raise Refused("; ".join(found), blockers=found, host=self.host.name)
+            raise Refused("; ".join(b.message for b in found),
+                          blockers=[b.model_dump() for b in found], host=self.host.name)
         if req.running and req.stream is None:
             raise Refused(f"source {req.source} sent no TLS credentials for the migration "
                           "stream; Ferry never migrates a guest in plaintext",
                           host=self.host.name)
         t0 = time.monotonic()
-        record = JobRecord(id=req.job_id, domain=req.config.name, mode=req.mode,
-                           role="destination", source=req.source, dest=self.host.name,
-                           phase=Phase.prepare, started=time.time())
-        inc = Incoming(req, record, lock=asyncio.Lock())
+        cfg = req.config
+        memory = cfg.memory if req.running else 0
+        record = JobRecord(id=req.job_id, domain=cfg.name, mode=req.mode,
+                           role=Role.destination, source=req.source, dest=self.host.name,
+                           phase=Phase.prepare, started=time.time(),
+                           dest_facts=DestinationFacts(config=cfg, reserved_mib=memory))
+        inc = Incoming(record, req.source)
         self.incoming[req.job_id] = inc
-        self._save(inc)
-        if not req.running:
-            record.phase_times["prepare"] = time.monotonic() - t0
-            return {"uri": None}
-        self.domains.reservations[req.job_id] = req.config.memory
-        try:
-            inc.proc = await self.domains.launch_incoming(req.config)
-            # what a restarted ferryd needs to adopt a guest that Finish resumed
-            self._request_file(req.config.name).write_text(
-                req.model_dump_json(exclude={"stream"}))
-            await inc.proc.qmp.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}]})
-            assert req.stream is not None
-            await streamtls.install(inc.proc.qmp, self.domains.paths(req.config.name).root,
-                                    req.job_id, True, req.stream)
-            await inc.proc.qmp.execute(
-                "migrate-incoming", {"uri": f"tcp:{self.host.migration_ip}:0"})
-            info = await inc.proc.qmp.execute("query-migrate")
-            addrs = info.get("socket-address") or []
-            if not addrs:
-                raise Failed(f"QEMU on {self.host.name} opened no incoming endpoint")
-            port = int(addrs[0]["port"])
-        except (FerryError, OSError) as exc:
-            why = exc.message if isinstance(exc, FerryError) else str(exc)
-            await self._undo(inc, f"prepare failed: {why}")
-            raise Failed(f"prepare on {self.host.name} failed: {why}",
-                         host=self.host.name, phase="prepare") from exc
+        self.domains.reserve_arrival(req.job_id, cfg, req.source, memory)
+        self.records.enter(record, Phase.prepare)
+        if req.running:
+            try:
+                inc.facts.qemu_started = True
+                self.records.save(record)
+                inc.proc = await self.domains.launch_incoming(cfg)
+                mig = MigrationQmp(inc.proc.qmp)
+                await mig.set_capabilities(events=True)
+                assert req.stream is not None
+                await streamtls.install(inc.proc.qmp, self.domains.paths(cfg.name).root,
+                                        req.job_id, True, req.stream)
+                port = await mig.incoming(f"tcp:{self.host.migration_ip}:0")
+            except (FerryError, OSError) as exc:
+                why = exc.message if isinstance(exc, FerryError) else str(exc)
+                await self._undo(inc, f"prepare failed: {why}")
+                raise Failed(f"prepare on {self.host.name} failed: {why}",
+                             host=self.host.name, phase="prepare") from exc
         record.phase_times["prepare"] = time.monotonic() - t0
-        self._save(inc)
+        self.records.save(record)
         inc.watcher = asyncio.create_task(self._watch(inc))
-        log.info("job %s: ready to receive %s on %s:%d", req.job_id, req.config.name,
+        if not req.running:
+            return PrepareAnswer(protocol=PROTOCOL_VERSION, uri=None)
+        log.info("job %s: ready to receive %s on %s:%d", req.job_id, cfg.name,
                  self.host.migration_ip, port)
-        return {"uri": f"tcp:{self.host.migration_ip}:{port}"}
+        return PrepareAnswer(protocol=PROTOCOL_VERSION,
+                             uri=f"tcp:{self.host.migration_ip}:{port}")
 
     async def _watch(self, inc: Incoming) -> None:
-        """An incoming QEMU that exits before Finish (the stream broke, it was killed)
-        is cleaned up at once, whether or not the source is still there to ask."""
-        assert inc.proc is not None and inc.lock is not None
-        proc = inc.proc
-        await proc.wait_exit()
-        async with inc.lock:
-            if self.incoming.get(inc.record.id) is inc and inc.proc is proc:
-                await self._undo(inc, "the incoming QEMU exited before Finish")
+        """Undo this side at once when its QEMU exits before Finish (the stream broke,
+        it was killed), or when the source has been silent for the lease."""
+        while True:
+            if inc.proc is not None:
+                exited = await inc.proc.wait_exit(1.0)
+            else:
+                exited = False
+                await asyncio.sleep(1.0)
+            silent = time.monotonic() - inc.last_contact > INCOMING_LEASE_S
+            if not exited and not silent:
+                continue
+            async with inc.lock:
+                if self.incoming.get(inc.record.id) is not inc or inc.facts.resumed:
+                    return
+                if exited:
+                    await self._undo(inc, "the incoming QEMU exited before Finish")
+                    return
+                if time.monotonic() - inc.last_contact > INCOMING_LEASE_S:
+                    await self._undo(inc, f"source {inc.source} said nothing for "
+                                     f"{INCOMING_LEASE_S:g}s")
+                    return
 
     # -- Finish -----------------------------------------------------------------------
-    async def finish(self, req: FinishRequest) -> dict[str, object]:
-        """The source says the stream completed: check that, resume, announce, adopt."""
+    async def finish(self, req: FinishRequest) -> FinishAnswer:
+        """The source says the stream completed: check that, adopt, resume, announce.
+        An error answer always means this side is gone and never ran the guest."""
         inc = self._get(req.job_id)
-        assert inc.lock is not None
         async with inc.lock:
+            if self.incoming.get(req.job_id) is not inc:
+                raise Failed(f"job {req.job_id} was undone on {self.host.name}: "
+                             f"{(inc.record.error or {}).get('message', '')}",
+                             host=self.host.name, phase="finish")
+            inc.last_contact = time.monotonic()
             t0 = time.monotonic()
-            inc.record.phase = Phase.finish
+            self.records.enter(inc.record, Phase.finish)
             inc.record.stats = req.stats
-            self._save(inc)
-            cfg = inc.request.config
+            cfg = inc.config
             try:
-                history = base64.b64decode(req.console_b64, validate=True)
-            except ValueError as exc:
-                raise InvalidInput("console_b64 is not base64") from exc
-            ConsoleLog(self.domains.paths(cfg.name).root).adopt(req.console_base, history)
-            if inc.proc is None:  # a shut-off domain: only the definition moves
-                self.domains.adopt_definition(cfg, f"migrated from {inc.request.source}")
-            else:
-                proc = inc.proc
-                try:
-                    await self._wait_incoming(proc)
-                    await streamtls.remove(proc.qmp, req.job_id)
-                    crash_point("finish-before-cont")
-                    if req.resume:
-                        await self._resume(proc)
-                except FerryError as exc:
-                    await self._undo(inc, f"finish failed: {exc.message}")
-                    raise Failed(f"finish on {self.host.name} failed: {exc.message}",
+                await self._take_over(inc, req)
+            except Exception as exc:
+                if inc.facts.resumed:  # committed: the guest runs here whatever failed
+                    log.exception("job %s: after resuming %s", req.job_id, cfg.name)
+                else:
+                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
+                    if not isinstance(exc, FerryError):
+                        log.exception("job %s: finish failed", req.job_id)
+                    await self._undo(inc, f"finish failed: {why}")
+                    raise Failed(f"finish on {self.host.name} failed: {why}",
                                  host=self.host.name, phase="finish") from exc
-                # the guest has run here: from now on nothing may undo this side
-                if req.resume:
-                    crash_point("finish-after-cont")
-                    # tell the network where the guest is now, only once it runs
-                    try:
-                        await proc.qmp.execute("announce-self", self.host.announce.qmp())
-                    except FerryError as exc:
-                        log.warning("job %s: announcing %s failed (it runs here anyway): "
-                                    "%s", req.job_id, cfg.name, exc.message)
-                if inc.watcher is not None:
-                    inc.watcher.cancel()
-                state = DomainState.running if req.resume else DomainState.paused
-                self.domains.reservations.pop(req.job_id, None)
-                # from here on the domain is this host's
-                self.domains.adopt(cfg, proc, state, f"migrated from {inc.request.source}")
-                self._request_file(cfg.name).unlink(missing_ok=True)
+            # the commit point of this side: the domain is this host's
+            if req.resume and inc.proc is not None:
+                await self._announce(inc)
+            if inc.watcher is not None:
+                inc.watcher.cancel()
+            self.domains.release_arrival(req.job_id)
+            if inc.adopted is not None:
+                self.domains.let_go(inc.adopted)
             inc.record.phase_times["finish"] = time.monotonic() - t0
             inc.record.phase = Phase.confirm
-            inc.record.state = JobState.completed
-            inc.record.ended = time.time()
-            self._save(inc)
+            self.records.set_state(inc.record, JobState.completed, decided_by=inc.source)
             del self.incoming[req.job_id]
-            return {"finish_s": inc.record.phase_times["finish"]}
+            return FinishAnswer(finish_s=inc.record.phase_times["finish"],
+                                resumed=inc.facts.resumed)
 
-    @staticmethod
-    async def _resume(proc: QemuProcess) -> None:
+    async def _take_over(self, inc: Incoming, req: FinishRequest) -> None:
+        cfg = inc.config
+        try:
+            history = base64.b64decode(req.console_b64, validate=True)
+        except ValueError as exc:
+            raise InvalidInput("console_b64 is not base64") from exc
+        ConsoleLog(self.domains.paths(cfg.name).root).adopt(req.console_base, history)
+        if inc.proc is None:  # a shut-off domain: only the definition moves
+            self.domains.adopt_definition(cfg, f"migrated from {inc.source}")
+            return
+        proc = inc.proc
+        await self._wait_incoming(MigrationQmp(proc.qmp))
+        await streamtls.remove(proc.qmp, req.job_id)
+        if inc.watcher is not None:
+            inc.watcher.cancel()  # its QEMU is the domain's now: the domain watches it
+        # listed (paused) before it may run: a guest never runs unlisted here
+        dom = self.domains.adopt(cfg, proc, DomainState.paused,
+                                 f"migrated from {inc.source}")
+        await self.domains.hold_for_job(dom.name, req.job_id)
+        inc.adopted = dom
+        crash_point("finish-before-cont")
+        if req.resume:
+            inc.facts.resumed = True  # from here the guest may have run: never undone
+            self.records.save(inc.record)
+            try:
+                await self._resume(dom, inc.source)
+            except FerryError:
+                # cont failed, or its answer was lost and QEMU can't say: stop that
+                # QEMU for sure, so that the source's paused copy is the only one
+                await proc.stop(grace=1.0)
+                inc.facts.resumed = False
+                self.records.save(inc.record)
+                raise
+            crash_point("finish-after-cont")
+
+    async def _resume(self, dom: Domain, source: str) -> None:
         """``cont``; if QEMU's answer is lost but the guest runs, that is success."""
         try:
-            await proc.qmp.execute("cont")
+            await self.domains.resume_guest(dom, f"migrated from {source}")
         except FerryError:
-            status = await proc.qmp.execute("query-status")
-            if not status.get("running"):
+            assert dom.proc is not None
+            if not await guest_running(dom.proc.qmp):
                 raise
 
-    async def _wait_incoming(self, proc: QemuProcess) -> None:
+    async def _announce(self, inc: Incoming) -> None:
+        """Tell the network where the guest is now (only once it runs here)."""
+        dom = inc.adopted
+        if dom is None or dom.proc is None:
+            return
+        try:
+            await dom.proc.qmp.execute("announce-self", self.host.announce.qmp())
+        except FerryError as exc:
+            log.warning("job %s: announcing %s failed (it runs here anyway): %s",
+                        inc.record.id, dom.name, exc.message)
+
+    async def _wait_incoming(self, mig: MigrationQmp) -> None:
         deadline = time.monotonic() + INCOMING_TIMEOUT
         while True:
-            info = await proc.qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
+            stats = await mig.query()
+            if stats.status == MigrationStatus.completed:
                 return
-            if status in ("failed", "cancelled"):
-                raise Failed(f"incoming migration {status}: {info.get('error-desc', '')}")
+            if stats.status in (MigrationStatus.failed, MigrationStatus.cancelled):
+                raise Failed(f"incoming migration {stats.status.value}: "
+                             f"{stats.qemu_error or ''}")
             if time.monotonic() > deadline:
-                raise Failed(f"incoming migration still {status} after {INCOMING_TIMEOUT}s")
-            await proc.qmp.wait_event("MIGRATION", 0.05)
+                raise Failed(f"incoming migration still {stats.status.value} after "
+                             f"{INCOMING_TIMEOUT:g}s")
+            await mig.wait_change(0.05)
 
     # -- undo -------------------------------------------------------------------------
-    async def abort(self, req: AbortRequest) -> dict[str, object]:
+    async def abort(self, req: AbortRequest) -> AbortAnswer:
+        """The source ended the job (``req.outcome``): drop this side if it is still
+        here, and record the source's outcome so both records agree."""
         inc = self.incoming.get(req.job_id)
-        if inc is None:
-            return {"aborted": False}  # nothing here (never prepared, or already undone)
-        assert inc.lock is not None
-        async with inc.lock:
-            if req.job_id not in self.incoming:
-                return {"aborted": False}
-            await self._undo(inc, req.reason or "aborted by the source",
-                             state=JobState.aborted)
-        return {"aborted": True}
+        if inc is not None:
+            inc.last_contact = time.monotonic()
+            async with inc.lock:
+                if self.incoming.get(req.job_id) is inc:
+                    await self._undo(inc, req.reason or "aborted by the source",
+                                     state=req.outcome, phase=req.phase, host=req.host,
+                                     decided_by=inc.source)
+                    return AbortAnswer(aborted=True, state=inc.record.state)
+        rec = self._stored(req.job_id)
+        if rec is None:
+            return AbortAnswer(aborted=False)  # never prepared here
+        if rec.state in FINAL_STATES and rec.state != JobState.completed \
+                and (rec.state != req.outcome or rec.decided_by != rec.source):
+            # this side ended first (its own decision); the source's outcome rules
+            self.records.set_state(rec, req.outcome, decided_by=rec.source,
+                                   error=self._error(rec, req.reason, req.phase, req.host))
+        return AbortAnswer(aborted=False, state=rec.state)
 
-    async def _undo(self, inc: Incoming, reason: str,
-                    state: JobState = JobState.failed) -> None:
-        """Kill the incoming QEMU, drop its files and the reservation."""
+    def _error(self, rec: JobRecord, message: str, phase: Phase | None = None,
+               host: str | None = None) -> dict[str, object]:
+        return {"phase": (phase or rec.phase).value, "host": host or self.host.name,
+                "message": message}
+
+    async def _undo(self, inc: Incoming, reason: str, state: JobState = JobState.failed,
+                    phase: Phase | None = None, host: str | None = None,
+                    decided_by: str | None = None) -> None:
+        """Kill the incoming QEMU, drop its files, taps and reservations. Reads only
+        the record's facts; never undoes a side that resumed the guest."""
+        facts, rec = inc.facts, inc.record
+        if facts.resumed:
+            log.error("job %s: refusing to undo %s: its guest may have run here",
+                      rec.id, rec.domain)
+            return
         if inc.watcher is not None and inc.watcher is not asyncio.current_task():
             inc.watcher.cancel()
-        if inc.proc is not None:
-            await inc.proc.stop(grace=1.0)
-            shutil.rmtree(self.domains.paths(inc.request.config.name).root,
-                          ignore_errors=True)
-            await self.domains.remove_taps(inc.request.config)
+        if inc.adopted is not None:  # adopted in Finish, never resumed
+            await self.domains.release(inc.adopted)
+            self.domains.let_go(inc.adopted)
+            inc.adopted, inc.proc = None, None
+        elif facts.qemu_started:
+            await self._drop_qemu(inc.config, inc.proc)
             inc.proc = None
-        self.domains.reservations.pop(inc.record.id, None)
-        self.incoming.pop(inc.record.id, None)
-        inc.record.state = state
-        inc.record.error = {"phase": inc.record.phase.value, "host": self.host.name,
-                            "message": reason}
-        inc.record.ended = time.time()
-        self._save(inc)
-        log.info("job %s: incoming %s undone: %s", inc.record.id, inc.request.config.name,
-                 reason)
+        self.domains.release_arrival(rec.id)
+        self.incoming.pop(rec.id, None)
+        self.records.set_state(rec, state, error=self._error(rec, reason, phase, host),
+                               decided_by=decided_by or self.host.name)
+        log.info("job %s: incoming %s undone: %s", rec.id, rec.domain, reason)
 
-    def status(self, job_id: str) -> dict[str, object]:
+    async def _drop_qemu(self, cfg: DomainConfig, proc: QemuProcess | None) -> None:
+        paths = self.domains.paths(cfg.name)
+        if proc is None:
+            with contextlib.suppress(FerryError):
+                proc = await self.domains.qemu.attach(cfg.name, paths)
+        if proc is not None:
+            await proc.stop(grace=1.0)
+        shutil.rmtree(paths.root, ignore_errors=True)
+        await self.domains.remove_taps(cfg)
+
+    def status(self, job_id: str) -> JobStatus:
         inc = self.incoming.get(job_id)
         if inc is not None:
+            inc.last_contact = time.monotonic()  # the source's heartbeat renews the lease
             alive = inc.proc is None or inc.proc.alive()
-            return {"job_id": job_id, "state": "incoming", "qemu_alive": alive}
-        for rec in self.store.migrations():
-            if rec["id"] == job_id and rec["role"] == "destination":
-                return {"job_id": job_id, "state": rec["state"]}
-        raise NotFound(f"no job {job_id} on host {self.host.name}")
+            return JobStatus(job_id=job_id, state=inc.record.state, phase=inc.record.phase,
+                             qemu_alive=alive)
+        rec = self._stored(job_id)
+        if rec is None:
+            raise NotFound(f"no job {job_id} on host {self.host.name}")
+        return JobStatus(job_id=job_id, state=rec.state, phase=rec.phase, error=rec.error)
 
     async def recover(self) -> None:
-        """At start: settle incoming jobs of an earlier life.
+        """At start: settle incoming jobs of an earlier life from their records.
 
-        A guest that Finish had already resumed is the newest copy (the source
-        keeps its own paused when Finish goes unanswered): adopt it. Anything
-        else never ran here: kill it and clean up."""
-        for rec in self.store.migrations(state=JobState.running.value):
-            if rec["role"] != "destination":
+        A side whose guest was resumed is the newest copy (the source keeps its own
+        paused when Finish goes unanswered): it stays, and the job is completed.
+        Anything else never ran here: undone."""
+        for rec in self.records.running(Role.destination.value):
+            facts = rec.dest_facts
+            if facts.config is None:  # a record of Ferry 0.1: nothing to go on
+                self.records.set_state(rec, JobState.failed, error=self._error(
+                    rec, "ferryd restarted during the migration"))
                 continue
-            name = rec["domain"]
-            if name in self.domains.domains:
+            dom = self.domains.domains.get(rec.domain)
+            if facts.resumed and dom is not None:
+                if dom.state == DomainState.paused and dom.proc is not None:
+                    # died between saving `resumed` and QEMU running `cont`: the
+                    # source keeps its copy paused until we answer, so go on
+                    with contextlib.suppress(FerryError):
+                        await self.domains.resume_guest(dom, f"migrated from {rec.source} "
+                                                        "(resumed after a ferryd restart)")
+                rec.phase = Phase.confirm
+                self.records.set_state(rec, JobState.completed, decided_by=rec.source)
+                log.warning("job %s: kept %s, resumed here before ferryd restarted",
+                            rec.id, rec.domain)
                 continue
-            paths = self.domains.paths(name)
-            try:
-                proc = await QemuProcess.attach(name, paths)
-            except FerryError as exc:
-                # alive but deaf: it may run a guest Finish resumed. Don't kill it and
-                # don't call the job failed (the source would resume its copy):
-                # leave it undecided, for an operator
-                log.error("job %s: the incoming QEMU of %s is alive but does not answer "
-                          "(%s); the job stays undecided: check that QEMU by hand",
-                          rec["id"], name, exc.message)
-                continue
-            if proc is not None and rec["phase"] == Phase.finish.value \
-                    and await self._adopt_resumed(rec, proc):
-                continue
-            if proc is not None:
-                await proc.stop(grace=1.0)
-            with contextlib.suppress(OSError, ValueError):
-                req = RelocationRequest.model_validate_json(
-                    self._request_file(name).read_text())
-                await self.domains.remove_taps(req.config)
-            shutil.rmtree(paths.root, ignore_errors=True)
-            rec.update(state=JobState.failed.value, ended=time.time(),
-                       error={"phase": rec["phase"], "host": self.host.name,
-                              "message": "ferryd restarted during the migration"})
-            self.store.save_migration(rec)
-
-    async def _adopt_resumed(self, rec: dict[str, object], proc: QemuProcess) -> bool:
-        name = str(rec["domain"])
-        try:
-            status = await proc.qmp.execute("query-status")
-            req = RelocationRequest.model_validate_json(
-                self._request_file(name).read_text())
-        except (FerryError, OSError, ValueError) as exc:
-            log.warning("job %s: cannot adopt %s after restart: %s", rec["id"], name, exc)
-            return False
-        if not status.get("running"):
-            return False
-        self.domains.adopt(req.config, proc, DomainState.running,
-                           f"migrated from {req.source} (adopted after a ferryd restart)")
-        self._request_file(name).unlink(missing_ok=True)
-        rec.update(state=JobState.completed.value, ended=time.time(), phase="confirm")
-        self.store.save_migration(rec)
-        log.warning("job %s: adopted %s, resumed here before ferryd restarted", rec["id"], name)
-        return True
-
-    def _request_file(self, name: str) -> Path:
-        return self.domains.paths(name).root / "incoming.json"
+            inc = Incoming(rec, rec.source)
+            if dom is not None and not facts.resumed:
+                await self.domains.hold_for_job(dom.name, rec.id)
+                inc.adopted = dom
+            await self._undo(inc, "ferryd restarted during the migration")
 
     def _get(self, job_id: str) -> Incoming:
         inc = self.incoming.get(job_id)
         if inc is None:
-            raise NotFound(f"no incoming job {job_id} on host {self.host.name}")
+            rec = self._stored(job_id)
+            why = f": it {rec.state.value} ({(rec.error or {}).get('message', '')})" \
+                if rec is not None else ""
+            raise NotFound(f"no incoming job {job_id} on host {self.host.name}{why}")
         return inc
 
-    def _save(self, inc: Incoming) -> None:
-        self.store.save_migration(inc.record.model_dump(mode="json"))
-
+    def _stored(self, job_id: str) -> JobRecord | None:
+        for raw in self.store.migrations():
+            if raw["id"] == job_id and raw["role"] == Role.destination.value:
+                return JobRecord.model_validate(raw)
+        return None

@@ -1,4 +1,9 @@
-"""What the two daemons and the CLI exchange about a migration."""
+"""What the two daemons and the CLI exchange about a migration, and the job record.
+
+The relocation protocol (source ferryd → destination ferryd) is versioned:
+every request carries ``protocol`` and every answer the destination's, and a
+mismatch is a refusal that names both (``check_protocol``).
+"""
 from __future__ import annotations
 
 import enum
@@ -6,7 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ferry.errors import Refused
 from ferry.models import DomainConfig
+from ferry.stats import MigrationStats, MigrationStatus
+
+__all__ = ["MigrationStats", "MigrationStatus"]
+
+# 1: Ferry 0.1 before versioning (requests without the field); 2: typed answers,
+# agreed outcomes, name reservation on the destination
+PROTOCOL_VERSION = 2
+JOB_ID = r"^[0-9a-f]{12}$"
 
 
 class Strict(BaseModel):
@@ -31,11 +45,32 @@ class Phase(enum.StrEnum):
     confirm = "confirm"
 
 
+class Role(enum.StrEnum):
+    source = "source"
+    destination = "destination"
+
+
 class JobState(enum.StrEnum):
     running = "running"
-    completed = "completed"
-    failed = "failed"
-    aborted = "aborted"
+    completed = "completed"    # the destination runs the guest (cleanup_error: a
+                               # leftover on the source, not a failed migration)
+    failed = "failed"          # undone: the guest is where it was
+    aborted = "aborted"        # stopped on purpose and undone
+    in_doubt = "in_doubt"      # the source cannot tell whether the destination runs
+                               # the guest: its copy stays paused until it can
+
+
+# the only ways a job's state may change (JobRecords.set_state checks them)
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.running: frozenset({JobState.completed, JobState.failed, JobState.aborted,
+                                 JobState.in_doubt}),
+    JobState.in_doubt: frozenset({JobState.completed, JobState.failed}),
+    # the side that decided tells the other, whose record then takes that outcome
+    JobState.failed: frozenset({JobState.aborted}),
+    JobState.aborted: frozenset({JobState.failed}),
+    JobState.completed: frozenset(),
+}
+FINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.aborted})
 
 
 class MigrateOptions(Strict):
@@ -45,8 +80,6 @@ class MigrateOptions(Strict):
                                  description="0: unlimited")
     timeout_s: float = Field(default=600.0, gt=0, le=86_400)
     on_timeout: OnTimeout = OnTimeout.pause
-    auto_converge_after: int = Field(default=4, ge=1, le=1000,
-                                     description="passes before throttling the guest")
 
 
 class MigrateRequest(MigrateOptions):
@@ -62,10 +95,21 @@ class StreamCreds(Strict):
     key: str = Field(max_length=16384, repr=False)
 
 
-class RelocationRequest(Strict):
-    """Source → destination: the domain and what it needs there."""
+class Blocker(Strict):
+    """One reason a host can't take a domain: ``code`` for programs (memory,
+    name, uuid, arriving, machine, cpu, arch, accel, kernel, initrd, disk,
+    bridge, protocol, maintenance), ``message`` for people."""
 
-    job_id: str = Field(pattern=r"^[0-9a-f]{12}$")
+    code: str = Field(max_length=32)
+    message: str = Field(max_length=2000)
+
+
+# -- the relocation protocol -------------------------------------------------------
+class RelocationRequest(Strict):
+    """Source → destination (check, Prepare): the domain and what it needs there."""
+
+    protocol: int = 1
+    job_id: str = Field(pattern=JOB_ID)
     source: str
     config: DomainConfig
     mode: Mode
@@ -77,19 +121,86 @@ class RelocationRequest(Strict):
     stream: StreamCreds | None = Field(default=None, repr=False)
 
 
+class CheckAnswer(Strict):
+    protocol: int = 1
+    blockers: list[Blocker] = Field(default_factory=list)
+
+
+class PrepareAnswer(Strict):
+    protocol: int = 1
+    uri: str | None      # where the stream goes (None: a shut-off domain)
+
+
 class FinishRequest(Strict):
-    job_id: str = Field(pattern=r"^[0-9a-f]{12}$")
+    job_id: str = Field(pattern=JOB_ID)
     resume: bool
-    stats: dict[str, Any] = Field(default_factory=dict)
+    stats: MigrationStats = Field(default_factory=MigrationStats)
     # the console log so far (base64) and the offset of its first byte, so the
     # console's output continues on the destination with the same offsets
     console_base: int = Field(default=0, ge=0)
     console_b64: str = Field(default="", max_length=8 << 20)
 
 
+class FinishAnswer(Strict):
+    finish_s: float
+    resumed: bool
+
+
 class AbortRequest(Strict):
-    job_id: str = Field(pattern=r"^[0-9a-f]{12}$")
-    reason: str = ""
+    """Source → destination: drop your side; the job ended with ``outcome``,
+    decided by the source in ``phase`` for ``reason``."""
+
+    job_id: str = Field(pattern=JOB_ID)
+    reason: str = Field(default="", max_length=4000)
+    outcome: JobState = JobState.failed
+    phase: Phase | None = None
+    host: str | None = Field(default=None, max_length=255)  # where it went wrong
+
+
+class AbortAnswer(Strict):
+    aborted: bool        # True: this call undid the destination's side
+    state: JobState | None = None   # the destination's record of the job now
+
+
+class JobStatus(Strict):
+    """The destination's view of a job (the source's heartbeat and verdicts)."""
+
+    job_id: str
+    state: JobState
+    phase: Phase
+    qemu_alive: bool | None = None
+    error: dict[str, Any] | None = None
+
+
+def check_protocol(theirs: int, who: str, us: str) -> None:
+    """Refuse to talk to a ferryd whose relocation protocol differs."""
+    if theirs != PROTOCOL_VERSION:
+        raise Refused(f"host {who} speaks relocation protocol {theirs}, host {us} "
+                      f"speaks {PROTOCOL_VERSION}: upgrade both to the same Ferry",
+                      host=us, blocker="protocol")
+
+
+# -- the job record ----------------------------------------------------------------
+class SourceFacts(BaseModel):
+    """What the source's undos read: each is saved in the record *before* the step
+    that makes it true, so a restarted ferryd runs the same undos from the store."""
+
+    dest_contacted: bool = False   # Prepare was sent: the destination may hold a side
+    was_running: bool | None = None  # the guest ran when Perform began
+    tls_installed: bool = False    # our QEMU may hold the job's tls-creds object
+    stream_started: bool = False   # `migrate` was sent: the stream may complete alone
+    finish_sent: bool = False      # Finish was sent: the destination may run the guest
+    dest_gone: bool = False        # the destination said its copy is gone
+
+
+class DestinationFacts(BaseModel):
+    """What the destination's undo reads (saved before each step)."""
+
+    config: DomainConfig | None = None   # the arriving domain (its name is reserved)
+    reserved_mib: int = 0          # memory reserved for it
+    qemu_started: bool = False     # an incoming QEMU may run in its directory
+    resumed: bool = False          # `cont` was sent: the guest may have run here, so
+                                   # this side is never undone again
 
 
 class JobRecord(BaseModel):
@@ -98,13 +209,19 @@ class JobRecord(BaseModel):
     id: str
     domain: str
     mode: Mode
-    role: str                      # "source" or "destination"
+    role: Role
     source: str
     dest: str
     state: JobState = JobState.running
     phase: Phase = Phase.begin
-    error: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None   # phase, host, message, kind, undo_errors
+    decided_by: str | None = None         # the host that decided the outcome
+    cleanup_error: str | None = None      # completed, but something was left behind
     started: float
     ended: float | None = None
-    stats: dict[str, Any] = Field(default_factory=dict)
+    stats: MigrationStats = Field(default_factory=MigrationStats)
     phase_times: dict[str, float] = Field(default_factory=dict)
+    options: MigrateOptions | None = None
+    source_facts: SourceFacts = Field(default_factory=SourceFacts)
+    dest_facts: DestinationFacts = Field(default_factory=DestinationFacts)
+    escalations: list[dict[str, Any]] = Field(default_factory=list)  # time, action, why

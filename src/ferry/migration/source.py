@@ -3,22 +3,30 @@
     CLI            source ferryd                       destination ferryd
      │ migrate ──▶ Begin: domain exists, not busy;
      │             hold it for the whole job
-     │             Prepare ─────────── relocation/prepare ──▶ checks, reserve,
-     │                                                        QEMU -incoming defer,
-     │             ◀────────────────── uri ──────────────────  migrate-incoming
+     │             Prepare ─────────── relocation/prepare ──▶ checks; reserve name,
+     │                                                        UUID, memory; QEMU
+     │             ◀────────────────── uri ──────────────────  -incoming defer
      │             Perform: [offline: stop] migrate uri ═══ QEMU stream ═══▶
-     │               watch query-migrate, steer, heartbeat the destination
-     │             Finish ──────────── relocation/finish ───▶ stream complete? cont,
-     │                                                        announce-self, adopt
+     │               watch query-migrate; the convergence policy decides;
+     │               heartbeat the destination
+     │             Finish ──────────── relocation/finish ───▶ stream complete? adopt,
+     │                                                        cont, announce-self
      │             Confirm: ── commit point ── stop the source QEMU, forget the domain
-     ◀── job record (both hosts keep one)
+     ◀── job record (both hosts keep one, with the same outcome)
 
-Each phase registers its undo when it succeeds; a failure runs the undos in
-reverse: cancel the stream and resume the source guest, tell the destination
-to drop its QEMU and reservation. The source keeps the guest until the
-destination has confirmed it runs there (Finish), so a domain is never lost,
-and the destination only resumes after the source is paused, so it never runs
-twice.
+The phases are a table (``STEPS``): each ``run`` saves what it is about to do in
+the record's ``SourceFacts`` before doing it, each ``undo`` reads only those
+facts. A failure runs the undos of the phases entered, newest first: cancel the
+stream and resume the source guest, tell the destination to drop its side (and
+the job's outcome, so both records agree). A restarted ferryd runs the same
+undos from the stored record (``recover``).
+
+The source keeps the guest until the destination has said it runs there
+(Finish), so a domain is never lost; the destination resumes only on Finish,
+after the source is paused, so it never runs twice. Once Finish was sent the
+source resumes its copy only if the destination says its own is gone; if the
+destination cannot be asked, the job is ``in_doubt`` and the source copy stays
+paused until the destination answers (retried in the background).
 """
 from __future__ import annotations
 
@@ -30,77 +38,131 @@ import platform
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ferry.client import FerryClient, peer_client
 from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
-from ferry.errors import Busy, Failed, FerryError, InvalidInput, NotFound, Refused
+from ferry.errors import (
+    Aborted,
+    Failed,
+    FerryError,
+    InvalidInput,
+    NotFound,
+    Refused,
+    Unreachable,
+)
+from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration import streamtls
+from ferry.migration.convergence import Action, decide
+from ferry.migration.job import JobRecords, PhaseStep, run_steps, undo_steps
 from ferry.migration.models import (
+    PROTOCOL_VERSION,
+    AbortAnswer,
+    AbortRequest,
+    Blocker,
+    CheckAnswer,
+    FinishAnswer,
+    FinishRequest,
     JobRecord,
     JobState,
+    JobStatus,
     MigrateOptions,
     MigrateRequest,
     Mode,
-    OnTimeout,
     Phase,
+    PrepareAnswer,
     RelocationRequest,
+    Role,
+    SourceFacts,
     StreamCreds,
+    check_protocol,
 )
 from ferry.models import DomainState
-from ferry.qemu.process import QemuProcess
+from ferry.qemu.migrate import MigrationQmp, guest_running
+from ferry.stats import MigrationStats, MigrationStatus
 from ferry.store import Store
 from ferry.tls import client_context
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.1          # query-migrate interval
-HEARTBEAT_S = 1.0     # how often the source asks the destination if it's alive
-HEARTBEAT_MISSES = 2  # unanswered heartbeats before the source gives up
-UNLIMITED_BPS = 1 << 40
+POLL_S = 0.1            # query-migrate interval
+HEARTBEAT_S = 1.0       # how often the source asks the destination if it's alive
+PREPARE_TIMEOUT = 30.0  # s for the destination to answer Prepare (it starts a QEMU)
+CALL_TIMEOUT = 5.0      # s for the small calls: status, abort
+FINISH_TIMEOUT = 180.0  # s for Finish (the stream's tail, resume, announce)
+VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finish
+RESOLVE_EVERY_S = 10.0  # how often an in-doubt job asks the destination again
+HISTORY = 600           # samples of the stream the policy sees
 
-Undo = Callable[[], Awaitable[None]]
+# (peer name, endpoint, timeout) -> a client to that peer's relocation API
+PeerConnector = Callable[[str, tuple[str, int], float | None], FerryClient]
 
 
-class Aborted(Failed):
-    code = "aborted"
+class InDoubt(Failed):
+    """The destination may run the guest and cannot be asked: keep ours paused."""
+
+    code = "in_doubt"
 
 
 @dataclass
 class SourceJob:
     record: JobRecord
-    options: MigrateOptions
-    dom: Domain
-    endpoint: tuple[str, int]
+    dom: Domain | None
+    endpoint: tuple[str, int] | None
     abort_requested: str | None = None
-    was_running: bool = False
     uri: str | None = None
     task: asyncio.Task[None] | None = None
-    undo: list[tuple[Phase, Undo]] = field(default_factory=list)
     peer: FerryClient | None = None
     stream_creds: StreamCreds | None = field(default=None, repr=False)
+    history: list[MigrationStats] = field(default_factory=list)
+    outcome: JobState = JobState.failed   # what a failure ends as (undo tells the peer)
+    failing: bool = False
+    cleanup_error: str | None = None
+    resolver: asyncio.Task[None] | None = None
+
+    @property
+    def facts(self) -> SourceFacts:
+        return self.record.source_facts
+
+    @property
+    def options(self) -> MigrateOptions:
+        return self.record.options or MigrateOptions()
 
     def client(self) -> FerryClient:
         assert self.peer is not None, "the job's peer client is open while it runs"
         return self.peer
 
+    def domain(self) -> Domain:
+        assert self.dom is not None, "a running job holds its domain"
+        return self.dom
+
 
 class MigrationService:
-    def __init__(self, host: HostConfig, domains: DomainService, store: Store) -> None:
+    def __init__(self, host: HostConfig, domains: DomainService, store: Store,
+                 connect: PeerConnector | None = None) -> None:
         self.host = host
         self.domains = domains
         self.store = store
+        self.records = JobRecords(store, domains.events, host.name)
+        self.connect: PeerConnector = connect or (
+            lambda name, endpoint, timeout: peer_client(host, name, endpoint, timeout))
         self.jobs: dict[str, SourceJob] = {}
+        self.steps: list[PhaseStep[SourceJob]] = [
+            PhaseStep(Phase.prepare, self._prepare, self._undo_prepare),
+            PhaseStep(Phase.perform, self._perform, self._undo_perform),
+            PhaseStep(Phase.finish, self._finish),
+            PhaseStep(Phase.confirm, self._confirm),
+        ]
 
     async def close(self) -> None:
         """ferryd is stopping: interrupt running jobs where they are (their record
-        keeps the phase; recover() settles them at the next start) while the
-        database is still open. The guests keep running."""
-        tasks = [job.task for job in self.jobs.values() if job.task is not None]
+        keeps the phase and facts; recover() settles them at the next start) while
+        the database is still open. The guests keep running."""
+        tasks = [t for job in self.jobs.values() for t in (job.task, job.resolver)
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -124,33 +186,36 @@ class MigrationService:
         client_context(self.host.tls)  # InvalidInput if its files are unreadable
 
     def _relocation(self, job_id: str, dom: Domain, mode: Mode) -> RelocationRequest:
-        return RelocationRequest(job_id=job_id, source=self.host.name, config=dom.config,
-                                 mode=mode, running=dom.proc is not None,
-                                 accel=dom.accel, arch=platform.machine())
+        return RelocationRequest(protocol=PROTOCOL_VERSION, job_id=job_id,
+                                 source=self.host.name, config=dom.config, mode=mode,
+                                 running=dom.proc is not None, accel=dom.accel,
+                                 arch=platform.machine())
 
-    def _begin_blockers(self, dom: Domain) -> list[str]:
+    def _begin_blockers(self, dom: Domain) -> list[Blocker]:
         out = []
         if dom.lock.locked():
             what = f"migration {dom.job}" if dom.job else "another operation"
-            out.append(f"domain {dom.name} is busy with {what}")
+            out.append(Blocker(code="busy", message=f"domain {dom.name} is busy with {what}"))
         if dom.state in (DomainState.stopping, DomainState.crashed):
-            out.append(f"domain {dom.name} is {dom.state.value}")
+            out.append(Blocker(code="state",
+                               message=f"domain {dom.name} is {dom.state.value}"))
         return out
 
     async def check(self, name: str, req: MigrateRequest) -> list[str]:
         """Every pre-flight check on both hosts; all blockers at once; no change."""
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
-        out = self._begin_blockers(dom)
+        out = [b.message for b in self._begin_blockers(dom)]
         rel = self._relocation("0" * 12, dom, req.mode)
-        async with peer_client(self.host, dest_name, endpoint, timeout=30) as peer:
+        async with self.connect(dest_name, endpoint, 30) as peer:
             try:
-                res = await peer.request("POST", "/v1/relocation/check",
-                                         rel.model_dump(mode="json"))
+                res = CheckAnswer.model_validate(await peer.request(
+                    "POST", "/v1/relocation/check", rel.model_dump(mode="json")))
+                check_protocol(res.protocol, dest_name, self.host.name)
             except FerryError as exc:
                 out.append(f"host {dest_name}: {exc.message}")
             else:
-                out += res["blockers"]
+                out += [b.message for b in res.blockers]
         return out
 
     async def start(self, name: str, req: MigrateRequest) -> JobRecord:
@@ -159,357 +224,446 @@ class MigrationService:
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         self._check_tls()
-        if dom.lock.locked():
-            what = f"migration {dom.job}" if dom.job else "another operation"
-            raise Busy(f"domain {name} is busy with {what}", domain=name, job=dom.job)
-        blockers = self._begin_blockers(dom)
-        if blockers:
-            raise Refused("; ".join(blockers), domain=name, phase="begin")
+        blockers = [b for b in self._begin_blockers(dom) if b.code != "busy"]
         t0 = time.monotonic()
         job_id = secrets.token_hex(6)
-        await dom.lock.acquire()  # free (checked above): returns without yielding
-        dom.job = job_id
-        record = JobRecord(id=job_id, domain=name, mode=req.mode, role="source",
-                           source=self.host.name, dest=dest_name, started=time.time())
+        dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
+        if blockers:
+            self.domains.let_go(dom)
+            raise Refused("; ".join(b.message for b in blockers), domain=name,
+                          phase="begin")
         options = MigrateOptions.model_validate(req.model_dump(include=set(
             MigrateOptions.model_fields)))
-        job = SourceJob(record, options, dom, endpoint)
+        record = JobRecord(id=job_id, domain=name, mode=req.mode, role=Role.source,
+                           source=self.host.name, dest=dest_name, started=time.time(),
+                           options=options)
+        job = SourceJob(record, dom, endpoint)
         job.record.phase_times["begin"] = time.monotonic() - t0
         self.jobs[job_id] = job
-        self._save(job)
+        self.records.enter(record, Phase.begin)
         job.task = asyncio.create_task(self._run(job))
         log.info("job %s: %s migration of %s to %s started", job_id, req.mode.value, name,
                  dest_name)
         return job.record
 
     def abort(self, job_id: str) -> JobRecord:
+        """Abort a running job in any phase before Finish; a call to the destination
+        that is outstanding (Prepare) is cancelled and the undo runs at once."""
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"no running migration {job_id} on host {self.host.name}")
+        if job.record.state == JobState.in_doubt:
+            raise Refused(f"migration {job_id} is in doubt: host {job.record.dest} may run "
+                          "the guest; Ferry asks it again every "
+                          f"{RESOLVE_EVERY_S:g}s and settles the job when it answers")
         if job.record.phase in (Phase.finish, Phase.confirm):
             raise Refused(f"migration {job_id} is in {job.record.phase.value}: too late to "
                           "abort (the destination is taking over)")
-        job.abort_requested = "aborted by the operator"
+        if job.abort_requested is None:
+            job.abort_requested = "aborted by the operator"
+            # (in begin the task may not have started: Prepare checks the flag)
+            if job.record.phase == Phase.prepare and not job.failing \
+                    and job.task is not None:
+                job.task.cancel()  # don't wait for the destination's answer
         return job.record
 
-    def records(self) -> list[dict[str, Any]]:
+    def records_json(self) -> list[dict[str, object]]:
         return self.store.migrations()
 
     def running(self) -> list[JobRecord]:
-        return [j.record for j in self.jobs.values()]
+        """The jobs of this host that have not ended: its own as source, and
+        incoming ones (from the store: the destination keeps them there)."""
+        out = [j.record for j in self.jobs.values()]
+        out += self.records.running(Role.destination.value)
+        return out
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id)
         if job is not None:
             return job.record
-        for rec in self.store.migrations():
-            if rec["id"] == job_id and rec["role"] == "source":
-                return JobRecord.model_validate(rec)
+        found = [r for r in self.store.migrations() if r["id"] == job_id]
+        found.sort(key=lambda r: r["role"] != Role.source.value)  # ours first
+        if found:
+            return JobRecord.model_validate(found[0])
         raise NotFound(f"no migration {job_id} on host {self.host.name}")
 
     # -- the job ----------------------------------------------------------------------
     async def _run(self, job: SourceJob) -> None:
-        steps: list[tuple[Phase, Callable[[SourceJob], Awaitable[None]]]] = [
-            (Phase.prepare, self._prepare), (Phase.perform, self._perform),
-            (Phase.finish, self._finish), (Phase.confirm, self._confirm)]
+        assert job.endpoint is not None
         try:
-            async with peer_client(self.host, job.record.dest, job.endpoint,
-                                   timeout=60) as peer:
+            async with self.connect(job.record.dest, job.endpoint, 60) as peer:
                 job.peer = peer  # open until the undo (which may need it) has run
                 try:
-                    for phase, step in steps:
-                        job.record.phase = phase
-                        self._save(job)  # persisted before it runs
-                        t0 = time.monotonic()
-                        await step(job)
-                        job.record.phase_times[phase.value] = time.monotonic() - t0
-                    job.record.state = JobState.completed
-                    log.info("job %s: %s now runs on %s", job.record.id,
-                             job.record.domain, job.record.dest)
+                    await run_steps(job, self.steps, self.records)
+                except asyncio.CancelledError:
+                    if job.abort_requested is None:
+                        raise  # ferryd is stopping: recover() settles the job
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    await self._fail(job, Aborted(job.abort_requested, host=self.host.name,
+                                                  phase=job.record.phase.value))
                 except Exception as exc:
                     await self._fail(job, exc)
+                else:
+                    self.records.set_state(job.record, JobState.completed,
+                                           decided_by=self.host.name,
+                                           cleanup_error=job.cleanup_error)
+                    log.info("job %s: %s now runs on %s", job.record.id,
+                             job.record.domain, job.record.dest)
         except FerryError as exc:  # no client at all (TLS files gone since start())
             await self._fail(job, exc)
         finally:
-            job.record.ended = time.time()
-            job.dom.job = None
-            if job.dom.lock.locked():
-                job.dom.lock.release()
-            self._save(job)
-            self.jobs.pop(job.record.id, None)
+            job.peer = None  # closed with the `async with`
+            if job.record.state != JobState.in_doubt:
+                self._end(job)
+
+    def _end(self, job: SourceJob) -> None:
+        if job.dom is not None:
+            self.domains.let_go(job.dom)
+        self.jobs.pop(job.record.id, None)
 
     async def _fail(self, job: SourceJob, exc: BaseException) -> None:
+        job.failing = True
         if isinstance(exc, FerryError):
             message = exc.message
-            host = exc.details.get("host", self.host.name)
+            host = str(exc.details.get("host", self.host.name))
             kind = exc.kind
         else:
             log.exception("job %s: internal error", job.record.id)
             message, host, kind = f"internal error: {exc!r}", self.host.name, "failed"
-        phase = job.record.phase.value
-        job.record.state = JobState.aborted if isinstance(exc, Aborted) else JobState.failed
-        job.record.error = {"phase": phase, "host": host, "message": message, "kind": kind}
-        log.warning("job %s: %s in %s on %s: %s", job.record.id, job.record.state.value,
-                    phase, host, message)
-        for undo_phase, undo in reversed(job.undo):
-            try:
-                await undo()
-            except Exception as undo_exc:  # keep undoing the rest; say what was left
-                log.exception("job %s: undo of %s failed", job.record.id, undo_phase.value)
-                job.record.error.setdefault("undo_errors", []).append(
-                    f"{undo_phase.value}: {undo_exc!r}")
+        error: dict[str, object] = {"phase": job.record.phase.value, "host": host,
+                                    "message": message, "kind": kind}
+        if isinstance(exc, InDoubt):
+            self._in_doubt(job, error)
+            return
+        job.outcome = JobState.aborted if isinstance(exc, Aborted) else JobState.failed
+        job.record.error = error  # the undo tells the destination why
+        undo_errors = await undo_steps(job, self.steps)
+        if undo_errors:
+            error["undo_errors"] = undo_errors
+        self.records.set_state(job.record, job.outcome, error=error, decided_by=host)
+
+    def _in_doubt(self, job: SourceJob, error: dict[str, object]) -> None:
+        self.records.set_state(job.record, JobState.in_doubt, error=error,
+                               decided_by=self.host.name)
+        if job.dom is not None:
+            self.domains.note(job.dom, f"in doubt: migration {job.record.id} to "
+                              f"{job.record.dest} may have moved it; kept paused until "
+                              f"{job.record.dest} answers")
+        log.error("job %s: in doubt: %s", job.record.id, error["message"])
+        job.resolver = asyncio.create_task(self._resolve(job))
 
     # -- Prepare ----------------------------------------------------------------------
     async def _prepare(self, job: SourceJob) -> None:
-        peer = job.client()
-        rel = self._relocation(job.record.id, job.dom, job.record.mode)
-        if rel.running:  # the stream's TLS credentials, made for this job alone
+        peer, dom = job.client(), job.domain()
+        if job.abort_requested:
+            raise Aborted(job.abort_requested, host=self.host.name, phase="prepare")
+        rel = self._relocation(job.record.id, dom, job.record.mode)
+        if rel.running:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
                                                                job.record.id)
             rel = rel.model_copy(update={"stream": server})
-        res = await peer.request("POST", "/v1/relocation/prepare", rel.model_dump(mode="json"))
+        job.facts.dest_contacted = True
+        self.records.save(job.record)
+        res = PrepareAnswer.model_validate(await peer.request(
+            "POST", "/v1/relocation/prepare", rel.model_dump(mode="json"),
+            timeout=PREPARE_TIMEOUT))
+        check_protocol(res.protocol, job.record.dest, self.host.name)
+        job.uri = _check_uri(res.uri, rel.running, job.record.dest)
 
-        async def undo() -> None:
-            await peer.request("POST", "/v1/relocation/abort", {
-                "job_id": job.record.id, "reason": (job.record.error or {}).get("message", "")})
-        job.undo.append((Phase.prepare, undo))
-        job.uri = _check_uri(res.get("uri"), rel.running, job.record.dest)
+    async def _undo_prepare(self, job: SourceJob) -> None:
+        """Tell the destination to drop its side, and how the job ended."""
+        if not job.facts.dest_contacted:
+            return
+        error = job.record.error or {}
+        body = AbortRequest(job_id=job.record.id, outcome=job.outcome,
+                            reason=str(error.get("message", "")), phase=job.record.phase,
+                            host=str(error.get("host", self.host.name)))
+        try:
+            if job.peer is not None:
+                await job.peer.request("POST", "/v1/relocation/abort",
+                                       body.model_dump(mode="json"), timeout=CALL_TIMEOUT)
+            else:
+                assert job.endpoint is not None
+                async with self.connect(job.record.dest, job.endpoint, CALL_TIMEOUT) as peer:
+                    await peer.request("POST", "/v1/relocation/abort",
+                                       body.model_dump(mode="json"))
+        except Unreachable as exc:
+            raise Failed(f"host {job.record.dest} did not answer the abort ({exc.message}); "
+                         "it drops its side by itself once the source stops talking to it",
+                         host=job.record.dest) from exc
 
     # -- Perform ----------------------------------------------------------------------
     async def _perform(self, job: SourceJob) -> None:
-        dom, opts = job.dom, job.options
+        dom, opts = job.domain(), job.options
         if dom.proc is None:
             return  # shut off: nothing to copy
-        proc = dom.proc
-        qmp = proc.qmp
-        job.was_running = dom.state == DomainState.running
-        job.record.stats["was_running"] = job.was_running  # for recover() after a crash
+        proc, facts = dom.proc, job.facts
+        mig = MigrationQmp(proc.qmp)
+        facts.was_running = dom.state == DomainState.running
+        self.records.save(job.record)
         live = job.record.mode == Mode.live
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "events", "state": True},
-            {"capability": "auto-converge", "state": live}]})
-        bps = opts.bandwidth_mibps * 1024 * 1024 if opts.bandwidth_mibps else UNLIMITED_BPS
-        await qmp.execute("migrate-set-parameters", {
-            "downtime-limit": opts.max_downtime_ms, "max-bandwidth": bps})
-
-        async def undo() -> None:
-            await self._resume_source(job, proc)
-            await streamtls.remove(qmp, job.record.id)
-        job.undo.append((Phase.perform, undo))
+        await mig.set_capabilities(events=True, auto_converge=live)
+        await mig.set_limits(opts.max_downtime_ms,
+                             opts.bandwidth_mibps * 1024 * 1024 or None)
         assert job.stream_creds is not None
-        await streamtls.install(qmp, self.domains.paths(dom.name).root, job.record.id,
+        facts.tls_installed = True
+        self.records.save(job.record)
+        await streamtls.install(proc.qmp, self.domains.paths(dom.name).root, job.record.id,
                                 False, job.stream_creds)
-        job.record.stats["stream_tls"] = True
+        job.record.stats = job.record.stats.model_copy(update={"stream_tls": True})
+        if not live and facts.was_running:
+            await self.domains.stop_guest(dom, "paused for an offline migration")
+        facts.stream_started = True
+        self.records.save(job.record)
+        crash_point("source-before-migrate")
+        await mig.start(str(job.uri))
+        await self._watch_stream(job, mig)
 
-        if not live and job.was_running:
-            await self._pause_for_migration(job, proc, "paused for an offline migration")
-        await qmp.execute("migrate", {"uri": job.uri})
-        await self._watch_stream(job, proc)
-
-    async def _pause_for_migration(self, job: SourceJob, proc: QemuProcess,
-                                   reason: str) -> None:
-        job.dom.pending_reason = reason
-        try:
-            await proc.qmp.execute("stop")
-        finally:
-            job.dom.pending_reason = None
-
-    async def _watch_stream(self, job: SourceJob, proc: QemuProcess) -> None:
-        peer = job.client()
-        opts, stats = job.options, job.record.stats
-        deadline = time.monotonic() + opts.timeout_s
-        next_beat, misses, forced = time.monotonic() + HEARTBEAT_S, 0, False
+    async def _watch_stream(self, job: SourceJob, mig: MigrationQmp) -> None:
+        peer, dom, opts = job.client(), job.domain(), job.options
+        start = time.monotonic()
+        paused = job.record.mode == Mode.offline
+        next_beat, misses = start + HEARTBEAT_S, 0
         while True:
-            info = await proc.qmp.execute("query-migrate")
-            status = info.get("status", "none")
-            _update_stats(stats, info)
-            if status == "completed":
+            stats = await mig.query(job.record.stats)
+            job.record.stats = stats
+            job.history = [*job.history[-(HISTORY - 1):], stats]
+            if stats.status == MigrationStatus.completed:
                 return
-            if status in ("failed", "cancelled"):
-                raise Failed(f"QEMU's migration stream {status}: "
-                             f"{info.get('error-desc', 'no reason given')}",
-                             host=self.host.name, phase="perform")
-            if job.abort_requested:
-                await self._cancel_stream(proc)
-                raise Aborted(job.abort_requested, host=self.host.name, phase="perform")
+            if stats.status in (MigrationStatus.failed, MigrationStatus.cancelled):
+                raise Failed(f"QEMU's migration stream {stats.status.value}: "
+                             f"{stats.qemu_error or 'no reason given'}",
+                             host=self.host.name, phase=Phase.perform.value)
             now = time.monotonic()
-            if now > deadline and not forced:
-                if opts.on_timeout == OnTimeout.abort:
-                    await self._cancel_stream(proc)
-                    raise Aborted(f"did not converge within {opts.timeout_s:g}s "
-                                  "(on_timeout=abort)", host=self.host.name, phase="perform")
-                # on_timeout=pause: stop the guest, the rest goes over as offline
-                await self._pause_for_migration(job, proc, "paused to finish the migration")
-                stats["forced_pause"] = True
-                forced = True
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
-                try:
-                    await peer.request("GET", f"/v1/relocation/jobs/{job.record.id}",
-                                       timeout=HEARTBEAT_S)
-                    misses = 0
-                except FerryError as exc:
-                    misses += 1
-                    if misses >= HEARTBEAT_MISSES:
-                        await self._cancel_stream(proc)
-                        raise Failed(f"destination ferryd stopped answering: {exc.message}",
-                                     host=job.record.dest, phase="perform") from exc
+                misses = 0 if await self._heartbeat(job, peer) else misses + 1
+            decision = decide(job.history, now - start, opts, paused=paused,
+                              abort_requested=job.abort_requested, peer_misses=misses)
+            if decision.note:
+                self._escalate(job, "throttle", decision.note)
+            if decision.action == Action.abort:
+                await mig.cancel()
+                raise Aborted(decision.reason, host=self.host.name, phase="perform")
+            if decision.action == Action.fail:
+                await mig.cancel()
+                raise Failed(f"destination ferryd stopped answering ({decision.reason})",
+                             host=job.record.dest, phase="perform")
+            if decision.action == Action.pause:
+                self._escalate(job, "pause", decision.reason)
+                await self.domains.stop_guest(dom, "paused to finish the migration")
+                job.record.stats = job.record.stats.model_copy(
+                    update={"forced_pause": True})
+                paused = True
             # wake at once when QEMU reports a status change, else poll for the stats
-            await proc.qmp.wait_event("MIGRATION", POLL_S)
+            crash_point("source-streaming")
+            await mig.wait_change(POLL_S)
 
-    async def _cancel_stream(self, proc: QemuProcess) -> None:
-        await proc.qmp.execute("migrate_cancel")
-        for _ in range(100):
-            info = await proc.qmp.execute("query-migrate")
-            if info.get("status") not in ("active", "setup", "cancelling", "pre-switchover",
-                                          "device"):
-                return
-            await asyncio.sleep(0.05)
+    async def _heartbeat(self, job: SourceJob, peer: FerryClient) -> bool:
+        """Is the destination there and still on the job? False: no answer; Failed
+        if it answered that its side is gone (it decided the job failed)."""
+        try:
+            st = JobStatus.model_validate(await peer.request(
+                "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=HEARTBEAT_S))
+        except Unreachable:
+            return False
+        except NotFound as exc:
+            raise Failed(f"destination no longer knows the job: {exc.message}",
+                         host=job.record.dest, phase="perform") from exc
+        if st.state in (JobState.failed, JobState.aborted):
+            why = (st.error or {}).get("message", "no reason given")
+            raise Failed(f"destination dropped its side: {why}", host=job.record.dest,
+                         phase="perform")
+        return True
 
-    async def _resume_source(self, job: SourceJob, proc: QemuProcess) -> None:
-        """Undo of Perform: no stream left running, the guest as it was before."""
-        if not proc.alive():
+    def _escalate(self, job: SourceJob, action: str, why: str) -> None:
+        job.record.escalations.append({"time": time.time(), "action": action,
+                                       "reason": why})
+        self.records.save(job.record)
+        self.domains.events.publish("migration.escalation", job=job.record.id,
+                                    domain=job.record.domain, action=action, reason=why)
+        log.info("job %s: %s: %s", job.record.id, action, why)
+
+    async def _undo_perform(self, job: SourceJob) -> None:
+        """No stream left running; the guest as it was before, unless the
+        destination may run it (Finish sent and not known to have failed)."""
+        dom, facts = job.dom, job.facts
+        if dom is None or dom.proc is None or not dom.proc.alive():
             return
-        info = await proc.qmp.execute("query-migrate")
-        if info.get("status") in ("active", "setup", "pre-switchover", "device"):
-            await self._cancel_stream(proc)
-        status = await proc.qmp.execute("query-status")
-        if job.was_running and not status["running"]:
-            job.dom.pending_reason = "resumed: the migration did not complete"
-            try:
-                await proc.qmp.execute("cont")
-            finally:
-                job.dom.pending_reason = None
+        mig = MigrationQmp(dom.proc.qmp)
+        await mig.cancel_if_running()
+        may_resume = bool(facts.was_running) and (facts.dest_gone or not facts.finish_sent)
+        if may_resume and not await guest_running(dom.proc.qmp):
+            await self.domains.resume_guest(dom, "resumed: the migration did not complete")
+        if facts.tls_installed:
+            await streamtls.remove(dom.proc.qmp, job.record.id)
 
     # -- Finish -----------------------------------------------------------------------
     async def _finish(self, job: SourceJob) -> None:
-        peer = job.client()
-        base, data = ConsoleLog(self.domains.paths(job.dom.name).root).export()
-        body = {"job_id": job.record.id, "resume": job.was_running,
-                "stats": job.record.stats, "console_base": base,
-                "console_b64": base64.b64encode(data).decode()}
+        peer, dom = job.client(), job.domain()
+        base, data = ConsoleLog(self.domains.paths(dom.name).root).export()
+        body = FinishRequest(job_id=job.record.id, resume=bool(job.facts.was_running),
+                             stats=job.record.stats, console_base=base,
+                             console_b64=base64.b64encode(data).decode())
+        job.facts.finish_sent = True
+        self.records.save(job.record)
         try:
-            await peer.request("POST", "/v1/relocation/finish", body, timeout=180)
-        except FerryError as exc:
-            if exc.code in ("failed", "not_found", "invalid", "refused", "conflict"):
-                raise  # the destination answered: it undid its side, so may we
+            res = FinishAnswer.model_validate(await peer.request(
+                "POST", "/v1/relocation/finish", body.model_dump(mode="json"),
+                timeout=FINISH_TIMEOUT))
+        except Unreachable as exc:
             # no answer: what does the destination say once it is back?
-            verdict = await self._destination_verdict(peer, job)
-            if verdict == "completed":
+            verdict = await self._verdict(job)
+            if verdict == JobState.completed:
                 return  # it took over before it went silent
-            if verdict == "gone":  # its copy is dead: ours may run again (undo)
+            if verdict is not None:  # its copy is gone: ours may run again (undo)
+                job.facts.dest_gone = True
+                self.records.save(job.record)
                 raise Failed(f"destination failed during Finish ({exc.message}) and "
                              "dropped its copy; the guest goes on here",
                              host=job.record.dest, phase="finish") from exc
-            # in doubt: keep the source paused rather than risk two running copies
-            job.undo.clear()
-            if job.dom.proc is not None:
-                await streamtls.remove(job.dom.proc.qmp, job.record.id)
-            raise Failed(f"destination did not confirm the domain runs there "
-                         f"({exc.message}); the source copy is kept paused: check host "
-                         f"{job.record.dest}, then unpause or destroy it here",
-                         host=job.record.dest, phase="finish") from exc
-
-    @staticmethod
-    async def _settle(peer: FerryClient, job_id: str) -> str | None:
-        """After a restart: have the destination drop its side if it still can;
-        then its state of the job ("completed", "failed", "aborted", "incoming"),
-        "failed" if it never had it, None if it does not answer."""
-        path = f"/v1/relocation/jobs/{job_id}"
-        try:
-            state = (await peer.request("GET", path)).get("state")
-            if state == "incoming":
-                res = await peer.request("POST", "/v1/relocation/abort", {
-                    "job_id": job_id, "reason": "source ferryd restarted"})
-                if res.get("aborted") is True:
-                    return JobState.aborted.value
-                # too late to abort (Finish got there first?): what is it now?
-                state = (await peer.request("GET", path)).get("state")
-        except NotFound:
-            return JobState.failed.value
+            raise InDoubt(f"destination did not confirm the domain runs there "
+                          f"({exc.message}); the source copy is kept paused until host "
+                          f"{job.record.dest} answers", host=job.record.dest,
+                          phase="finish") from exc
         except FerryError:
-            return None
-        return str(state) if state is not None else None
+            # the destination answered: it never resumed the guest and undid its side
+            job.facts.dest_gone = True
+            self.records.save(job.record)
+            raise
+        job.record.phase_times["dest_finish"] = res.finish_s
 
-    async def _destination_verdict(self, peer: FerryClient, job: SourceJob) -> str | None:
-        """Ask the destination about the job for ~10 s: "completed" (it runs the
-        guest), "gone" (it failed the job or never had it: no copy there), or None
-        (no answer, or still undecided)."""
-        for _ in range(10):
+    async def _verdict(self, job: SourceJob) -> JobState | None:
+        """Ask the destination about the job for ~10 s: completed (it runs the
+        guest), failed (its copy is gone, or it never had the job), or None (no
+        answer, or still undecided)."""
+        for _ in range(VERDICT_TRIES):
             try:
-                res = await peer.request("GET", f"/v1/relocation/jobs/{job.record.id}",
-                                         timeout=2)
+                st = JobStatus.model_validate(await job.client().request(
+                    "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=2))
             except NotFound:
-                return "gone"
+                return JobState.failed
             except FerryError:
                 await asyncio.sleep(1)
                 continue
-            state = res.get("state")
-            if state == JobState.completed.value:
-                return "completed"
-            if state in (JobState.failed.value, JobState.aborted.value):
-                return "gone"
+            if st.state == JobState.completed:
+                return JobState.completed
+            if st.state in (JobState.failed, JobState.aborted):
+                return JobState.failed
             await asyncio.sleep(1)
         return None
 
     # -- Confirm ----------------------------------------------------------------------
     async def _confirm(self, job: SourceJob) -> None:
         # The commit point: the destination runs the guest (Finish succeeded), so
-        # the source lets go. From here on nothing is undone.
-        job.undo.clear()
-        await self.domains.release(job.dom)
+        # the source lets go. From here on nothing is undone: a failure here is a
+        # cleanup error of a completed migration, not a failed one.
+        try:
+            await self.domains.release(job.domain())
+        except Exception as exc:
+            log.exception("job %s: confirm: releasing the source copy failed",
+                          job.record.id)
+            job.cleanup_error = f"the source copy on {self.host.name} was not fully " \
+                                f"released: {exc}"
 
-    def _save(self, job: SourceJob) -> None:
-        self.store.save_migration(job.record.model_dump(mode="json"))
+    # -- after a restart, and for jobs in doubt -----------------------------------------
+    async def _settle(self, job: SourceJob) -> JobState | None:
+        """Have the destination drop its side if it still can; then how the job
+        ended there: completed, failed (its copy is gone), or None (no answer)."""
+        if job.endpoint is None:
+            return None
+        path = f"/v1/relocation/jobs/{job.record.id}"
+        try:
+            async with self.connect(job.record.dest, job.endpoint, CALL_TIMEOUT) as peer:
+                st = JobStatus.model_validate(await peer.request("GET", path))
+                if st.state == JobState.running:
+                    body = AbortRequest(job_id=job.record.id, outcome=JobState.failed,
+                                        reason="the source ferryd restarted during the "
+                                        "migration", phase=job.record.phase)
+                    res = AbortAnswer.model_validate(await peer.request(
+                        "POST", "/v1/relocation/abort", body.model_dump(mode="json")))
+                    if res.aborted:
+                        return JobState.failed
+                    # too late to abort (Finish got there first?): what is it now?
+                    st = JobStatus.model_validate(await peer.request("GET", path))
+        except NotFound:
+            return JobState.failed
+        except FerryError as exc:
+            log.warning("job %s: cannot ask %s: %s", job.record.id, job.record.dest,
+                        exc.message)
+            return None
+        if st.state == JobState.completed:
+            return JobState.completed
+        if st.state in (JobState.failed, JobState.aborted):
+            return JobState.failed
+        return None
+
+    async def _conclude(self, job: SourceJob, verdict: JobState | None, why: str) -> bool:
+        """Settle a job from the destination's verdict; False if still in doubt."""
+        rec, facts = job.record, job.facts
+        if verdict == JobState.completed:
+            if job.dom is not None:
+                await self._confirm(job)
+            self.records.set_state(rec, JobState.completed, decided_by=rec.dest,
+                                   cleanup_error=job.cleanup_error)
+            log.info("job %s: confirmed %s: %s runs on %s", rec.id, why, rec.domain,
+                     rec.dest)
+            return True
+        if verdict is None and facts.finish_sent:
+            return False
+        # the destination's copy is gone, or it never got Finish so never resumed
+        facts.dest_gone = verdict is not None
+        message = f"ferryd restarted during the migration ({why})" if \
+            rec.state == JobState.running else f"settled {why}"
+        if verdict is None:
+            message += f"; destination {rec.dest} did not answer, but it never got " \
+                       "Finish, so it never ran the guest"
+        error: dict[str, object] = {"phase": rec.phase.value, "host": self.host.name,
+                                    "message": message, "kind": "failed"}
+        rec.error = error
+        job.outcome = JobState.failed
+        undo_errors = await undo_steps(job, self.steps)
+        if undo_errors:
+            error["undo_errors"] = undo_errors
+        self.records.set_state(rec, JobState.failed, error=error,
+                               decided_by=self.host.name)
+        return True
+
+    async def _resolve(self, job: SourceJob) -> None:
+        """An in-doubt job asks the destination again until it can settle."""
+        while True:
+            await asyncio.sleep(RESOLVE_EVERY_S)
+            verdict = await self._settle(job)
+            if await self._conclude(job, verdict, "once the destination answered"):
+                self._end(job)
+                return
 
     async def recover(self) -> None:
-        """At start: finish or undo a source job that an earlier ferryd left running.
-
-        If the destination completed Finish, the domain is there: confirm (stop our
-        copy). Otherwise tell the destination to drop its side and resume ours."""
-        for rec in self.store.migrations(state=JobState.running.value):
-            if rec["role"] != "source":
-                continue
-            job_id, dom = rec["id"], self.domains.domains.get(rec["domain"])
+        """At start: settle every source job an earlier ferryd left unsettled, with
+        the same undos a failure runs, from the stored record."""
+        for rec in self.records.running(Role.source.value):
+            dom = self.domains.domains.get(rec.domain)
             try:
-                dest_name, endpoint = self._dest(rec["dest"])
+                endpoint: tuple[str, int] | None = self._dest(rec.dest)[1]
             except InvalidInput:
                 endpoint = None
-            dest_state = None
-            if endpoint is not None:
-                try:
-                    async with peer_client(self.host, dest_name, endpoint,
-                                           timeout=10) as peer:
-                        dest_state = await self._settle(peer, job_id)
-                except FerryError as exc:
-                    log.warning("job %s: cannot ask %s after restart: %s", job_id,
-                                rec["dest"], exc.message)
-            if dest_state == JobState.completed.value and dom is not None:
-                await self.domains.release(dom)
-                rec.update(state=JobState.completed.value, ended=time.time())
-                self.store.save_migration(rec)
-                log.info("job %s: confirmed after restart: %s runs on %s", job_id,
-                         rec["domain"], rec["dest"])
+            job = SourceJob(rec, dom, endpoint)
+            if dom is not None:
+                await self.domains.hold_for_job(dom.name, rec.id)
+            verdict = await self._settle(job)
+            if await self._conclude(job, verdict, "after a restart"):
+                if dom is not None:
+                    self.domains.let_go(dom)
                 continue
-            # only a destination that says its side is gone lets our copy run again
-            gone = dest_state in (JobState.failed.value, JobState.aborted.value)
-            if dom is not None and dom.proc is not None:
-                proc = dom.proc
-                status = await proc.qmp.execute("query-migrate")
-                if status.get("status") in ("active", "setup", "pre-switchover", "device"):
-                    await self._cancel_stream(proc)
-                run = await proc.qmp.execute("query-status")
-                if rec.get("stats", {}).get("was_running") and not run["running"] and gone:
-                    await proc.qmp.execute("cont")
-                await streamtls.remove(proc.qmp, job_id)
-            rec.update(state=JobState.failed.value, ended=time.time(),
-                       error={"phase": rec["phase"], "host": self.host.name,
-                              "message": "ferryd restarted during the migration"
-                              + ("" if gone else
-                                 f"; destination {rec['dest']} did not say its copy is "
-                                 f"gone ({dest_state or 'no answer'}): the source copy "
-                                 "is left as QEMU has it")})
-            self.store.save_migration(rec)
+            self.jobs[rec.id] = job
+            if rec.state != JobState.in_doubt:
+                self._in_doubt(job, {"phase": rec.phase.value, "host": rec.dest,
+                                     "message": f"ferryd restarted after Finish was sent "
+                                     f"and host {rec.dest} does not answer: it may run "
+                                     "the guest, so the source copy stays paused",
+                                     "kind": "failed"})
+            else:
+                job.resolver = asyncio.create_task(self._resolve(job))
 
 
 _URI_RE = re.compile(r"tcp:(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
@@ -532,25 +686,3 @@ def _check_uri(uri: object, running: bool, dest: str) -> str | None:
                      f"URI {uri!r} (only tcp:IPv4:PORT is accepted)", host=dest,
                      phase="prepare")
     return str(uri)
-
-
-def _update_stats(stats: dict[str, Any], info: dict[str, Any]) -> None:
-    """query-migrate → the numbers the CLI shows and the record keeps."""
-    ram = info.get("ram", {})
-    page = ram.get("page-size", 4096)
-    stats.update({
-        "status": info.get("status"),
-        "transferred": ram.get("transferred", stats.get("transferred", 0)),
-        "total": ram.get("total", stats.get("total", 0)),
-        "remaining": ram.get("remaining", stats.get("remaining", 0)),
-        "mbps": ram.get("mbps", stats.get("mbps", 0.0)),
-        "dirty_rate": ram.get("dirty-pages-rate", 0) * page,
-        "passes": ram.get("dirty-sync-count", stats.get("passes", 0)),
-        "expected_downtime_ms": info.get("expected-downtime",
-                                         stats.get("expected_downtime_ms")),
-        "throttle_pct": info.get("cpu-throttle-percentage", 0),
-    })
-    for key, ours in (("total-time", "total_time_ms"), ("downtime", "downtime_ms"),
-                      ("setup-time", "setup_time_ms")):
-        if key in info:
-            stats[ours] = info[key]

@@ -23,7 +23,7 @@ from cryptography import x509
 from ferry import pki
 from ferry.errors import Failed, FerryError
 from ferry.migration.models import StreamCreds
-from ferry.qemu.qmp import QmpConnection
+from ferry.qemu.migrate import MigrationQmp, Qmp
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def make_pair(job_id: str, days: float = 2) -> tuple[StreamCreds, StreamCreds]:
     return halves[0], halves[1]
 
 
-async def install(qmp: QmpConnection, workdir: Path, job_id: str, server: bool,
+async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
                   creds: StreamCreds) -> None:
     """Load ``creds`` into QEMU and make its migration use them; Failed if QEMU
     does not (then nothing must be sent)."""
@@ -84,9 +84,7 @@ async def install(qmp: QmpConnection, workdir: Path, job_id: str, server: bool,
             fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-        await qmp.execute("object-add", {
-            "qom-type": "tls-creds-x509", "id": object_id(job_id), "dir": str(tmp),
-            "endpoint": endpoint, "verify-peer": True})
+        await MigrationQmp(qmp).add_tls_creds(object_id(job_id), str(tmp), endpoint)
     except FerryError as exc:
         raise Failed(f"QEMU did not take the migration's TLS credentials: {exc.message}"
                      ) from exc
@@ -94,20 +92,16 @@ async def install(qmp: QmpConnection, workdir: Path, job_id: str, server: bool,
         raise Failed(f"cannot write the migration's TLS credentials: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # QEMU has read them
-    params = {"tls-creds": object_id(job_id)}
-    if not server:
-        params["tls-hostname"] = tls_hostname(job_id)
-    await qmp.execute("migrate-set-parameters", params)
-    got = await qmp.execute("query-migrate-parameters")
-    if got.get("tls-creds") != object_id(job_id):
-        raise Failed("QEMU did not switch its migration stream to TLS; refusing to send "
-                     "the guest in plaintext")
+    try:
+        await MigrationQmp(qmp).use_tls(object_id(job_id),
+                                        None if server else tls_hostname(job_id))
+    except FerryError as exc:
+        raise Failed(f"{exc.message}; refusing to send the guest in plaintext") from exc
 
 
-async def remove(qmp: QmpConnection, job_id: str) -> None:
+async def remove(qmp: Qmp, job_id: str) -> None:
     """Forget the job's credentials (QEMU may already be gone: then so are they)."""
     try:
-        await qmp.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
-        await qmp.execute("object-del", {"id": object_id(job_id)})
+        await MigrationQmp(qmp).drop_tls(object_id(job_id))
     except FerryError as exc:
         log.debug("job %s: removing TLS credentials: %s", job_id, exc.message)

@@ -1,0 +1,118 @@
+"""QMP for migration, in one place: capabilities and parameters, TLS, start,
+status, cancel, incoming. The services call these typed methods, never raw
+command strings, so what Ferry asks of QEMU's migration is all on this page.
+
+Post-copy (``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``)
+and multifd will be added here with the convergence work.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from ferry.errors import QemuError
+from ferry.stats import MigrationStats, MigrationStatus
+
+log = logging.getLogger(__name__)
+
+UNLIMITED_BPS = 1 << 40
+CANCEL_WAIT_S = 5.0
+
+
+class Qmp(Protocol):
+    """What this module needs of a QMP connection (``ferry.qemu.qmp.QmpConnection``,
+    or the fault-injection tier's fake)."""
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any: ...
+
+    async def wait_event(self, name: str, timeout: float) -> bool: ...
+
+
+class MigrationQmp:
+    """One QEMU's migration, over its QMP connection."""
+
+    def __init__(self, qmp: Qmp) -> None:
+        self.qmp = qmp
+
+    # -- setup ------------------------------------------------------------------------
+    async def set_capabilities(self, **caps: bool) -> None:
+        """``events=True, auto_converge=False`` → migrate-set-capabilities."""
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": name.replace("_", "-"), "state": state}
+            for name, state in caps.items()]})
+
+    async def set_limits(self, downtime_ms: int, bandwidth_bps: int | None) -> None:
+        """Allowed downtime, and bandwidth (None: unlimited)."""
+        await self.qmp.execute("migrate-set-parameters", {
+            "downtime-limit": downtime_ms,
+            "max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
+
+    async def use_tls(self, creds_id: str, hostname: str | None) -> None:
+        """Make the stream TLS with the ``tls-creds-x509`` object ``creds_id``
+        (``hostname``: the name the server's certificate must carry, on the client);
+        QemuError if QEMU did not switch (then nothing may be sent)."""
+        params = {"tls-creds": creds_id}
+        if hostname is not None:
+            params["tls-hostname"] = hostname
+        await self.qmp.execute("migrate-set-parameters", params)
+        got = await self.qmp.execute("query-migrate-parameters")
+        if got.get("tls-creds") != creds_id:
+            raise QemuError("QEMU did not switch its migration stream to TLS")
+
+    async def drop_tls(self, creds_id: str) -> None:
+        await self.qmp.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+        await self.qmp.execute("object-del", {"id": creds_id})
+
+    async def add_tls_creds(self, creds_id: str, directory: str, endpoint: str) -> None:
+        await self.qmp.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": creds_id, "dir": directory,
+            "endpoint": endpoint, "verify-peer": True})
+
+    # -- the stream -------------------------------------------------------------------
+    async def start(self, uri: str) -> None:
+        await self.qmp.execute("migrate", {"uri": uri})
+
+    async def incoming(self, uri: str) -> int:
+        """Listen for the stream on ``uri`` (``tcp:ADDR:0``); the port QEMU opened."""
+        await self.qmp.execute("migrate-incoming", {"uri": uri})
+        info = await self.qmp.execute("query-migrate")
+        addrs = info.get("socket-address") or []
+        if not addrs:
+            raise QemuError("QEMU opened no incoming migration endpoint")
+        return int(addrs[0]["port"])
+
+    async def query(self, previous: MigrationStats | None = None) -> MigrationStats:
+        info = await self.qmp.execute("query-migrate")
+        return (previous or MigrationStats()).updated(info)
+
+    async def status(self) -> MigrationStatus:
+        info = await self.qmp.execute("query-migrate")
+        return MigrationStatus.parse(info.get("status", "none"))
+
+    async def wait_change(self, timeout: float) -> bool:
+        """Wake at once on a MIGRATION event, else after ``timeout`` s."""
+        return await self.qmp.wait_event("MIGRATION", timeout)
+
+    async def cancel(self) -> MigrationStatus:
+        """``migrate_cancel`` and wait (bounded) until the stream is no longer in
+        flight; the status it ended in."""
+        await self.qmp.execute("migrate_cancel")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_S
+        while True:
+            status = await self.status()
+            if not status.in_flight or loop.time() > deadline:
+                return status
+            await asyncio.sleep(0.05)
+
+    async def cancel_if_running(self) -> None:
+        if (await self.status()).in_flight:
+            await self.cancel()
+
+
+async def guest_running(qmp: Qmp) -> bool:
+    """Does the guest's CPU run (``query-status``)?"""
+    status = await qmp.execute("query-status")
+    return bool(status.get("running"))

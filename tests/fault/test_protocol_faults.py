@@ -1,0 +1,480 @@
+"""The migration protocol under faults: the real MigrationService and
+RelocationService of two hosts, over the real relocation API, with a fake QEMU
+that fails, dies or hangs at a chosen QMP step. Each test checks the
+invariants from outside: the guest runs on exactly one host (or, only where
+Ferry cannot know, stays paused in doubt), nothing is left on the other, and
+both records of the job tell the same outcome.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import ferry.migration.destination as destination
+import ferry.migration.source as source
+from fault.fakes import FakeHost, World, domain
+from ferry.errors import Busy
+from ferry.migration.job import PhaseStep
+from ferry.migration.models import MigrateRequest, Phase
+from ferry.models import DomainConfig, DomainState
+
+
+async def boot(world: World, host: str = "a", name: str = "web") -> None:
+    await world.hosts[host].svc.define(DomainConfig.model_validate(domain(world, name)),
+                                       start=True)
+
+
+async def migrate(world: World, name: str = "web", mode: str = "live", src: str = "a",
+                  dst: str = "b", **opts: Any) -> str:
+    req = MigrateRequest.model_validate({"dest": dst, "mode": mode, **opts})
+    record = await world.hosts[src].mig.start(name, req)
+    return record.id
+
+
+async def settle(world: World, job_id: str, src: str = "a", timeout: float = 10
+                 ) -> dict[str, Any]:
+    """Wait for the source's job to end (or go in doubt); its record."""
+    host = world.hosts[src]
+    for _ in range(int(timeout / 0.01)):
+        rec = host.record(job_id)
+        if job_id not in host.mig.jobs and rec is not None and rec["state"] != "running":
+            return rec
+        if rec is not None and rec["state"] == "in_doubt":
+            return rec
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job {job_id} did not end: {host.record(job_id)}")
+
+
+def state(host: FakeHost, name: str = "web") -> DomainState | None:
+    dom = host.svc.domains.get(name)
+    return dom.state if dom is not None else None
+
+
+def assert_runs_only_on(world: World, where: str, name: str = "web") -> None:
+    """The guest's CPU runs on ``where`` and nowhere else; the other host has no
+    QEMU, reservation, arrival or domain of it."""
+    for host in world.hosts.values():
+        running = [q for q in host.qemus() if q.name == name and q.runstate == "running"]
+        if host.name == where:
+            assert len(running) == 1, (host.name, [q.runstate for q in host.qemus()])
+            assert state(host, name) == DomainState.running
+            assert not host.svc.domains[name].lock.locked(), "the domain is free again"
+        else:
+            assert running == [], host.name
+            assert name not in host.svc.domains
+            assert [q for q in host.qemus() if q.name == name] == []
+            assert host.svc.reservations == {} and host.svc.arrivals == {}
+            assert host.reloc.incoming == {}
+
+
+def assert_agree(world: World, job_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Both records of the job tell the same outcome (and the same failing phase)."""
+    a, b = world.hosts["a"].record(job_id), world.hosts["b"].record(job_id)
+    assert a is not None
+    if b is not None:
+        assert a["state"] == b["state"], (a, b)
+        if a["error"] is not None and a["state"] != "completed":
+            assert b["error"] is not None and a["error"]["phase"] == b["error"]["phase"], (a, b)
+    return a, b
+
+
+def assert_source_clean_stream(world: World, name: str = "web") -> None:
+    """The source QEMU holds no migration: no TLS object, no stream in flight."""
+    for q in world.hosts["a"].qemus():
+        if q.name == name:
+            assert q.objects == set(), q.objects
+            assert q.mig_status not in ("active", "setup"), q.mig_status
+
+
+async def test_live_migration_completes_with_one_record_outcome(world: World) -> None:
+    await boot(world)
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    assert_runs_only_on(world, "b")
+    a, b = assert_agree(world, job)
+    assert a["stats"]["stream_tls"] and a["stats"]["passes"] >= 1
+    assert b is not None and b["dest_facts"]["resumed"] and b["decided_by"] == "a"
+    assert world.hosts["a"].qemus() == []
+
+
+async def test_offline_migration_completes(world: World) -> None:
+    await boot(world)
+    job = await migrate(world, mode="offline")
+    assert (await settle(world, job))["state"] == "completed"
+    assert_runs_only_on(world, "b")
+
+
+# (host, QMP command, kind, the phase it fails in)
+STEPS = [
+    ("a", "migrate-set-capabilities", "error", "perform"),
+    ("a", "migrate-set-parameters", "error", "perform"),
+    ("a", "object-add", "error", "perform"),
+    ("a", "query-migrate-parameters", "error", "perform"),
+    ("a", "migrate", "error", "perform"),
+    ("b", "migrate-set-capabilities", "error", "prepare"),
+    ("b", "object-add", "error", "prepare"),
+    ("b", "migrate-set-parameters", "error", "prepare"),
+    ("b", "migrate-incoming", "error", "prepare"),
+    ("b", "migrate-incoming", "die", "prepare"),
+    ("b", "object-del", "die", "finish"),
+    ("b", "cont", "error", "finish"),
+    ("b", "cont", "die", "finish"),
+]
+
+
+@pytest.mark.parametrize("mode", ["live", "offline"])
+@pytest.mark.parametrize("host,command,kind,phase", STEPS)
+async def test_a_failed_qmp_step_is_undone_on_both_hosts(
+        world: World, host: str, command: str, kind: str, phase: str, mode: str) -> None:
+    await boot(world)
+    world.fail(host, command, kind)
+    job = await migrate(world, mode=mode)
+    rec = await settle(world, job)
+    assert rec["state"] == "failed", rec
+    assert rec["error"]["phase"] == phase and rec["error"]["host"] == host, rec
+    assert "undo_errors" not in rec["error"], rec
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+    assert_source_clean_stream(world)
+
+
+async def test_destination_qemu_that_fails_to_start_fails_prepare(world: World) -> None:
+    await boot(world)
+    world.launch_faults.append("b")
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "prepare", rec
+    assert "failed to start" in rec["error"]["message"]
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+
+
+async def test_finish_query_failure_resumes_the_source(world: World) -> None:
+    await boot(world)
+    f = world.fail("b", "query-migrate")
+    f.when = lambda q: q.mig_status == "completed"  # in Finish, not in Prepare
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "finish", rec
+    assert rec["source_facts"]["finish_sent"] and rec["source_facts"]["dest_gone"]
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+
+
+async def test_incoming_qemu_killed_mid_stream(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    job = await migrate(world)
+    b = world.hosts["b"]
+    for _ in range(500):
+        if any(q.mig_status == "active" for q in b.qemus()):
+            break
+        await asyncio.sleep(0.01)
+    for q in b.qemus():
+        q.exit()  # kill -9 of the destination QEMU
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "perform", rec
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+
+
+async def test_source_qemu_dying_mid_stream_leaves_the_destination_clean(world: World) -> None:
+    await boot(world)
+    f = world.fail("a", "query-migrate", "die")
+    f.when = lambda q: q.mig_status == "active"
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "perform", rec
+    b = world.hosts["b"]
+    assert b.qemus() == [] and b.svc.reservations == {} and b.reloc.incoming == {}
+    assert state(world.hosts["a"]) == DomainState.crashed  # it died: said so, not hidden
+    assert_agree(world, job)
+
+
+async def test_a_failing_confirm_is_a_completed_migration_with_a_cleanup_error(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    await boot(world)
+    a = world.hosts["a"]
+
+    async def broken_release(dom: Any) -> None:
+        raise OSError("disk full while removing the domain's directory")
+
+    monkeypatch.setattr(a.svc, "release", broken_release)
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    assert "disk full" in rec["cleanup_error"]
+    assert state(world.hosts["b"]) == DomainState.running
+    assert_agree(world, job)
+
+
+async def test_an_undo_that_fails_is_reported_and_the_others_still_run(world: World) -> None:
+    await boot(world)
+    world.fail("a", "migrate")   # Perform fails after the offline pause...
+    world.fail("a", "cont")      # ...and resuming the source fails in the undo
+    job = await migrate(world, mode="offline")
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "perform", rec
+    assert any(e.startswith("perform:") for e in rec["error"]["undo_errors"]), rec
+    b = world.hosts["b"]  # the prepare undo still ran
+    assert b.qemus() == [] and b.reloc.incoming == {} and b.svc.arrivals == {}
+    assert_agree(world, job)
+
+
+@pytest.mark.parametrize("on_timeout", ["abort", "pause"])
+async def test_on_timeout_actions(world: World, on_timeout: str) -> None:
+    world.converges = False
+    await boot(world)
+    job = await migrate(world, timeout_s=0.3, on_timeout=on_timeout)
+    rec = await settle(world, job)
+    if on_timeout == "abort":
+        assert rec["state"] == "aborted" and rec["error"]["phase"] == "perform", rec
+        assert "on_timeout=abort" in rec["error"]["message"]
+        assert_runs_only_on(world, "a")
+    else:
+        assert rec["state"] == "completed", rec
+        assert rec["stats"]["forced_pause"] is True
+        assert [e["action"] for e in rec["escalations"]][-1] == "pause"
+        assert_runs_only_on(world, "b")
+    assert_agree(world, job)
+
+
+async def test_throttling_is_recorded_as_an_escalation(world: World) -> None:
+    world.converges, world.queries_to_converge = False, 12
+    await boot(world)
+    job = await migrate(world, timeout_s=0.5)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    notes = [e for e in rec["escalations"] if e["action"] == "throttle"]
+    assert notes and "auto-converge" in notes[0]["reason"], rec["escalations"]
+
+
+async def test_operator_abort_during_perform(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    a = world.hosts["a"]
+    job = await migrate(world)
+    for _ in range(500):
+        if a.mig.jobs[job].record.stats.transferred:
+            break
+        await asyncio.sleep(0.01)
+    a.mig.abort(job)
+    rec = await settle(world, job)
+    assert rec["state"] == "aborted" and rec["error"]["phase"] == "perform", rec
+    assert_runs_only_on(world, "a")
+    _, b_rec = assert_agree(world, job)
+    assert b_rec is not None and b_rec["state"] == "aborted" and b_rec["decided_by"] == "a"
+
+
+async def test_abort_while_prepare_waits_on_a_silent_destination(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.3)
+    await boot(world)
+    world.hosts["b"].silent = True  # packets dropped: Prepare never answers
+    a = world.hosts["a"]
+    job = await migrate(world)
+    for _ in range(200):
+        if a.mig.jobs[job].record.phase.value == "prepare":
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    a.mig.abort(job)
+    rec = await settle(world, job, timeout=3)
+    assert rec["state"] == "aborted" and rec["error"]["phase"] == "prepare", rec
+    assert state(a) == DomainState.running and not a.svc.domains["web"].lock.locked()
+    # and the domain can migrate again at once, once the destination answers
+    world.hosts["b"].silent = False
+    assert (await settle(world, await migrate(world)))["state"] == "completed"
+
+
+async def test_heartbeat_misses_fail_the_job_and_the_destination_drops_its_side(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(source, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(destination, "INCOMING_LEASE_S", 0.5)
+    world.converges = False
+    await boot(world)
+    b = world.hosts["b"]
+    job = await migrate(world)
+    for _ in range(500):
+        if any(q.mig_status == "active" for q in b.qemus()):
+            break
+        await asyncio.sleep(0.01)
+    b.silent = True
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["host"] == "b", rec
+    assert "stopped answering" in rec["error"]["message"]
+    assert any("did not answer the abort" in e for e in rec["error"]["undo_errors"])
+    assert state(world.hosts["a"]) == DomainState.running
+    b.silent = False
+    for _ in range(300):  # b's lease on the silent source runs out
+        if b.reloc.incoming == {}:
+            break
+        await asyncio.sleep(0.01)
+    assert_runs_only_on(world, "a")
+    assert b.record(job)["state"] == "failed"
+
+
+async def test_an_arriving_name_is_reserved_on_the_destination(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    b = world.hosts["b"]
+    job = await migrate(world)
+    for _ in range(500):
+        if b.reloc.incoming:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(Busy, match="arriving from host a"):
+        await b.svc.define(DomainConfig.model_validate(domain(world)))
+    other_name = DomainConfig.model_validate(
+        {**domain(world, "other"), "uuid": str(b.reloc.incoming[job].config.uuid)})
+    with pytest.raises(Busy, match="arriving"):
+        await b.svc.define(other_name)
+    world.hosts["a"].mig.abort(job)
+    assert (await settle(world, job))["state"] == "aborted"
+    assert_runs_only_on(world, "a")
+
+
+# -- after a restart of the source ferryd --------------------------------------------
+async def restart(host: FakeHost) -> None:
+    """kill -9 and start again: the record stays as the job left it; QEMUs go on."""
+    await host.stop()
+    await host.start()
+
+
+async def until_phase(host: FakeHost, job: str, phase: str) -> None:
+    for _ in range(1000):
+        j = host.mig.jobs.get(job)
+        if j is not None and j.record.phase.value == phase:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"job {job} never reached {phase}")
+
+
+async def test_restart_of_the_source_during_precopy(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    a = world.hosts["a"]
+    job = await migrate(world)
+    await until_phase(a, job, "perform")
+    await asyncio.sleep(0.05)
+    await restart(a)
+    rec = a.record(job)
+    assert rec is not None and rec["state"] == "failed" and "restarted" in rec["error"]["message"]
+    assert_runs_only_on(world, "a")
+    assert_source_clean_stream(world)
+    assert_agree(world, job)
+
+
+async def test_restart_of_the_source_after_the_stream_completed_alone(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream completes while the source ferryd is down: the guest is paused in
+    postmigrate there, never resumed on the destination (no Finish). The restarted
+    source has the destination drop its copy and resumes its own: it runs on
+    exactly one host, with no operator action."""
+    await boot(world)
+    a = world.hosts["a"]
+    stuck = asyncio.Event()
+
+    async def never_finish(job: Any) -> None:
+        await stuck.wait()
+
+    a.mig.steps[2] = PhaseStep(Phase.finish, never_finish)
+    job = await migrate(world)
+    await until_phase(a, job, "finish")
+    assert [q.runstate for q in a.qemus()] == ["postmigrate"]
+    await restart(a)
+    assert a.record(job)["state"] == "failed"
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+
+
+async def test_restart_of_the_source_after_the_destination_took_over(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    await boot(world)
+    a = world.hosts["a"]
+    stuck = asyncio.Event()
+
+    async def never_confirm(job: Any) -> None:
+        await stuck.wait()
+
+    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
+    job = await migrate(world)
+    await until_phase(a, job, "confirm")
+    await restart(a)
+    assert a.record(job)["state"] == "completed"
+    assert_runs_only_on(world, "b")
+    assert_agree(world, job)
+
+
+async def test_restart_of_the_source_after_finish_with_the_destination_away(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finish was sent and the destination can't be asked: in doubt, the source copy
+    paused and held; once the destination answers, the job settles by itself."""
+    monkeypatch.setattr(source, "RESOLVE_EVERY_S", 0.05)
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    stuck = asyncio.Event()
+
+    async def never_confirm(job: Any) -> None:
+        await stuck.wait()
+
+    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
+    job = await migrate(world)
+    await until_phase(a, job, "confirm")
+    b.silent = True
+    await restart(a)
+    rec = a.record(job)
+    assert rec["state"] == "in_doubt", rec
+    assert state(a) == DomainState.paused and a.svc.domains["web"].lock.locked()
+    assert "in doubt" in a.svc.domains["web"].reason
+    b.silent = False
+    for _ in range(300):
+        if job not in a.mig.jobs:
+            break
+        await asyncio.sleep(0.01)
+    assert a.record(job)["state"] == "completed"
+    assert_runs_only_on(world, "b")
+    assert_agree(world, job)
+
+
+async def test_restart_of_the_source_with_the_destination_gone_before_finish(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Finish was sent, so the destination never ran the guest: even unreachable,
+    the source may resume its copy (the destination drops its side by its lease)."""
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(destination, "INCOMING_LEASE_S", 0.5)
+    world.converges = False
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    job = await migrate(world)
+    await until_phase(a, job, "perform")
+    b.silent = True
+    await restart(a)
+    rec = a.record(job)
+    assert rec["state"] == "failed" and "never got Finish" in rec["error"]["message"], rec
+    assert state(a) == DomainState.running
+    b.silent = False
+    for _ in range(300):
+        if b.reloc.incoming == {}:
+            break
+        await asyncio.sleep(0.01)
+    assert_runs_only_on(world, "a")
+
+
+async def test_restart_of_the_destination_before_finish_drops_its_side(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    job = await migrate(world)
+    await until_phase(a, job, "perform")
+    await asyncio.sleep(0.05)
+    await restart(b)  # its recovery kills the incoming QEMU; the stream breaks
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and rec["error"]["phase"] == "perform", rec
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
