@@ -74,12 +74,13 @@ class Daemon:
         os.chmod(cfg.state_dir, 0o700)
         (cfg.state_dir / "domains").mkdir(exist_ok=True, mode=0o700)
         self._take_lock()
+        # first: a store from a newer ferryd is refused before anything else happens
+        self.store = Store(cfg.state_dir / "ferry.db")
         if cfg.control_port and cfg.tls is not None:  # refuse a wrong certificate early
             tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
         accel = await asyncio.to_thread(resolve_accel, cfg.accel.value, cfg.qemu)
         log.info("ferryd %s, host %s: state in %s, accelerator %s, %s", __version__, cfg.name,
                  cfg.state_dir, accel, qemu_version(cfg.qemu))
-        self.store = Store(cfg.state_dir / "ferry.db")
         self.svc = DomainService(cfg, self.store, accel, EventBus())
         await self.svc.recover()
         self.migrations = MigrationService(cfg, self.svc, self.store)
