@@ -6,7 +6,6 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -69,21 +68,3 @@ def test_ferryd_version_needs_no_root(monkeypatch: pytest.MonkeyPatch,
     assert capsys.readouterr().out == f"ferryd {ferry.__version__}\n"
     with pytest.raises(SystemExit, match="must run as root"):
         daemon.main([])
-
-
-def host_output(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any]) -> str:
-    monkeypatch.setattr(cli, "call", lambda fn: dict(data))
-    res = CliRunner().invoke(cli.app, ["host"])
-    assert res.exit_code == 0, res.output
-    return res.output
-
-
-HOST = {"name": "a", "version": "0.1.0", "arch": "x86_64", "accel": "tcg",
-        "qemu_version": "10.0.0", "memory_total": 4000, "memory_free": 1200, "domains": 0,
-        "running": 0, "state_dir": "/var/lib/ferry", "tcp_api": "closed"}
-
-
-def test_ferry_host_shows_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert "version       0.1.0\n" in host_output(monkeypatch, HOST)
-    older = {k: v for k, v in HOST.items() if k != "version"}
-    assert "version       unknown\n" in host_output(monkeypatch, older)

@@ -169,10 +169,13 @@ def host(as_json: JsonOpt = False) -> None:
     if as_json:
         return print_json(data)
     data.setdefault("version", "unknown")  # older ferryds do not say
+    # how ferryd computes it (DomainService.memory_free), so the number can be checked
+    data["memory_free"] = (f"{data['memory_free']} MiB (at most total - reserve - "
+                           "allocated to domains, at most what is available now)")
+    data["memory_total"] = f"{data['memory_total']} MiB"
     for key in ("name", "version", "arch", "accel", "qemu_version", "memory_total",
                 "memory_free", "domains", "running", "state_dir", "tcp_api"):
-        unit = " MiB" if key.startswith("memory") else ""
-        typer.echo(f"{key:<13} {data[key]}{unit}")
+        typer.echo(f"{key:<13} {data[key]}")
 
 
 # -- defining --------------------------------------------------------------------------
