@@ -1,7 +1,9 @@
 """Bad input is refused with a clear one-line reason and changes nothing."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -173,3 +175,46 @@ def test_disk_outside_storage_dirs(host: Host, workdir: Path, base: dict[str, An
             assert "outside the storage directories" in err
         finally:
             link.unlink()
+
+
+def post(host: Host, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A raw POST to ferryd's Unix socket, to send what the CLI never would."""
+    request = (f"POST {path} HTTP/1.1\r\nHost: ferryd\r\nConnection: close\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(host.socket))
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"start": "yes"}, "start: Input should be a valid boolean"),
+    ({"config": {"memory": "128"}}, "config.memory: Input should be a valid integer"),
+    ({"config": {"vcpus": True}}, "config.vcpus: Input should be a valid integer"),
+])
+def test_api_types_are_strict(host: Host, base: dict[str, Any], change: dict[str, Any],
+                              message: str) -> None:
+    """Types are not coerced: "yes" is no bool, "128" no number, true no vCPU count."""
+    req: dict[str, Any] = {"config": guest_config("strict", 1), "start": True}
+    req["config"].update(change.pop("config", {}))
+    req.update(change)
+    before = snapshot(host)
+    status, answer = post(host, "/v1/domains", json.dumps(req).encode())
+    assert status == 400 and answer["error"]["code"] == "invalid", answer
+    assert answer["error"]["message"].startswith(message), answer
+    assert snapshot(host) == before
+
+
+def test_deeply_nested_body(host: Host, base: dict[str, Any]) -> None:
+    """~200 KB of brackets: refused as input (once HTTP 500 and a RecursionError)."""
+    before = host.log.read_text()
+    status, answer = post(host, "/v1/domains", b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nests deeper than 32 levels" in answer["error"]["message"]
+    new_log = host.log.read_text()[len(before):]
+    assert "RecursionError" not in new_log and "internal error" not in new_log

@@ -2,6 +2,7 @@
 
     ferryd [--config FILE] [--state-dir DIR] [--socket PATH] [--name NAME]
            [--accel auto|kvm|tcg] [--log-level LEVEL]
+    ferryd --version
 
 One ferryd per state directory (a lock file makes sure); several can run side
 by side on one machine with different state directories. Stopping ferryd
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ferry import tls
+from ferry import __version__, tls
 from ferry.api.consoles import Consoles
 from ferry.api.relocation import make_relocation_app
 from ferry.api.server import make_app
@@ -73,12 +74,13 @@ class Daemon:
         os.chmod(cfg.state_dir, 0o700)
         (cfg.state_dir / "domains").mkdir(exist_ok=True, mode=0o700)
         self._take_lock()
+        # first: a store from a newer ferryd is refused before anything else happens
+        self.store = Store(cfg.state_dir / "ferry.db")
         if cfg.control_port and cfg.tls is not None:  # refuse a wrong certificate early
             tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
         accel = await asyncio.to_thread(resolve_accel, cfg.accel.value, cfg.qemu)
-        log.info("host %s: state in %s, accelerator %s, %s", cfg.name, cfg.state_dir, accel,
-                 qemu_version(cfg.qemu))
-        self.store = Store(cfg.state_dir / "ferry.db")
+        log.info("ferryd %s, host %s: state in %s, accelerator %s, %s", __version__, cfg.name,
+                 cfg.state_dir, accel, qemu_version(cfg.qemu))
         self.svc = DomainService(cfg, self.store, accel, EventBus())
         await self.svc.recover()
         self.migrations = MigrationService(cfg, self.svc, self.store)
@@ -149,7 +151,8 @@ class Daemon:
         assert self.svc is not None
         mem = meminfo()
         domains = self.svc.infos()
-        return HostInfo(name=self.config.name, accel=self.svc.accel, qemu=self.config.qemu,
+        return HostInfo(name=self.config.name, version=__version__, accel=self.svc.accel,
+                        qemu=self.config.qemu,
                         qemu_version=qemu_version(self.config.qemu), arch=platform.machine(),
                         memory_total=mem["MemTotal"] // 1024,
                         memory_free=self.svc.memory_free(), domains=len(domains),
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                     "closes it)")
     ap.add_argument("--log-level", default="INFO",
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # answered while parsing: before the root check, so anyone may ask
+    ap.add_argument("--version", action="version", version=f"ferryd {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

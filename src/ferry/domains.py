@@ -28,7 +28,7 @@ from ferry.errors import (
 )
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig
-from ferry.hostres import meminfo, rss_mib
+from ferry.hostres import domain_memory_free, meminfo, rss_mib
 from ferry.models import (
     ACTIVE_STATES,
     TRANSITIONS,
@@ -227,13 +227,19 @@ class DomainService:
 
     # -- checks (change nothing) ------------------------------------------------------
     def memory_free(self) -> int:
-        """MiB a new domain may use: available memory, less the host reserve and the
-        part of running domains' memory they have not touched yet."""
-        avail = meminfo()["MemAvailable"] // 1024
-        promised = sum(max(0, d.config.memory - rss_mib(d.proc.pid))
-                       for d in self.domains.values() if d.proc)
-        promised += sum(self.reservations.values())
-        return max(0, avail - self.host.memory_reserve - promised)
+        """MiB a new domain may use: the smaller of what is available now (less the
+        part of running domains' memory they have not touched yet) and the
+        host's total less its reserve and the memory of running domains; both
+        less what incoming migrations were promised (``hostres.domain_memory_free``)."""
+        mem = meminfo()
+        running = [d for d in self.domains.values() if d.proc]
+        return domain_memory_free(
+            total=mem["MemTotal"] // 1024, available=mem["MemAvailable"] // 1024,
+            reserve=self.host.memory_reserve,
+            allocated=sum(d.config.memory for d in running),
+            untouched=sum(max(0, d.config.memory - rss_mib(d.proc.pid))
+                          for d in running if d.proc),
+            reserved=sum(self.reservations.values()))
 
     def blockers(self, config: DomainConfig, *, to_run: bool) -> list[str]:
         """Every reason this host can't take ``config`` (run it, if ``to_run``).

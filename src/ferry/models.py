@@ -247,6 +247,7 @@ class DomainInfo(BaseModel):
 
 class HostInfo(BaseModel):
     name: str
+    version: str         # ferryd's
     accel: str
     qemu: str
     qemu_version: str

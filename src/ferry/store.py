@@ -2,38 +2,63 @@
 
 State is stored, not inferred: the domain service writes it on every
 transition, and reconciles it with what really runs when ferryd starts.
+
+The schema's version is the database's ``PRAGMA user_version``; opening a store
+runs the upgrade steps it lacks, and refuses a database from a newer ferryd.
 """
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry import __version__
+from ferry.errors import Refused
 from ferry.models import DomainConfig, DomainState
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS domains (
-    name         TEXT PRIMARY KEY,
-    uuid         TEXT NOT NULL UNIQUE,
-    config       TEXT NOT NULL,
-    state        TEXT NOT NULL,
-    state_reason TEXT NOT NULL DEFAULT '',
-    state_since  REAL NOT NULL,
-    accel        TEXT
-);
-CREATE TABLE IF NOT EXISTS migrations (
-    id      TEXT NOT NULL,
-    role    TEXT NOT NULL,
-    domain  TEXT NOT NULL,
-    state   TEXT NOT NULL,
-    started REAL NOT NULL,
-    record  TEXT NOT NULL,
-    PRIMARY KEY (id, role)
-);
-"""
+log = logging.getLogger(__name__)
+
+# Version 1: what every ferryd before user_version made (some without the
+# migrations table). Frozen: a later schema change is a new step, not an edit here.
+_V1_TABLES = (
+    """CREATE TABLE IF NOT EXISTS domains (
+        name         TEXT PRIMARY KEY,
+        uuid         TEXT NOT NULL UNIQUE,
+        config       TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        state_reason TEXT NOT NULL DEFAULT '',
+        state_since  REAL NOT NULL,
+        accel        TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS migrations (
+        id      TEXT NOT NULL,
+        role    TEXT NOT NULL,
+        domain  TEXT NOT NULL,
+        state   TEXT NOT NULL,
+        started REAL NOT NULL,
+        record  TEXT NOT NULL,
+        PRIMARY KEY (id, role)
+    )""",
+)
+
+
+def _to_v1(db: sqlite3.Connection) -> None:
+    for statement in _V1_TABLES:
+        db.execute(statement)
+
+
+# UPGRADES[n] takes a database from version n to n + 1. A new database is
+# version 0 with no tables and takes every step, like an old one. To change the
+# schema, append a step.
+UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1,)
+
+SCHEMA_VERSION = len(UPGRADES)
+"""The schema this ferryd writes, kept in the database's ``PRAGMA user_version``."""
 
 
 @dataclass
@@ -47,11 +72,55 @@ class DomainRecord:
 
 class Store:
     def __init__(self, path: Path) -> None:
+        """Open (or create) the store at ``path`` and bring its schema up to date.
+
+        Raises Refused, having changed nothing, when the file's schema is newer
+        than this ferryd knows or the file is not a SQLite database."""
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._upgrade()
+        except BaseException:
+            self._db.close()
+            raise
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+
+    def _upgrade(self) -> None:
+        """Refuse a schema from a newer ferryd before writing anything; else run
+        the missing steps, all in one transaction."""
+        try:
+            found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise Refused(f"ferry.db at {self.path} is not a SQLite database ({exc})",
+                          path=str(self.path)) from exc
+        if found > SCHEMA_VERSION:
+            raise Refused(
+                f"ferry.db at {self.path} has schema version {found}; this ferryd "
+                f"({__version__}) knows up to {SCHEMA_VERSION}: upgrade ferryd",
+                path=str(self.path), schema_version=found, known=SCHEMA_VERSION)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        if found == SCHEMA_VERSION:
+            return
+        fresh = self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in UPGRADES[found:]:
+                step(self._db)
+            # the pragma takes no parameter; SCHEMA_VERSION is our own int
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if fresh:
+            log.info("ferry.db at %s: new, schema version %d", self.path, SCHEMA_VERSION)
+        else:
+            log.info("ferry.db at %s: schema version %d upgraded to %d", self.path, found,
+                     SCHEMA_VERSION)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()

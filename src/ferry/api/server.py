@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
@@ -21,7 +21,7 @@ from ferry.errors import FerryError, Forbidden, InvalidInput
 from ferry.migration.models import MigrateRequest
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
-from ferry.validation import describe
+from ferry.validation import parse_body
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def body_as(request: web.Request, model: type[M]) -> M:
-    try:
-        raw = await request.read()
-        data = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not JSON: {exc}") from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(describe(exc)) from exc
+    """The request's body as ``model``, strictly (``validation.parse_body``)."""
+    return parse_body(await request.read(), model)
 
 
 def domain_name(request: web.Request) -> str:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError
@@ -56,12 +57,23 @@ CertOpt = Annotated[Path | None, typer.Option(
 KeyOpt = Annotated[Path | None, typer.Option(
     "--key", envvar="FERRY_KEY", show_default=False, help="With --host: its key.")]
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ferry {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[bool, typer.Option(
+    "--version", callback=_show_version, is_eager=True,
+    help="Print ferry's version and exit.")]
+
 _state: dict[str, Target] = {"target": Target(DEFAULT_SOCKET)}
 
 
 @app.callback()
 def main(socket: SocketOpt = DEFAULT_SOCKET, host: HostOpt = None, ca: CaOpt = None,
-         cert: CertOpt = None, key: KeyOpt = None) -> None:
+         cert: CertOpt = None, key: KeyOpt = None, version: VersionOpt = False) -> None:
     """Ferry: run QEMU domains ("xm" for QEMU hosts).
 
     Without --host, ferry talks to the local ferryd over its root-only socket.
@@ -156,10 +168,14 @@ def host(as_json: JsonOpt = False) -> None:
     data = call(lambda c: c.host())
     if as_json:
         return print_json(data)
-    for key in ("name", "arch", "accel", "qemu_version", "memory_total", "memory_free",
-                "domains", "running", "state_dir", "tcp_api"):
-        unit = " MiB" if key.startswith("memory") else ""
-        typer.echo(f"{key:<13} {data[key]}{unit}")
+    data.setdefault("version", "unknown")  # older ferryds do not say
+    # how ferryd computes it (DomainService.memory_free), so the number can be checked
+    data["memory_free"] = (f"{data['memory_free']} MiB (at most total - reserve - "
+                           "allocated to domains, at most what is available now)")
+    data["memory_total"] = f"{data['memory_total']} MiB"
+    for key in ("name", "version", "arch", "accel", "qemu_version", "memory_total",
+                "memory_free", "domains", "running", "state_dir", "tcp_api"):
+        typer.echo(f"{key:<13} {data[key]}")
 
 
 # -- defining --------------------------------------------------------------------------

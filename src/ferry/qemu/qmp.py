@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import QemuError
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
+
+from ferry.errors import QemuError
 
 log = logging.getLogger(__name__)
 
