@@ -88,16 +88,18 @@ def test_missing_disk(host: Host, workdir: Path, base: dict[str, Any]) -> None:
 
 def test_malformed_toml(host: Host, workdir: Path, base: dict[str, Any]) -> None:
     err = refuse(host, 'name = "x"\nmemory = = 3\n', workdir)
-    assert "malformed TOML" in err
+    assert f"{workdir}/bad.toml: malformed TOML" in err and "line 2" in err
 
 
-@pytest.mark.parametrize("extra", [{"colour": "blue"}, {"nics": [{"mode": "user", "speed": 1}]}])
-def test_unknown_fields(host: Host, workdir: Path, base: dict[str, Any],
-                        extra: dict[str, Any]) -> None:
+@pytest.mark.parametrize("extra,key", [({"colour": "blue"}, "colour"),
+                                       ({"nics": [{"mode": "user", "speed": 1}]}, "nics[0].speed")])
+def test_unknown_keys(host: Host, workdir: Path, base: dict[str, Any],
+                      extra: dict[str, Any], key: str) -> None:
+    """Named as in the user's file, not as in the API request that wraps it."""
     cfg = guest_config("unknown", 1)
     cfg.update(extra)
     err = refuse(host, to_toml(cfg), workdir)
-    assert "unknown field" in err
+    assert err == f"ferry: error: {workdir}/bad.toml: {key}: unknown key"
 
 
 @pytest.mark.parametrize("field,value,word", [
@@ -138,7 +140,7 @@ def test_what_the_host_cannot_run_is_refused_at_define(
     start. (``base`` defined the real test guest: its kernel and initrd pass.)"""
     cfg = guest_config("hostbad", 1, **{field: value})
     err = refuse(host, to_toml(cfg), workdir, command="define")
-    assert expect in err
+    assert err.startswith(f"ferry: error: {workdir}/bad.toml: ") and expect in err, err
 
 
 def test_a_qemu_start_error_reaches_the_cli_in_qemus_words(
