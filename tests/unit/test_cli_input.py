@@ -1,5 +1,6 @@
-"""The CLI refuses a bad definition file itself, naming the file (no ferryd: the
-socket given does not exist, so anything that got past the CLI fails to connect)."""
+"""The CLI refuses bad input itself: a definition file, naming the file; an
+option outside its choices, as a usage error. No ferryd: the socket given does
+not exist, so anything that got past the CLI fails to connect."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,12 @@ FERRY = str(Path(sys.executable).parent / "ferry")
 GOOD = 'name = "web01"\nmemory = 64\nkernel = "/boot/vmlinuz"\n'
 
 
+def ferry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FERRY_SOCKET": str(tmp_path / "no-ferryd.sock"), "COLUMNS": "200"}
+    return subprocess.run([FERRY, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+
+
 def define(tmp_path: Path, text: str | bytes, command: str = "define"
            ) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "web01.toml"
@@ -22,9 +29,7 @@ def define(tmp_path: Path, text: str | bytes, command: str = "define"
         path.write_bytes(text)
     else:
         path.write_text(text)
-    env = {**os.environ, "FERRY_SOCKET": str(tmp_path / "no-ferryd.sock")}
-    return subprocess.run([FERRY, command, "web01.toml"], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60)
+    return ferry(tmp_path, command, "web01.toml")
 
 
 @pytest.mark.parametrize("text,expect", [
@@ -67,3 +72,22 @@ def test_a_good_file_goes_to_ferryd(tmp_path: Path) -> None:
                                       (("config", "disks", 1), "config.disks[1]")])
 def test_locations_read_as_written(loc: tuple[int | str, ...], text: str) -> None:
     assert where(loc) == text
+
+
+def test_on_timeout_outside_its_choices_is_a_usage_error(tmp_path: Path) -> None:
+    res = ferry(tmp_path, "migrate", "web01", "hb", "--on-timeout", "wait")
+    assert res.returncode == 2, res.stderr
+    assert "--on-timeout" in res.stderr and "'wait'" in res.stderr
+    assert "'pause'" in res.stderr and "'abort'" in res.stderr
+    assert "no-ferryd.sock" not in res.stderr
+
+
+def test_on_timeout_choices_show_in_help(tmp_path: Path) -> None:
+    res = ferry(tmp_path, "migrate", "--help")
+    assert res.returncode == 0 and "pause|abort" in res.stdout
+
+
+@pytest.mark.parametrize("value", ["pause", "abort"])
+def test_on_timeout_choices_get_to_ferryd(tmp_path: Path, value: str) -> None:
+    res = ferry(tmp_path, "migrate", "web01", "hb", "--on-timeout", value)
+    assert res.returncode == 1 and "no-ferryd.sock" in res.stderr, res.stderr

@@ -20,6 +20,7 @@ import typer
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError, InvalidInput
+from ferry.migration.models import Mode, OnTimeout
 
 T = TypeVar("T")
 
@@ -307,18 +308,17 @@ def migrate(
         help="Cap on the migration stream in MiB/s (0: no cap).", min=0)] = 0,
     timeout: Annotated[float, typer.Option(
         help="Seconds of pre-copy before --on-timeout applies.", min=0.1)] = 600.0,
-    on_timeout: Annotated[str, typer.Option(
-        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")] = "pause",
+    on_timeout: Annotated[OnTimeout, typer.Option(
+        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")
+    ] = OnTimeout.pause,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move a domain to another host, offline or --live."""
-    if on_timeout not in ("pause", "abort"):
-        fail(f"--on-timeout must be 'pause' or 'abort', not {on_timeout!r}")
-    body = {"dest": dest, "mode": "live" if live else "offline", "check": check,
-            "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
-            "timeout_s": timeout, "on_timeout": on_timeout}
+    body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
+            "check": check, "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
+            "timeout_s": timeout, "on_timeout": on_timeout.value}
     if check:
         res = call(lambda c: c.migrate(name, **body))
         if as_json:
