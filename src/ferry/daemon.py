@@ -38,7 +38,7 @@ from ferry.hostsallow import AllowGate, HostsAllow, Target
 from ferry.migration.destination import RelocationService
 from ferry.migration.source import MigrationService
 from ferry.models import HostInfo
-from ferry.qemu.probe import qemu_version, resolve_accel
+from ferry.qemu.probe import cpu_models, machine_types, qemu_version, resolve_accel
 from ferry.store import Store
 
 log = logging.getLogger("ferryd")
@@ -79,6 +79,9 @@ class Daemon:
         if cfg.control_port and cfg.tls is not None:  # refuse a wrong certificate early
             tls.check_own(cfg.tls, cfg.name, "host", cfg.address)
         accel = await asyncio.to_thread(resolve_accel, cfg.accel.value, cfg.qemu)
+        # asked once here (cached), so that define doesn't wait for QEMU in the loop
+        await asyncio.to_thread(machine_types, cfg.qemu)
+        await asyncio.to_thread(cpu_models, cfg.qemu)
         log.info("ferryd %s, host %s: state in %s, accelerator %s, %s", __version__, cfg.name,
                  cfg.state_dir, accel, qemu_version(cfg.qemu))
         self.svc = DomainService(cfg, self.store, accel, EventBus())

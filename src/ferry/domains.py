@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.blockers import Blocker, BlockerCode, definition_blockers
 from ferry.errors import (
     Busy,
     Conflict,
@@ -35,9 +36,8 @@ from ferry.models import (
     DomainConfig,
     DomainInfo,
     DomainState,
-    NicMode,
 )
-from ferry.net import bridge_exists, create_taps, delete_taps
+from ferry.net import create_taps, delete_taps
 from ferry.qemu.argv import RuntimePaths, build_argv, taps
 from ferry.qemu.process import QemuProcess, pid_alive, read_pid, remove_runtime_files
 from ferry.store import Store
@@ -241,43 +241,30 @@ class DomainService:
                           for d in running if d.proc),
             reserved=sum(self.reservations.values()))
 
-    def blockers(self, config: DomainConfig, *, to_run: bool) -> list[str]:
+    def typed_blockers(self, config: DomainConfig, *, to_run: bool) -> list[Blocker]:
         """Every reason this host can't take ``config`` (run it, if ``to_run``).
         Changes nothing; an empty list means go."""
-        out = []
-        for label, path in (("kernel", config.kernel), ("initrd", config.initrd)):
-            if path is not None and not path.is_file():
-                out.append(f"{label} {path}: no such file on host {self.host.name}")
-        for disk in config.disks:
-            if not self.host.in_storage(disk.path):
-                dirs = ", ".join(str(d) for d in self.host.storage_dirs)
-                out.append(f"disk {disk.path} is outside the storage directories of host "
-                           f"{self.host.name} ({dirs})")
-            elif not disk.path.is_file() and not disk.path.is_block_device():
-                out.append(f"disk {disk.path}: no such file on host {self.host.name}")
-        if not to_run:
-            return out
-        free = self.memory_free()
-        if config.memory > free:
-            out.append(f"domain {config.name} needs {config.memory} MiB but host "
-                       f"{self.host.name} has {free} MiB free")
-        for nic in config.nics:
-            if nic.mode != NicMode.bridge:
-                continue
-            allowed = self.host.bridges
-            if allowed is not None and nic.bridge not in allowed:
-                out.append(f"bridge {nic.bridge} is not one of host {self.host.name}'s "
-                           f"bridges ({', '.join(allowed) or 'none'})")
-            elif not bridge_exists(str(nic.bridge)):
-                out.append(f"bridge {nic.bridge} does not exist on host {self.host.name}")
+        out = definition_blockers(config, self.host)
+        if to_run:
+            free = self.memory_free()
+            if config.memory > free:
+                out.append(Blocker(BlockerCode.memory,
+                                   f"domain {config.name} needs {config.memory} MiB but host "
+                                   f"{self.host.name} has {free} MiB free"))
         return out
 
+    def blockers(self, config: DomainConfig, *, to_run: bool) -> list[str]:
+        """``typed_blockers`` as messages."""
+        return [b.message for b in self.typed_blockers(config, to_run=to_run)]
+
     def _check(self, config: DomainConfig, *, to_run: bool) -> None:
-        found = self.blockers(config, to_run=to_run)
+        found = self.typed_blockers(config, to_run=to_run)
         if found:
-            cls = InsufficientResources if any("MiB free" in b for b in found) \
+            # memory is the one blocker that may clear by itself: a 409, not a 400
+            cls = InsufficientResources if any(b.code == BlockerCode.memory for b in found) \
                 else InvalidInput
-            raise cls("; ".join(found), domain=config.name, blockers=found)
+            raise cls("; ".join(b.message for b in found), domain=config.name,
+                      blockers=[b.to_json() for b in found])
 
     def arriving(self, config: DomainConfig) -> Arrival | None:
         """The incoming migration that holds ``config``'s name or UUID, if any."""
@@ -306,8 +293,10 @@ class DomainService:
 
     # -- lifecycle --------------------------------------------------------------------
     async def define(self, config: DomainConfig, start: bool = False) -> DomainInfo:
-        """Add a domain (and start it if asked). Refuses duplicates, missing paths,
-        memory the host doesn't have; nothing is stored then."""
+        """Add a domain (and start it if asked). Refuses duplicates, memory the host
+        doesn't have, and whatever ``typed_blockers`` finds (boot files that are
+        missing or not what they claim, disks, a machine type or CPU model this
+        host's QEMU doesn't know, bridges); nothing is stored then."""
         self._refuse_arriving(config)
         conflicts = self.identity_conflicts(config)
         if conflicts:

@@ -7,6 +7,7 @@ has made sure it is not nested deep enough to exhaust the parser.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -23,16 +24,27 @@ MAX_DEPTH = 32
 _TOKENS = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)|[\[\]{}]', re.DOTALL)
 
 
+def where(loc: Sequence[int | str]) -> str:
+    """A location as the user wrote it: ``nics[0].speed``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
 def describe(exc: ValidationError) -> str:
-    """``field.sub: reason; other: reason`` — short enough for one CLI line."""
+    """``key.sub: reason; other[0]: reason`` — short enough for one CLI line.
+    Keys are named as in the TOML or JSON the input came from."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
+        loc = where(err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "missing (required)"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 

@@ -13,9 +13,9 @@ from fault.fakes import INITRD_BYTES, KERNEL_BYTES, World
 @pytest.fixture
 async def world(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     # the probes of the host's QEMU binary: this tier runs without QEMU
-    import ferry.migration.destination as destination
-    monkeypatch.setattr(destination, "machine_types", lambda _q: frozenset({"q35", "pc"}))
-    monkeypatch.setattr(destination, "cpu_models", lambda _q: frozenset({"max", "qemu64"}))
+    import ferry.blockers as blockers
+    monkeypatch.setattr(blockers, "machine_types", lambda _q: frozenset({"q35", "pc"}))
+    monkeypatch.setattr(blockers, "cpu_models", lambda _q: frozenset({"max", "qemu64"}))
     root = Path(tempfile.mkdtemp(prefix="fyf", dir="/tmp"))  # short: Unix socket paths
     (root / "vmlinuz").write_bytes(KERNEL_BYTES)
     (root / "initrd").write_bytes(INITRD_BYTES)

@@ -97,7 +97,7 @@ def config(**change: Any) -> dict[str, Any]:
     (config(name=7), "config.name: Input should be a valid string"),
     (config(accel="warp"), "config.accel: Input should be"),
     (config(uuid="not-a-uuid"), "config.uuid: Input should be a valid UUID"),
-    (config(colour="blue"), "config.colour: unknown field"),
+    (config(colour="blue"), "config.colour: unknown key"),
 ])
 def test_define_is_strict(change: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInput) as exc:
@@ -139,7 +139,7 @@ def test_not_a_body(raw: bytes, message: str) -> None:
 # -- what ferry and ferryd really send is accepted ---------------------------------------
 def test_empty_body_is_an_empty_object() -> None:
     assert parse_body(b"", ShutdownRequest) == ShutdownRequest()
-    with pytest.raises(InvalidInput, match="config: Field required"):
+    with pytest.raises(InvalidInput, match=r"config: missing \(required\)"):
         parse_body(b"", DefineRequest)
 
 

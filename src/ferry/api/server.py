@@ -1,8 +1,8 @@
 """ferryd's management API (aiohttp): REST/JSON, plus a websocket for consoles.
 
 Errors leave as ``{"error": {code, kind, message, details}}`` with a fitting
-HTTP status; anything that is not a FerryError is logged and reported as an
-internal error, never as a traceback.
+HTTP status (the router's own 404 and 405 too); anything that is not a
+FerryError is logged and reported as an internal error, never as a traceback.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
-from ferry.errors import FerryError, Forbidden, InvalidInput
+from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
 from ferry.migration.models import MigrateRequest
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
@@ -48,9 +48,11 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def error_response(err: FerryError) -> web.Response:
+def error_response(err: FerryError, status: int | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(text=json.dumps({"error": err.to_json()}, default=str),
-                        status=err.http_status, content_type="application/json")
+                        status=status or err.http_status, headers=headers,
+                        content_type="application/json")
 
 
 @web.middleware
@@ -60,6 +62,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except FerryError as err:
         log.info("%s %s refused/failed: %s", request.method, request.path, err.message)
         return error_response(err)
+    # the router's own answers, in the same shape as every other error
+    except web.HTTPNotFound:
+        return error_response(NotFound(f"no such API route: {request.method} {request.path}",
+                                       method=request.method, path=request.path))
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = sorted(exc.allowed_methods)
+        refusal = InvalidInput(f"method {request.method} not allowed on {request.path} "
+                               f"(allowed: {', '.join(allowed)})", method=request.method,
+                               path=request.path, allowed=allowed)
+        return error_response(refusal, status=405, headers={"Allow": ", ".join(allowed)})
     except web.HTTPException:
         raise
     except Exception as exc:

@@ -13,14 +13,15 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
 from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
-from ferry.errors import FerryError
+from ferry.errors import FerryError, InvalidInput
+from ferry.migration.models import Mode, OnTimeout
 
 T = TypeVar("T")
 
@@ -82,20 +83,22 @@ def main(socket: SocketOpt = DEFAULT_SOCKET, host: HostOpt = None, ca: CaOpt = N
     _state["target"] = Target(socket, host or None, ca, cert, key)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     sys.stderr.write(f"ferry: error: {message}\n")
     raise typer.Exit(code)
 
 
-def call(fn: Callable[[FerryClient], Awaitable[T]]) -> T:
-    """Run one API call against the chosen ferryd; errors become one line."""
+def call(fn: Callable[[FerryClient], Awaitable[T]], about: Path | None = None) -> T:
+    """Run one API call against the chosen ferryd; errors become one line.
+    ``about``: the file the request came from, named in front of InvalidInput."""
     async def go() -> T:
         async with _state["target"].client() as client:
             return await fn(client)
     try:
         return asyncio.run(go())
     except FerryError as err:
-        fail(err.message)
+        fail(f"{about}: {err.message}" if about and isinstance(err, InvalidInput)
+             else err.message)
         raise AssertionError("unreachable") from err
 
 
@@ -180,13 +183,18 @@ def host(as_json: JsonOpt = False) -> None:
 
 # -- defining --------------------------------------------------------------------------
 def load_definition(path: Path) -> dict[str, Any]:
-    """Read a domain's TOML; relative paths are taken from the file's folder."""
+    """Read a domain's TOML and check it as ferryd will, so that a mistake is
+    reported against the file (``web01.toml: kernal: unknown key``), not
+    against the API request. Relative paths are taken from the file's folder.
+    What is sent is the file's content: ferryd fills in the defaults."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}")
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: not a text file ({exc.reason} at byte {exc.start})")
     except tomllib.TOMLDecodeError as exc:
-        fail(f"malformed TOML in {path}: {exc}")
+        fail(f"{path}: malformed TOML: {exc}")  # the reason ends "(at line L, column C)"
     base = path.resolve().parent
     for key in ("kernel", "initrd"):
         if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
@@ -195,6 +203,14 @@ def load_definition(path: Path) -> dict[str, Any]:
         if isinstance(disk, dict) and isinstance(disk.get("path"), str) \
                 and not os.path.isabs(disk["path"]):
             disk["path"] = str(base / disk["path"])
+    from pydantic import ValidationError
+
+    from ferry.models import DomainConfig
+    from ferry.validation import describe
+    try:
+        DomainConfig.model_validate(data)
+    except ValidationError as exc:
+        fail(f"{path}: {describe(exc)}")
     return data
 
 
@@ -206,7 +222,7 @@ FileArg = Annotated[Path, typer.Argument(help="The domain's TOML definition.",
 def define(file: FileArg) -> None:
     """Define a domain from a TOML file (it stays shut off)."""
     cfg = load_definition(file)
-    dom = call(lambda c: c.define(cfg))
+    dom = call(lambda c: c.define(cfg), about=file)
     typer.echo(f"defined {dom['name']} ({dom['uuid']})")
 
 
@@ -214,7 +230,7 @@ def define(file: FileArg) -> None:
 def create(file: FileArg) -> None:
     """Define a domain from a TOML file and start it."""
     cfg = load_definition(file)
-    dom = call(lambda c: c.define(cfg, start=True))
+    dom = call(lambda c: c.define(cfg, start=True), about=file)
     typer.echo(f"created {dom['name']} ({dom['uuid']}), running")
 
 
@@ -308,18 +324,17 @@ def migrate(
         help="Cap on the migration stream in MiB/s (0: no cap).", min=0)] = 0,
     timeout: Annotated[float, typer.Option(
         help="Seconds of pre-copy before --on-timeout applies.", min=0.1)] = 600.0,
-    on_timeout: Annotated[str, typer.Option(
-        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")] = "pause",
+    on_timeout: Annotated[OnTimeout, typer.Option(
+        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")
+    ] = OnTimeout.pause,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move a domain to another host, offline or --live."""
-    if on_timeout not in ("pause", "abort"):
-        fail(f"--on-timeout must be 'pause' or 'abort', not {on_timeout!r}")
-    body = {"dest": dest, "mode": "live" if live else "offline", "check": check,
-            "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
-            "timeout_s": timeout, "on_timeout": on_timeout}
+    body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
+            "check": check, "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
+            "timeout_s": timeout, "on_timeout": on_timeout.value}
     if check:
         res = call(lambda c: c.migrate(name, **body))
         if as_json:

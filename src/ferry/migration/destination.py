@@ -50,7 +50,6 @@ from ferry.migration.models import (
 )
 from ferry.models import DomainConfig, DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
-from ferry.qemu.probe import cpu_models, machine_types
 from ferry.qemu.process import QemuProcess
 from ferry.stats import MigrationStatus
 from ferry.store import Store
@@ -109,8 +108,8 @@ class RelocationService:
                 f"domain {cfg.name} is already arriving on host {self.host.name} from "
                 f"{arrival.source} (job {arrival.job_id})")))
         out += [Blocker(code="name", message=m) for m in self.domains.identity_conflicts(cfg)]
-        out += [Blocker(code="host", message=m)
-                for m in self.domains.blockers(cfg, to_run=req.running)]
+        out += [Blocker(code=b.code.value, message=b.message)
+                for b in self.domains.typed_blockers(cfg, to_run=req.running)]
         if req.arch != platform.machine():
             out.append(Blocker(code="arch", message=(
                 f"architecture {req.arch} differs from host {self.host.name}'s "
@@ -121,15 +120,6 @@ class RelocationService:
                 out.append(Blocker(code="accel", message=(
                     f"the domain runs under {req.accel} but host {self.host.name} "
                     f"would use {accel}")))
-            if cfg.machine not in machine_types(self.host.qemu):
-                out.append(Blocker(code="machine", message=(
-                    f"machine type {cfg.machine} is unknown to the QEMU of host "
-                    f"{self.host.name}")))
-            cpus = cpu_models(self.host.qemu)
-            if cpus and cfg.cpu.split(",")[0] not in cpus:
-                out.append(Blocker(code="cpu", message=(
-                    f"CPU model {cfg.cpu} is unknown to the QEMU of host "
-                    f"{self.host.name}")))
         return out
 
     def source_of(self, job_id: str) -> str | None:
