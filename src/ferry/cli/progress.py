@@ -13,45 +13,57 @@ from rich.table import Table
 
 from ferry.cli.target import Target
 from ferry.errors import FerryError
+from ferry.migration.models import JobRecord, JobState
+from ferry.stats import MigrationStats
 
 
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 1048576:,.1f} MiB"
 
 
-def progress_line(job: dict[str, Any]) -> str:
-    s = job.get("stats", {})
-    parts = [f"phase {job['phase']}"]
-    if s.get("total"):
-        parts += [f"{mib(s.get('transferred'))}/{mib(s.get('total'))}",
-                  f"{s.get('mbps', 0):.0f} Mbit/s", f"dirty {mib(s.get('dirty_rate'))}/s",
-                  f"remaining {mib(s.get('remaining'))}", f"pass {s.get('passes', 0)}"]
-        if s.get("expected_downtime_ms") is not None:
-            parts.append(f"expected downtime {s['expected_downtime_ms']} ms")
-        if s.get("throttle_pct"):
-            parts.append(f"throttle {s['throttle_pct']}%")
+def _record(job: dict[str, Any] | JobRecord) -> JobRecord:
+    return job if isinstance(job, JobRecord) else JobRecord.model_validate(job)
+
+
+def progress_line(job: dict[str, Any] | JobRecord) -> str:
+    rec = _record(job)
+    s = rec.stats
+    parts = [f"phase {rec.phase.value}"]
+    if s.total:
+        parts += [f"{mib(s.transferred)}/{mib(s.total)}", f"{s.mbps:.0f} Mbit/s",
+                  f"dirty {mib(s.dirty_rate)}/s", f"remaining {mib(s.remaining)}",
+                  f"pass {s.passes}"]
+        if s.expected_downtime_ms is not None:
+            parts.append(f"expected downtime {s.expected_downtime_ms} ms")
+        if s.throttle_pct:
+            parts.append(f"throttle {s.throttle_pct}%")
     return ", ".join(parts)
 
 
-def summary(job: dict[str, Any]) -> str:
-    s, times = job.get("stats", {}), job.get("phase_times", {})
-    total = (job.get("ended") or time.time()) - job["started"]
-    lines = [f"migration {job['id']}: {job['domain']} {job['source']} -> {job['dest']} "
-             f"({job['mode']}): {job['state']}"]
-    if job.get("error"):
-        e = job["error"]
+def summary(job: dict[str, Any] | JobRecord) -> str:
+    rec = _record(job)
+    s, times = rec.stats, rec.phase_times
+    total = (rec.ended or time.time()) - rec.started
+    lines = [f"migration {rec.id}: {rec.domain} {rec.source} -> {rec.dest} "
+             f"({rec.mode.value}): {rec.state.value}"]
+    if rec.error:
+        e = rec.error
         lines.append(f"  error:      in {e.get('phase')} on host {e.get('host')}: "
                      f"{e.get('message')}")
+        for undo in e.get("undo_errors") or []:
+            lines.append(f"  left over:  {undo}")
+    if rec.cleanup_error:
+        lines.append(f"  cleanup:    {rec.cleanup_error}")
     lines.append(f"  total time: {total:.3f} s")
-    if "downtime_ms" in s:
-        lines.append(f"  downtime:   {s['downtime_ms']} ms (QEMU's figure)")
-    if s.get("transferred") is not None:
-        lines.append(f"  sent:       {mib(s.get('transferred'))} of {mib(s.get('total'))} "
-                     f"in {s.get('passes', 0)} passes")
-    if s.get("stream_tls"):
+    if s.downtime_ms is not None:
+        lines.append(f"  downtime:   {s.downtime_ms} ms (QEMU's figure)")
+    if s.transferred:
+        lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
+                     f"in {s.passes} passes")
+    if s.stream_tls:
         lines.append("  stream:     TLS, with credentials made for this migration only")
-    if s.get("forced_pause"):
-        lines.append("  note:       paused at the timeout to finish")
+    for esc in rec.escalations:
+        lines.append(f"  escalation: {esc.get('action')}: {esc.get('reason')}")
     if times:
         lines.append("  phases:     " + ", ".join(f"{k} {v * 1000:.0f} ms"
                                                   for k, v in times.items()))
@@ -75,7 +87,7 @@ async def _follow(target: Target, job: dict[str, Any], quiet: bool) -> dict[str,
     async with target.client() as client:
         with progress:
             bar = progress.add_task(job["domain"], total=1)
-            while job["state"] == "running":
+            while job["state"] == JobState.running.value:
                 if interrupted.is_set():
                     interrupted.clear()
                     progress.stop()
@@ -91,9 +103,9 @@ async def _follow(target: Target, job: dict[str, Any], quiet: bool) -> dict[str,
                 except FerryError as exc:
                     console.print(f"lost the job: {exc.message}")
                     raise
-                s = job.get("stats", {})
-                total = s.get("total") or 1
-                done = total - s.get("remaining", total) if s.get("total") else 0
+                stats = MigrationStats.model_validate(job.get("stats", {}))
+                total = stats.total or 1
+                done = stats.total - stats.remaining if stats.total else 0
                 progress.update(bar, total=total, completed=done,
                                 description=f"{job['domain']}: {progress_line(job)}")
     loop.remove_signal_handler(signal.SIGINT)
@@ -113,11 +125,12 @@ async def _confirm_abort(job_id: str) -> bool:
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("ID", "DOMAIN", "MODE", "TO", "PHASE", "PROGRESS"):
+    for col in ("ID", "DOMAIN", "ROLE", "MODE", "FROM", "TO", "STATE", "PROGRESS"):
         table.add_column(col)
     for j in jobs:
-        table.add_row(j["id"], j["domain"], j["mode"], j["dest"], j["phase"],
-                      progress_line(j))
+        rec = _record(j)
+        table.add_row(rec.id, rec.domain, rec.role.value, rec.mode.value, rec.source,
+                      rec.dest, rec.state.value, progress_line(rec))
     return table
 
 
@@ -126,15 +139,15 @@ def records_table(records: list[dict[str, Any]]) -> Table:
     for col in ("ID", "DOMAIN", "ROLE", "FROM", "TO", "MODE", "RESULT", "TIME", "DOWNTIME",
                 "SENT", "PASSES", "ERROR"):
         table.add_column(col)
-    for r in records:
-        s = r.get("stats", {})
-        total = f"{(r['ended'] - r['started']):.2f}s" if r.get("ended") else "-"
-        err = r.get("error") or {}
-        table.add_row(r["id"], r["domain"], r["role"], r["source"], r["dest"], r["mode"],
-                      r["state"], total,
-                      f"{s['downtime_ms']} ms" if "downtime_ms" in s else "-",
-                      mib(s.get("transferred")) if s.get("transferred") else "-",
-                      str(s.get("passes", "-")),
+    for raw in records:
+        r = _record(raw)
+        s = r.stats
+        total = f"{(r.ended - r.started):.2f}s" if r.ended else "-"
+        err = r.error or {}
+        table.add_row(r.id, r.domain, r.role.value, r.source, r.dest, r.mode.value,
+                      r.state.value, total,
+                      f"{s.downtime_ms} ms" if s.downtime_ms is not None else "-",
+                      mib(s.transferred) if s.transferred else "-", str(s.passes or "-"),
                       f"{err.get('phase')}@{err.get('host')}: {err.get('message')}"
-                      if err else "")
+                      if err else (f"cleanup: {r.cleanup_error}" if r.cleanup_error else ""))
     return table
