@@ -29,6 +29,7 @@ from helpers import (
     plain_qmp,
     tls_context,
     tls_request,
+    to_toml,
     wait_for,
 )
 
@@ -313,7 +314,8 @@ def as_ma(cluster: Cluster, path: str, body: dict[str, Any]) -> tuple[int, Any]:
 def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     cfg = guest_config(name, 1, bind="")
     cfg.update(patch.pop("config", {}))
-    body = {"protocol": 2, "job_id": "0123456789ab", "source": "ma", "config": cfg,
+    # a fresh job id each time: a destination refuses one it has seen before
+    body = {"protocol": 2, "job_id": secrets.token_hex(6), "source": "ma", "config": cfg,
             "mode": "live",
             "running": True, "accel": "tcg", "arch": os.uname().machine}
     body.update(patch)
@@ -564,6 +566,51 @@ def test_source_ferryd_killed_during_precopy_settles_on_restart(cluster: Cluster
         remove(cluster, "orphan")
 
 
+@pytest.mark.parametrize("mode,crash_at", [("live", "source-before-migrate"),
+                                           ("live", "source-streaming"),
+                                           ("offline", "source-streaming")])
+def test_source_ferryd_killed_in_perform_leaves_one_running_copy(
+        cluster: Cluster, mode: str, crash_at: str) -> None:
+    """The source ferryd dies (as kill -9) at a point of Perform; its QEMU, if it had
+    been told to migrate, completes the stream alone while ferryd is down and is
+    left paused in postmigrate. Restarted, the source has the destination drop its
+    copy (never resumed: it never got Finish) and resumes its own: the guest runs on
+    exactly one host, memory intact, with no operator action; both records agree."""
+    name = f"orphan-{mode}-{crash_at.rsplit('-', 1)[1]}"
+    probe = boot(cluster, "ma", name)
+    ma, mb = cluster["ma"], cluster["mb"]
+    try:
+        first = probe.wait_up()
+        ma.stop()
+        ma.start(env={"FERRY_CRASH_AT": crash_at})
+        flags = ["--live"] if mode == "live" else []
+        job_id = ma.ferry("migrate", name, "mb", *flags, "--detach").stdout.strip()
+        assert ma.proc is not None
+        ma.proc.wait(30)  # it died at the crash point
+        ma.proc = None
+        time.sleep(3)  # an idle guest's stream completes in this time, if it started
+        ma.start()
+        rec = next(r for r in ma.json("migrations") if r["id"] == job_id)
+        assert rec["state"] == "failed" and "restarted" in rec["error"]["message"], rec
+        wait_for(lambda: ma.domains()[name]["state"] == "running", 10,
+                 "the source to resume its copy")
+        wait_for(lambda: mb.qemu_pids() == [], 10, "the destination to drop its copy")
+        assert_clean(mb, name)
+        assert cluster.where(name) == ["ma"]
+        reply = probe.wait_up(10)
+        assert probe.last_from == ADDRS["ma"]
+        assert reply["boot_id"] == first["boot_id"] and reply["corrupt"] == "0"
+        dest = next(r for r in mb.json("migrations") if r["id"] == job_id)
+        assert dest["state"] == rec["state"], (rec, dest)
+    finally:
+        probe.close()
+        if ma.proc is None:
+            ma.start()
+        ma.stop()  # whatever happened, ma goes on without the crash point
+        ma.start()
+        remove(cluster, name)
+
+
 def test_destination_crash_right_after_resume_is_adopted(cluster: Cluster) -> None:
     """The destination ferryd dies right after resuming the guest in Finish, before it
     answers. The source keeps its copy paused and waits; the restarted destination
@@ -732,3 +779,128 @@ def test_migration_stream_is_encrypted(cluster: Cluster, workdir: Path) -> None:
     print(f"plain QEMU: {control.tcp_bytes >> 20} MiB, marker in {control.hits} segments")
     assert control.drops == 0 and control.tcp_bytes > 32 << 20
     assert control.hits > 0, "the capture never saw the marker in plaintext"
+
+
+# -- a silent destination, a name taken while it arrives -----------------------------------
+class SilentPeer:
+    """A "host" on 127.0.0.9 that accepts TCP and then never says a word (``tls``:
+    it completes the TLS handshake with a certificate of the cluster first, so the
+    source's request is sent and never answered) — a host that died without a RST,
+    or a firewall that lets the SYN through and drops the rest."""
+
+    def __init__(self, root: Path, tls: bool) -> None:
+        import ssl
+        import threading
+        self.address = "127.0.0.9"
+        self.sock = socket.socket()
+        self.sock.bind((self.address, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        ctx = None
+        if tls:
+            _, cert, key = certificate(root, "mz", "host", [self.address])
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(cert), str(key))
+        self._stop = False
+
+        def serve() -> None:
+            while not self._stop:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                if ctx is not None:
+                    try:
+                        conn = ctx.wrap_socket(conn, server_side=True)
+                    except (OSError, ssl.SSLError):
+                        conn.close()
+                        continue
+                self.conns.append(conn)  # read nothing, answer nothing
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(5)
+
+
+def test_a_destination_that_never_answers_is_given_up_within_the_connect_bound(
+        cluster: Cluster, resident: Probe, workdir: Path) -> None:
+    """TCP accepted, then silence: the call is given up after the 5 s connect bound
+    (TCP + TLS), the job fails in Prepare, and the domain is free again."""
+    ma = cluster["ma"]
+    peer = SilentPeer(workdir, tls=False)
+    try:
+        t0 = time.monotonic()
+        job = migrate(ma, "resident", peer.endpoint, "--live", check=False)
+        took = time.monotonic() - t0
+        assert job["state"] == "failed" and job["error"]["phase"] == "prepare", job
+        assert "did not answer" in job["error"]["message"] or \
+            "cannot reach" in job["error"]["message"], job
+        assert took < 30, f"{took:.1f}s: the connect bound (5 s) did not hold"
+        assert ma.domains()["resident"]["state"] == "running"
+        assert ma.json("jobs") == []
+    finally:
+        peer.close()
+
+
+def test_abort_cancels_a_prepare_the_destination_never_answers(
+        cluster: Cluster, resident: Probe, workdir: Path) -> None:
+    """The destination completes TLS, takes the Prepare and never answers: `ferry
+    job abort` cancels the outstanding call at once, the job is aborted, and the
+    domain is free within seconds (the undo's own call is bounded too)."""
+    ma = cluster["ma"]
+    peer = SilentPeer(workdir, tls=True)
+    try:
+        job_id = ma.ferry("migrate", "resident", peer.endpoint, "--live",
+                          "--detach").stdout.strip()
+        wait_for(lambda: ma.json("job", "show", job_id)["phase"] == "prepare", 10,
+                 "Prepare to be sent")
+        time.sleep(1)
+        t0 = time.monotonic()
+        ma.ferry("job", "abort", job_id)
+        job = wait_for(lambda: (j := ma.json("job", "show", job_id))["state"] != "running"
+                       and j, 20, "the abort to take effect")
+        assert job["state"] == "aborted" and job["error"]["phase"] == "prepare", job
+        assert time.monotonic() - t0 < 15, "the abort waited for the silent peer"
+        assert ma.domains()["resident"]["state"] == "running"
+        assert migrate(ma, "resident", "mb", "--live")["state"] == "completed"
+        assert migrate(cluster["mb"], "resident", "ma", "--live")["state"] == "completed"
+    finally:
+        peer.close()
+
+
+def test_an_arriving_name_is_taken_on_the_destination(cluster: Cluster,
+                                                      workdir: Path) -> None:
+    """While `web` migrates from ma to mb, a different domain named `web` (or with its
+    UUID) can't be defined or created on mb: "busy: arriving from host ma"."""
+    probe = boot(cluster, "ma", "arriving", cmdline_extra="ferry.dirty=8:4")
+    ma, mb = cluster["ma"], cluster["mb"]
+    try:
+        job_id = start_slow(cluster, "arriving")
+        other = workdir / "arriving-other.toml"
+        other.write_text(to_toml(guest_config("arriving", free_port())))
+        for verb in ("define", "create"):
+            res = mb.ferry(verb, str(other), check=False)
+            assert res.returncode == 1 and "busy: arriving from host ma" in res.stderr, res
+        assert "arriving" not in mb.domains()
+        incoming = mb.json("jobs")
+        assert [(j["id"], j["role"]) for j in incoming] == [(job_id, "destination")]
+        ma.ferry("job", "abort", job_id)
+        job = wait_job(ma, job_id)
+        assert job["state"] == "aborted"
+        dest = next(r for r in mb.json("migrations") if r["id"] == job_id)
+        assert dest["state"] == "aborted" and dest["error"]["phase"] == "perform", dest
+        assert_clean(mb, "arriving")
+    finally:
+        probe.close()
+        remove(cluster, "arriving")
