@@ -478,3 +478,167 @@ async def test_restart_of_the_destination_before_finish_drops_its_side(world: Wo
     assert rec["state"] == "failed" and rec["error"]["phase"] == "perform", rec
     assert_runs_only_on(world, "a")
     assert_agree(world, job)
+
+
+# -- found by review: each of these broke an invariant before it was fixed ---------------
+async def test_a_destination_error_after_it_resumed_never_resumes_the_source(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal error on the destination after `cont` (its store fails) must not
+    read as "my side is gone": the guest runs on b only."""
+    import sqlite3
+
+    from ferry.migration.models import JobState
+    await boot(world)
+    b = world.hosts["b"]
+    real = b.reloc.records.set_state
+
+    def flaky(rec: Any, new: JobState, **kw: Any) -> None:
+        if new == JobState.completed:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(rec, new, **kw)
+
+    monkeypatch.setattr(b.reloc.records, "set_state", flaky)
+    job = await migrate(world)
+    assert (await settle(world, job))["state"] == "completed"
+    assert_runs_only_on(world, "b")
+
+
+async def test_a_source_error_after_finish_asks_the_destination(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any failure on the source once Finish was sent goes by the destination's
+    word: here it runs the guest, so the job is completed, not failed."""
+
+    class Unreadable:
+        @staticmethod
+        def model_validate(data: Any) -> Any:
+            raise ValueError("unexpected answer shape")
+
+    monkeypatch.setattr(source, "FinishAnswer", Unreadable)
+    await boot(world)
+    job = await migrate(world)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed" and "unexpected answer" in rec["cleanup_error"], rec
+    assert_runs_only_on(world, "b")
+    assert_agree(world, job)
+
+
+async def test_a_failed_confirm_fences_the_stale_copy_until_a_restart_removes_it(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = world.hosts["a"]
+    await boot(world)
+    real = a.svc.release
+
+    async def broken_release(dom: Any) -> None:
+        raise OSError("disk full while removing the domain's directory")
+
+    monkeypatch.setattr(a.svc, "release", broken_release)
+    job = await migrate(world)
+    assert (await settle(world, job))["state"] == "completed"
+    with pytest.raises(Busy):
+        await a.svc.unpause("web")
+    with pytest.raises(Busy):
+        await a.svc.start("web")
+    assert [q for q in a.qemus() if q.name == "web"] == []  # killed, not just paused
+    monkeypatch.setattr(a.svc, "release", real)
+    await restart(a)
+    assert "web" not in a.svc.domains
+    assert "cleaned up" in a.record(job)["cleanup_error"]
+    assert_runs_only_on(world, "b")
+
+
+async def test_an_abort_while_the_destination_still_prepares_leaves_no_qemu(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fault.fakes import FakeLauncher
+    await boot(world)
+    b = world.hosts["b"]
+    launch = FakeLauncher.launch
+
+    async def slow_launch(self: FakeLauncher, *args: Any, **kw: Any) -> Any:
+        if self.host == "b":
+            await asyncio.sleep(0.5)
+        return await launch(self, *args, **kw)
+
+    monkeypatch.setattr(FakeLauncher, "launch", slow_launch)
+    job = await migrate(world)
+    for _ in range(200):
+        if b.reloc.incoming:
+            break
+        await asyncio.sleep(0.01)
+    world.hosts["a"].mig.abort(job)
+    assert (await settle(world, job))["state"] == "aborted"
+    for _ in range(200):  # the abort waits for Prepare to finish, then undoes it
+        if b.record(job) and b.record(job)["state"] == "aborted" and not b.qemus():
+            break
+        await asyncio.sleep(0.01)
+    assert_runs_only_on(world, "a")
+    assert_agree(world, job)
+
+
+async def test_offline_on_timeout_abort_aborts(world: World) -> None:
+    world.queries_to_converge = 10**9  # the stream makes no progress
+    await boot(world)
+    job = await migrate(world, mode="offline", timeout_s=0.3, on_timeout="abort")
+    rec = await settle(world, job)
+    assert rec["state"] == "aborted" and "on_timeout=abort" in rec["error"]["message"]
+    assert_runs_only_on(world, "a")
+
+
+OLD_SOURCE_RECORD = {  # as Ferry 0.1 stored it: stats a free dict, no facts
+    "id": "0123456789ab", "domain": "web", "mode": "live", "role": "source",
+    "source": "a", "dest": "b", "state": "running", "error": None, "ended": None,
+    "stats": {"status": "completed", "was_running": True, "stream_tls": True,
+              "transferred": 1, "total": 2, "remaining": 0, "mbps": 1.0, "dirty_rate": 0,
+              "passes": 2, "expected_downtime_ms": 30, "throttle_pct": 0},
+    "phase_times": {}}
+
+
+async def test_a_01_source_record_in_finish_with_the_destination_away_is_in_doubt(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    dom = a.svc.domains["web"]
+    await dom.proc.qmp.execute("stop")  # paused in postmigrate, as 0.1 left it
+    a.store.save_migration({**OLD_SOURCE_RECORD, "phase": "finish", "started": time.time()})
+    b.silent = True
+    await restart(a)
+    rec = a.record("0123456789ab")
+    assert rec["state"] == "in_doubt", rec
+    assert state(a) == DomainState.paused and a.svc.domains["web"].lock.locked()
+
+
+async def test_a_01_destination_record_of_a_resumed_guest_is_adopted(world: World) -> None:
+    import time
+
+    from ferry.migration.models import RelocationRequest
+    b = world.hosts["b"]
+    cfg = DomainConfig.model_validate(domain(world))
+    proc = await b.svc.launch_incoming(cfg)
+    proc.runstate = "running"  # 0.1's Finish resumed it, then ferryd died
+    req = RelocationRequest(job_id="0123456789ab", source="a", config=cfg, mode="live",
+                            running=True, accel="tcg", arch="x86_64")
+    (b.svc.paths("web").root / "incoming.json").write_text(req.model_dump_json())
+    b.store.save_migration({"id": "0123456789ab", "domain": "web", "mode": "live",
+                            "role": "destination", "source": "a", "dest": "b",
+                            "state": "running", "phase": "finish", "error": None,
+                            "started": time.time(), "ended": None, "stats": {},
+                            "phase_times": {}})
+    await restart(b)
+    assert b.record("0123456789ab")["state"] == "completed"
+    assert state(b) == DomainState.running
+
+
+async def test_a_peer_answering_in_another_shape_does_not_stop_ferryd(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    a.store.save_migration({**OLD_SOURCE_RECORD, "phase": "perform", "started": time.time(),
+                            "stats": {"status": "active", "was_running": True}})
+    monkeypatch.setattr(b.reloc, "status",  # 0.1's answer for an open incoming job
+                        lambda job_id: {"job_id": job_id, "state": "incoming"})
+    await restart(a)  # does not raise
+    rec = a.record("0123456789ab")
+    assert rec["state"] == "failed", rec
+    assert state(a) == DomainState.running

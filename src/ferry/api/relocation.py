@@ -77,7 +77,9 @@ async def not_for_hosts(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return ok(request.app[RELOC].status(job_id(request)))
+    job = job_id(request)
+    _as_source(request, request.app[RELOC].source_of(job))  # and renews its lease
+    return ok(request.app[RELOC].status(job))
 
 
 async def console(request: web.Request) -> web.StreamResponse:

@@ -21,6 +21,13 @@ from ferry.migration.models import MigrateOptions, Mode, OnTimeout
 from ferry.stats import MigrationStats
 
 HEARTBEAT_MISSES = 2  # unanswered heartbeats before the source gives up
+PAUSED_GRACE_S = 120.0  # beyond twice the timeout, for the paused guest's last copy
+
+
+def paused_limit(options: MigrateOptions) -> float:
+    """Seconds after which a stream with the guest paused (offline, or after the
+    timeout's pause) is given up: every migration ends."""
+    return 2 * options.timeout_s + PAUSED_GRACE_S
 
 
 class Action(enum.StrEnum):
@@ -52,13 +59,20 @@ def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOp
         return Decision(Action.abort, abort_requested)
     if peer_misses >= HEARTBEAT_MISSES:
         return Decision(Action.fail, f"the destination missed {peer_misses} heartbeats")
-    if elapsed > options.timeout_s and not paused:
+    if elapsed > options.timeout_s:
         if options.on_timeout == OnTimeout.abort:
             return Decision(Action.abort, f"did not converge within {options.timeout_s:g}s "
                             "(on_timeout=abort)")
-        return Decision(Action.pause, f"did not converge within {options.timeout_s:g}s "
-                        "(on_timeout=pause): the guest is paused so the rest goes over "
-                        "as offline")
+        if not paused:
+            return Decision(Action.pause, f"did not converge within "
+                            f"{options.timeout_s:g}s (on_timeout=pause): the guest is "
+                            "paused so the rest goes over as offline")
+    limit = paused_limit(options)
+    if paused and elapsed > limit:
+        # a paused guest's stream only has to send what is left once: if even that
+        # does not end, the link or a QEMU is stuck; give up rather than hang
+        return Decision(Action.abort, f"the stream did not end within {limit:g}s, even "
+                        "with the guest paused")
     note = throttle_note(history) if options.mode == Mode.live else None
     return Decision(Action.proceed, note=note)
 

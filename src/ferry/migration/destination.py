@@ -18,8 +18,10 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import platform
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -50,7 +52,7 @@ from ferry.migration.models import (
 )
 from ferry.models import DomainConfig, DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
-from ferry.qemu.process import QemuProcess
+from ferry.qemu.process import QemuProcess, owns, pid_alive, read_pid
 from ferry.stats import MigrationStatus
 from ferry.store import Store
 
@@ -68,6 +70,7 @@ class Incoming:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watcher: asyncio.Task[None] | None = None
     adopted: Domain | None = None       # adopted in Finish, not yet resumed
+    committed: bool = False             # Finish's cont succeeded: never undone
     last_contact: float = field(default_factory=time.monotonic)
 
     @property
@@ -156,25 +159,32 @@ class RelocationService:
         self.incoming[req.job_id] = inc
         self.domains.reserve_arrival(req.job_id, cfg, req.source, memory)
         self.records.enter(record, Phase.prepare)
-        if req.running:
-            try:
-                inc.facts.qemu_started = True
-                self.records.save(record)
-                inc.proc = await self.domains.launch_incoming(cfg)
-                mig = MigrationQmp(inc.proc.qmp)
-                await mig.set_capabilities(events=True)
-                assert req.stream is not None
-                await streamtls.install(inc.proc.qmp, self.domains.paths(cfg.name).root,
-                                        req.job_id, True, req.stream)
-                port = await mig.incoming(f"tcp:{self.host.migration_ip}:0")
-            except (FerryError, OSError) as exc:
-                why = exc.message if isinstance(exc, FerryError) else str(exc)
-                await self._undo(inc, f"prepare failed: {why}")
-                raise Failed(f"prepare on {self.host.name} failed: {why}",
-                             host=self.host.name, phase="prepare") from exc
-        record.phase_times["prepare"] = time.monotonic() - t0
-        self.records.save(record)
-        inc.watcher = asyncio.create_task(self._watch(inc))
+        port = 0
+        # under the job's lock: an abort (or the lease) that arrives meanwhile, say
+        # because the source gave up waiting, undoes this side once it is complete
+        async with inc.lock:
+            if req.running:
+                try:
+                    inc.facts.qemu_started = True
+                    self.records.save(record)
+                    inc.proc = await self.domains.launch_incoming(cfg)
+                    mig = MigrationQmp(inc.proc.qmp)
+                    await mig.set_capabilities(events=True)
+                    assert req.stream is not None
+                    await streamtls.install(inc.proc.qmp,
+                                            self.domains.paths(cfg.name).root,
+                                            req.job_id, True, req.stream)
+                    port = await mig.incoming(f"tcp:{self.host.migration_ip}:0")
+                except Exception as exc:
+                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
+                    if not isinstance(exc, (FerryError, OSError)):
+                        log.exception("job %s: prepare failed", req.job_id)
+                    await self._undo(inc, f"prepare failed: {why}")
+                    raise Failed(f"prepare on {self.host.name} failed: {why}",
+                                 host=self.host.name, phase="prepare") from exc
+            record.phase_times["prepare"] = time.monotonic() - t0
+            self.records.save(record)
+            inc.watcher = asyncio.create_task(self._watch(inc))
         if not req.running:
             return PrepareAnswer(protocol=PROTOCOL_VERSION, uri=None)
         log.info("job %s: ready to receive %s on %s:%d", req.job_id, cfg.name,
@@ -208,44 +218,60 @@ class RelocationService:
     # -- Finish -----------------------------------------------------------------------
     async def finish(self, req: FinishRequest) -> FinishAnswer:
         """The source says the stream completed: check that, adopt, resume, announce.
-        An error answer always means this side is gone and never ran the guest."""
+        An error answer with ``undone`` in its details means this side is gone and
+        never ran the guest; after the commit point (the guest runs here) the answer
+        is always success."""
         inc = self._get(req.job_id)
         async with inc.lock:
             if self.incoming.get(req.job_id) is not inc:
                 raise Failed(f"job {req.job_id} was undone on {self.host.name}: "
                              f"{(inc.record.error or {}).get('message', '')}",
-                             host=self.host.name, phase="finish")
+                             host=self.host.name, phase="finish", undone=True)
             inc.last_contact = time.monotonic()
             t0 = time.monotonic()
             self.records.enter(inc.record, Phase.finish)
             inc.record.stats = req.stats
-            cfg = inc.config
             try:
                 await self._take_over(inc, req)
             except Exception as exc:
-                if inc.facts.resumed:  # committed: the guest runs here whatever failed
-                    log.exception("job %s: after resuming %s", req.job_id, cfg.name)
-                else:
-                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
-                    if not isinstance(exc, FerryError):
-                        log.exception("job %s: finish failed", req.job_id)
-                    await self._undo(inc, f"finish failed: {why}")
-                    raise Failed(f"finish on {self.host.name} failed: {why}",
-                                 host=self.host.name, phase="finish") from exc
-            # the commit point of this side: the domain is this host's
-            if req.resume and inc.proc is not None:
-                await self._announce(inc)
-            if inc.watcher is not None:
-                inc.watcher.cancel()
-            self.domains.release_arrival(req.job_id)
-            if inc.adopted is not None:
-                self.domains.let_go(inc.adopted)
-            inc.record.phase_times["finish"] = time.monotonic() - t0
-            inc.record.phase = Phase.confirm
-            self.records.set_state(inc.record, JobState.completed, decided_by=inc.source)
-            del self.incoming[req.job_id]
-            return FinishAnswer(finish_s=inc.record.phase_times["finish"],
+                if not inc.committed:
+                    await self._fail_finish(inc, exc)
+                log.exception("job %s: after the commit point", req.job_id)
+            try:
+                await self._committed(inc, req, t0)
+            except Exception:  # the guest runs here: that stands, whatever this was
+                log.exception("job %s: recording the completed job", req.job_id)
+            self.incoming.pop(req.job_id, None)
+            return FinishAnswer(finish_s=inc.record.phase_times.get("finish", 0.0),
                                 resumed=inc.facts.resumed)
+
+    async def _fail_finish(self, inc: Incoming, exc: BaseException) -> None:
+        why = exc.message if isinstance(exc, FerryError) else repr(exc)
+        if not isinstance(exc, FerryError):
+            log.exception("job %s: finish failed", inc.record.id)
+        try:
+            await self._undo(inc, f"finish failed: {why}")
+        except Exception as undo_exc:
+            # not known to be gone: no `undone`, so the source asks again
+            log.exception("job %s: undo after a failed finish", inc.record.id)
+            raise Failed(f"finish on {self.host.name} failed ({why}) and so did its "
+                         f"undo ({undo_exc!r})", host=self.host.name,
+                         phase="finish") from exc
+        raise Failed(f"finish on {self.host.name} failed: {why}", host=self.host.name,
+                     phase="finish", undone=True) from exc
+
+    async def _committed(self, inc: Incoming, req: FinishRequest, t0: float) -> None:
+        """The commit point of this side is behind: the domain is this host's."""
+        if req.resume and inc.proc is not None:
+            await self._announce(inc)
+        if inc.watcher is not None:
+            inc.watcher.cancel()
+        self.domains.release_arrival(req.job_id)
+        if inc.adopted is not None:
+            self.domains.let_go(inc.adopted)
+        inc.record.phase_times["finish"] = time.monotonic() - t0
+        inc.record.phase = Phase.confirm
+        self.records.set_state(inc.record, JobState.completed, decided_by=inc.source)
 
     async def _take_over(self, inc: Incoming, req: FinishRequest) -> None:
         cfg = inc.config
@@ -256,6 +282,7 @@ class RelocationService:
         ConsoleLog(self.domains.paths(cfg.name).root).adopt(req.console_base, history)
         if inc.proc is None:  # a shut-off domain: only the definition moves
             self.domains.adopt_definition(cfg, f"migrated from {inc.source}")
+            inc.committed = True
             return
         proc = inc.proc
         await self._wait_incoming(MigrationQmp(proc.qmp))
@@ -280,6 +307,8 @@ class RelocationService:
                 inc.facts.resumed = False
                 self.records.save(inc.record)
                 raise
+        inc.committed = True  # the guest runs here (or, paused before, is here)
+        if req.resume:
             crash_point("finish-after-cont")
 
     async def _resume(self, dom: Domain, source: str) -> None:
@@ -350,9 +379,9 @@ class RelocationService:
         """Kill the incoming QEMU, drop its files, taps and reservations. Reads only
         the record's facts; never undoes a side that resumed the guest."""
         facts, rec = inc.facts, inc.record
-        if facts.resumed:
-            log.error("job %s: refusing to undo %s: its guest may have run here",
-                      rec.id, rec.domain)
+        if inc.committed:
+            log.error("job %s: refusing to undo %s: its guest runs here", rec.id,
+                      rec.domain)
             return
         if inc.watcher is not None and inc.watcher is not asyncio.current_task():
             inc.watcher.cancel()
@@ -361,7 +390,7 @@ class RelocationService:
             self.domains.let_go(inc.adopted)
             inc.adopted, inc.proc = None, None
         elif facts.qemu_started:
-            await self._drop_qemu(inc.config, inc.proc)
+            await self._drop_qemu(inc.config.name, inc.config, inc.proc)
             inc.proc = None
         self.domains.release_arrival(rec.id)
         self.incoming.pop(rec.id, None)
@@ -369,15 +398,22 @@ class RelocationService:
                                decided_by=decided_by or self.host.name)
         log.info("job %s: incoming %s undone: %s", rec.id, rec.domain, reason)
 
-    async def _drop_qemu(self, cfg: DomainConfig, proc: QemuProcess | None) -> None:
-        paths = self.domains.paths(cfg.name)
+    async def _drop_qemu(self, name: str, cfg: DomainConfig | None,
+                         proc: QemuProcess | None) -> None:
+        paths = self.domains.paths(name)
         if proc is None:
-            with contextlib.suppress(FerryError):
-                proc = await self.domains.qemu.attach(cfg.name, paths)
+            try:
+                proc = await self.domains.qemu.attach(name, paths)
+            except FerryError:  # alive but deaf: by its pid, before its files go
+                pid = read_pid(paths)
+                if pid is not None and pid_alive(pid) and owns(pid, paths):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         if proc is not None:
             await proc.stop(grace=1.0)
         shutil.rmtree(paths.root, ignore_errors=True)
-        await self.domains.remove_taps(cfg)
+        if cfg is not None:
+            await self.domains.remove_taps(cfg)
 
     def status(self, job_id: str) -> JobStatus:
         inc = self.incoming.get(job_id)
@@ -399,9 +435,8 @@ class RelocationService:
         Anything else never ran here: undone."""
         for rec in self.records.running(Role.destination.value):
             facts = rec.dest_facts
-            if facts.config is None:  # a record of Ferry 0.1: nothing to go on
-                self.records.set_state(rec, JobState.failed, error=self._error(
-                    rec, "ferryd restarted during the migration"))
+            if facts.config is None:  # a record of Ferry 0.1
+                await self._recover_old(rec)
                 continue
             dom = self.domains.domains.get(rec.domain)
             if facts.resumed and dom is not None:
@@ -422,13 +457,45 @@ class RelocationService:
                 inc.adopted = dom
             await self._undo(inc, "ferryd restarted during the migration")
 
+    async def _recover_old(self, rec: JobRecord) -> None:
+        """An incoming job of Ferry 0.1 (its request in ``incoming.json``, no facts):
+        adopt a guest its Finish resumed, remove anything else."""
+        request = self.domains.paths(rec.domain).root / "incoming.json"
+        cfg: DomainConfig | None
+        try:
+            cfg = RelocationRequest.model_validate_json(request.read_text()).config
+        except (OSError, ValueError):
+            cfg = None  # nothing to adopt it by: whatever runs there goes
+        paths = self.domains.paths(rec.domain)
+        try:
+            proc = await self.domains.qemu.attach(rec.domain, paths)
+        except FerryError:
+            proc = None
+        if cfg is None:
+            await self._drop_qemu(rec.domain, None, proc)
+        elif proc is not None and rec.phase == Phase.finish \
+                and await guest_running(proc.qmp):
+            self.domains.adopt(cfg, proc, DomainState.running,
+                               f"migrated from {rec.source} (adopted after a ferryd restart)")
+            request.unlink(missing_ok=True)
+            rec.phase = Phase.confirm
+            self.records.set_state(rec, JobState.completed, decided_by=rec.source)
+            return
+        else:
+            await self._drop_qemu(rec.domain, cfg, proc)
+        self.records.set_state(rec, JobState.failed, error=self._error(
+            rec, "ferryd restarted during the migration"))
+
     def _get(self, job_id: str) -> Incoming:
         inc = self.incoming.get(job_id)
         if inc is None:
             rec = self._stored(job_id)
+            if rec is not None and rec.state == JobState.completed:
+                raise Conflict(f"job {job_id} already completed on {self.host.name}")
             why = f": it {rec.state.value} ({(rec.error or {}).get('message', '')})" \
                 if rec is not None else ""
-            raise NotFound(f"no incoming job {job_id} on host {self.host.name}{why}")
+            raise NotFound(f"no incoming job {job_id} on host {self.host.name}{why}",
+                           undone=True)
         return inc
 
     def _stored(self, job_id: str) -> JobRecord | None:

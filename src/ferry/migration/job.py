@@ -93,7 +93,7 @@ class JobRecords:
         for raw in self.store.migrations():
             if raw.get("role") == role and raw.get("state") in (
                     JobState.running.value, JobState.in_doubt.value):
-                out.append(JobRecord.model_validate(raw))
+                out.append(JobRecord.from_stored(raw))
         return out
 
 

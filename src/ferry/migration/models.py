@@ -7,7 +7,7 @@ mismatch is a refusal that names both (``check_protocol``).
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -152,7 +152,7 @@ class AbortRequest(Strict):
 
     job_id: str = Field(pattern=JOB_ID)
     reason: str = Field(default="", max_length=4000)
-    outcome: JobState = JobState.failed
+    outcome: Literal[JobState.failed, JobState.aborted] = JobState.failed
     phase: Phase | None = None
     host: str | None = Field(default=None, max_length=255)  # where it went wrong
 
@@ -203,6 +203,12 @@ class DestinationFacts(BaseModel):
                                    # this side is never undone again
 
 
+class StoredOptions(MigrateOptions):
+    """The options as a record keeps them (tolerant of options a newer Ferry adds)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class JobRecord(BaseModel):
     """A migration as either host keeps it (``ferry jobs``, ``ferry migrations``)."""
 
@@ -221,7 +227,21 @@ class JobRecord(BaseModel):
     ended: float | None = None
     stats: MigrationStats = Field(default_factory=MigrationStats)
     phase_times: dict[str, float] = Field(default_factory=dict)
-    options: MigrateOptions | None = None
+    options: StoredOptions | None = None
     source_facts: SourceFacts = Field(default_factory=SourceFacts)
     dest_facts: DestinationFacts = Field(default_factory=DestinationFacts)
     escalations: list[dict[str, Any]] = Field(default_factory=list)  # time, action, why
+
+    @classmethod
+    def from_stored(cls, raw: dict[str, Any]) -> JobRecord:
+        """A record as the store has it, also one written by Ferry 0.1 (no facts:
+        they are derived from the phase it reached, erring on the side of "it may
+        have happened", so an undo does too much rather than too little)."""
+        if raw.get("role") == Role.source.value and "source_facts" not in raw:
+            at = list(Phase).index(Phase(raw.get("phase", "begin")))
+            stats = raw.get("stats") or {}
+            raw = {**raw, "source_facts": {
+                "dest_contacted": at >= 1, "tls_installed": at >= 2,
+                "stream_started": at >= 2, "finish_sent": at >= 3,
+                "was_running": stats.get("was_running")}}
+        return cls.model_validate(raw)

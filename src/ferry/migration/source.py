@@ -32,14 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import logging
 import platform
 import re
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from ferry.client import FerryClient, peer_client
 from ferry.console import ConsoleLog
@@ -77,6 +82,7 @@ from ferry.migration.models import (
     RelocationRequest,
     Role,
     SourceFacts,
+    StoredOptions,
     StreamCreds,
     check_protocol,
 )
@@ -85,6 +91,7 @@ from ferry.qemu.migrate import MigrationQmp, guest_running
 from ferry.stats import MigrationStats, MigrationStatus
 from ferry.store import Store
 from ferry.tls import client_context
+from ferry.validation import describe
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,20 @@ HISTORY = 600           # samples of the stream the policy sees
 
 # (peer name, endpoint, timeout) -> a client to that peer's relocation API
 PeerConnector = Callable[[str, tuple[str, int], float | None], FerryClient]
+
+
+A = TypeVar("A", bound=BaseModel)
+
+
+def parse_answer(model: type[A], data: object, peer: str) -> A:
+    """A peer's answer as ``model``; Failed (never a bare ValidationError) when it
+    does not fit, e.g. a peer running another version of Ferry."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Failed(f"host {peer} answered in a form this host does not understand "
+                     f"({describe(exc)}): does it run the same version of Ferry?",
+                     host=peer) from exc
 
 
 class InDoubt(Failed):
@@ -120,7 +141,10 @@ class SourceJob:
     history: list[MigrationStats] = field(default_factory=list)
     outcome: JobState = JobState.failed   # what a failure ends as (undo tells the peer)
     failing: bool = False
+    cancelled_by_abort: bool = False   # abort() cancelled the task (not a shutdown)
+    shutting_down: bool = False
     cleanup_error: str | None = None
+    keep_held: bool = False            # a stale copy Confirm could not remove
     resolver: asyncio.Task[None] | None = None
 
     @property
@@ -161,6 +185,8 @@ class MigrationService:
         """ferryd is stopping: interrupt running jobs where they are (their record
         keeps the phase and facts; recover() settles them at the next start) while
         the database is still open. The guests keep running."""
+        for job in self.jobs.values():
+            job.shutting_down = True
         tasks = [t for job in self.jobs.values() for t in (job.task, job.resolver)
                  if t is not None]
         for task in tasks:
@@ -209,8 +235,8 @@ class MigrationService:
         rel = self._relocation("0" * 12, dom, req.mode)
         async with self.connect(dest_name, endpoint, 30) as peer:
             try:
-                res = CheckAnswer.model_validate(await peer.request(
-                    "POST", "/v1/relocation/check", rel.model_dump(mode="json")))
+                res = parse_answer(CheckAnswer, await peer.request(
+                    "POST", "/v1/relocation/check", rel.model_dump(mode="json")), dest_name)
                 check_protocol(res.protocol, dest_name, self.host.name)
             except FerryError as exc:
                 out.append(f"host {dest_name}: {exc.message}")
@@ -232,7 +258,7 @@ class MigrationService:
             self.domains.let_go(dom)
             raise Refused("; ".join(b.message for b in blockers), domain=name,
                           phase="begin")
-        options = MigrateOptions.model_validate(req.model_dump(include=set(
+        options = StoredOptions.model_validate(req.model_dump(include=set(
             MigrateOptions.model_fields)))
         record = JobRecord(id=job_id, domain=name, mode=req.mode, role=Role.source,
                            source=self.host.name, dest=dest_name, started=time.time(),
@@ -264,6 +290,7 @@ class MigrationService:
             # (in begin the task may not have started: Prepare checks the flag)
             if job.record.phase == Phase.prepare and not job.failing \
                     and job.task is not None:
+                job.cancelled_by_abort = True
                 job.task.cancel()  # don't wait for the destination's answer
         return job.record
 
@@ -296,10 +323,11 @@ class MigrationService:
                 try:
                     await run_steps(job, self.steps, self.records)
                 except asyncio.CancelledError:
-                    if job.abort_requested is None:
+                    if not job.cancelled_by_abort or job.shutting_down:
                         raise  # ferryd is stopping: recover() settles the job
                     asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                    await self._fail(job, Aborted(job.abort_requested, host=self.host.name,
+                    why = job.abort_requested or "aborted by the operator"
+                    await self._fail(job, Aborted(why, host=self.host.name,
                                                   phase=job.record.phase.value))
                 except Exception as exc:
                     await self._fail(job, exc)
@@ -317,7 +345,7 @@ class MigrationService:
                 self._end(job)
 
     def _end(self, job: SourceJob) -> None:
-        if job.dom is not None:
+        if job.dom is not None and not job.keep_held:
             self.domains.let_go(job.dom)
         self.jobs.pop(job.record.id, None)
 
@@ -335,6 +363,20 @@ class MigrationService:
         if isinstance(exc, InDoubt):
             self._in_doubt(job, error)
             return
+        if job.facts.finish_sent and not job.facts.dest_gone:
+            # the destination may run the guest: only its word decides what we do
+            verdict = await self._verdict(job) if job.peer is not None else None
+            if verdict == JobState.completed:
+                await self._confirm(job)
+                self.records.set_state(job.record, JobState.completed,
+                                       decided_by=self.host.name,
+                                       cleanup_error=job.cleanup_error or message)
+                return
+            if verdict is None:
+                self._in_doubt(job, error)
+                return
+            job.facts.dest_gone = True
+            self.records.save(job.record)
         job.outcome = JobState.aborted if isinstance(exc, Aborted) else JobState.failed
         job.record.error = error  # the undo tells the destination why
         undo_errors = await undo_steps(job, self.steps)
@@ -364,9 +406,9 @@ class MigrationService:
             rel = rel.model_copy(update={"stream": server})
         job.facts.dest_contacted = True
         self.records.save(job.record)
-        res = PrepareAnswer.model_validate(await peer.request(
+        res = parse_answer(PrepareAnswer, await peer.request(
             "POST", "/v1/relocation/prepare", rel.model_dump(mode="json"),
-            timeout=PREPARE_TIMEOUT))
+            timeout=PREPARE_TIMEOUT), job.record.dest)
         check_protocol(res.protocol, job.record.dest, self.host.name)
         job.uri = _check_uri(res.uri, rel.running, job.record.dest)
 
@@ -375,8 +417,11 @@ class MigrationService:
         if not job.facts.dest_contacted:
             return
         error = job.record.error or {}
-        body = AbortRequest(job_id=job.record.id, outcome=job.outcome,
-                            reason=str(error.get("message", "")), phase=job.record.phase,
+        body = AbortRequest(job_id=job.record.id,
+                            outcome=JobState.aborted if job.outcome == JobState.aborted
+                            else JobState.failed,
+                            reason=str(error.get("message", ""))[:4000],
+                            phase=job.record.phase,
                             host=str(error.get("host", self.host.name)))
         try:
             if job.peer is not None:
@@ -463,8 +508,9 @@ class MigrationService:
         """Is the destination there and still on the job? False: no answer; Failed
         if it answered that its side is gone (it decided the job failed)."""
         try:
-            st = JobStatus.model_validate(await peer.request(
-                "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=HEARTBEAT_S))
+            st = parse_answer(JobStatus, await peer.request(
+                "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=HEARTBEAT_S),
+                job.record.dest)
         except Unreachable:
             return False
         except NotFound as exc:
@@ -491,7 +537,12 @@ class MigrationService:
         if dom is None or dom.proc is None or not dom.proc.alive():
             return
         mig = MigrationQmp(dom.proc.qmp)
-        await mig.cancel_if_running()
+        status = await mig.status()
+        if status.in_flight:
+            status = await mig.cancel()
+        if status.in_flight:  # QEMU did not wind the stream down in time
+            raise Failed(f"the stream is still {status.value} after migrate_cancel: the "
+                         "source guest is left as it is", host=self.host.name)
         may_resume = bool(facts.was_running) and (facts.dest_gone or not facts.finish_sent)
         if may_resume and not await guest_running(dom.proc.qmp):
             await self.domains.resume_guest(dom, "resumed: the migration did not complete")
@@ -508,9 +559,9 @@ class MigrationService:
         job.facts.finish_sent = True
         self.records.save(job.record)
         try:
-            res = FinishAnswer.model_validate(await peer.request(
+            res = parse_answer(FinishAnswer, await peer.request(
                 "POST", "/v1/relocation/finish", body.model_dump(mode="json"),
-                timeout=FINISH_TIMEOUT))
+                timeout=FINISH_TIMEOUT), job.record.dest)
         except Unreachable as exc:
             # no answer: what does the destination say once it is back?
             verdict = await self._verdict(job)
@@ -526,11 +577,25 @@ class MigrationService:
                           f"({exc.message}); the source copy is kept paused until host "
                           f"{job.record.dest} answers", host=job.record.dest,
                           phase="finish") from exc
-        except FerryError:
-            # the destination answered: it never resumed the guest and undid its side
-            job.facts.dest_gone = True
-            self.records.save(job.record)
-            raise
+        except FerryError as exc:
+            if exc.details.get("undone") is True:
+                # the destination says it never resumed the guest and undid its side
+                job.facts.dest_gone = True
+                self.records.save(job.record)
+                raise
+            # any other answer (an internal error, a refusal of the request): it may
+            # or may not run the guest, so ask what became of the job
+            verdict = await self._verdict(job)
+            if verdict == JobState.completed:
+                return
+            if verdict is not None:
+                job.facts.dest_gone = True
+                self.records.save(job.record)
+                raise
+            raise InDoubt(f"destination answered Finish with an error ({exc.message}) "
+                          f"and then did not say how the job ended; the source copy is "
+                          f"kept paused until host {job.record.dest} answers",
+                          host=job.record.dest, phase="finish") from exc
         job.record.phase_times["dest_finish"] = res.finish_s
 
     async def _verdict(self, job: SourceJob) -> JobState | None:
@@ -539,8 +604,9 @@ class MigrationService:
         answer, or still undecided)."""
         for _ in range(VERDICT_TRIES):
             try:
-                st = JobStatus.model_validate(await job.client().request(
-                    "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=2))
+                st = parse_answer(JobStatus, await job.client().request(
+                    "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=2),
+                    job.record.dest)
             except NotFound:
                 return JobState.failed
             except FerryError:
@@ -558,13 +624,24 @@ class MigrationService:
         # The commit point: the destination runs the guest (Finish succeeded), so
         # the source lets go. From here on nothing is undone: a failure here is a
         # cleanup error of a completed migration, not a failed one.
+        dom = job.domain()
         try:
-            await self.domains.release(job.domain())
+            await self.domains.release(dom)
         except Exception as exc:
             log.exception("job %s: confirm: releasing the source copy failed",
                           job.record.id)
             job.cleanup_error = f"the source copy on {self.host.name} was not fully " \
                                 f"released: {exc}"
+            # never let a stale copy run again: kill its QEMU, keep it held (Busy)
+            # until a restarted ferryd finishes the cleanup
+            if dom.proc is not None:
+                dom.proc.signal(signal.SIGKILL)
+            job.keep_held = True
+            if dom.name in self.domains.domains:
+                with contextlib.suppress(Exception):
+                    self.domains.note(dom, f"stale copy: migrated to {job.record.dest} "
+                                      f"(job {job.record.id}); cleanup failed, ferryd "
+                                      "retries it at its next start")
 
     # -- after a restart, and for jobs in doubt -----------------------------------------
     async def _settle(self, job: SourceJob) -> JobState | None:
@@ -575,17 +652,19 @@ class MigrationService:
         path = f"/v1/relocation/jobs/{job.record.id}"
         try:
             async with self.connect(job.record.dest, job.endpoint, CALL_TIMEOUT) as peer:
-                st = JobStatus.model_validate(await peer.request("GET", path))
+                st = parse_answer(JobStatus, await peer.request("GET", path), job.record.dest)
                 if st.state == JobState.running:
                     body = AbortRequest(job_id=job.record.id, outcome=JobState.failed,
                                         reason="the source ferryd restarted during the "
                                         "migration", phase=job.record.phase)
-                    res = AbortAnswer.model_validate(await peer.request(
-                        "POST", "/v1/relocation/abort", body.model_dump(mode="json")))
+                    res = parse_answer(AbortAnswer, await peer.request(
+                        "POST", "/v1/relocation/abort", body.model_dump(mode="json")),
+                        job.record.dest)
                     if res.aborted:
                         return JobState.failed
                     # too late to abort (Finish got there first?): what is it now?
-                    st = JobStatus.model_validate(await peer.request("GET", path))
+                    st = parse_answer(JobStatus, await peer.request("GET", path),
+                                      job.record.dest)
         except NotFound:
             return JobState.failed
         except FerryError as exc:
@@ -604,7 +683,7 @@ class MigrationService:
         if verdict == JobState.completed:
             if job.dom is not None:
                 await self._confirm(job)
-            self.records.set_state(rec, JobState.completed, decided_by=rec.dest,
+            self.records.set_state(rec, JobState.completed, decided_by=self.host.name,
                                    cleanup_error=job.cleanup_error)
             log.info("job %s: confirmed %s: %s runs on %s", rec.id, why, rec.domain,
                      rec.dest)
@@ -633,14 +712,35 @@ class MigrationService:
         """An in-doubt job asks the destination again until it can settle."""
         while True:
             await asyncio.sleep(RESOLVE_EVERY_S)
-            verdict = await self._settle(job)
-            if await self._conclude(job, verdict, "once the destination answered"):
-                self._end(job)
-                return
+            try:
+                verdict = await self._settle(job)
+                if await self._conclude(job, verdict, "once the destination answered"):
+                    self._end(job)
+                    return
+            except Exception:  # keep asking: the domain stays held until it settles
+                log.exception("job %s: settling the job in doubt failed", job.record.id)
 
     async def recover(self) -> None:
         """At start: settle every source job an earlier ferryd left unsettled, with
-        the same undos a failure runs, from the stored record."""
+        the same undos a failure runs, from the stored record; finish the cleanup of
+        completed jobs whose Confirm failed."""
+        for raw in self.store.migrations(state=JobState.completed.value):
+            if raw.get("role") != Role.source.value or not raw.get("cleanup_error"):
+                continue
+            stale = self.domains.domains.get(raw["domain"])
+            if stale is None:
+                continue
+            done = JobRecord.model_validate(raw)
+            try:
+                await self.domains.hold_for_job(stale.name, done.id)
+                await self.domains.release(stale)
+            except Exception as exc:
+                log.error("job %s: the stale copy of %s is still here: %s", done.id,
+                          done.domain, exc)
+                continue  # left held: nothing may run it
+            self.domains.let_go(stale)
+            done.cleanup_error = f"{done.cleanup_error} (cleaned up at a ferryd restart)"
+            self.records.save(done)
         for rec in self.records.running(Role.source.value):
             dom = self.domains.domains.get(rec.domain)
             try:

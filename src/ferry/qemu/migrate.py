@@ -107,10 +107,6 @@ class MigrationQmp:
                 return status
             await asyncio.sleep(0.05)
 
-    async def cancel_if_running(self) -> None:
-        if (await self.status()).in_flight:
-            await self.cancel()
-
 
 async def guest_running(qmp: Qmp) -> bool:
     """Does the guest's CPU run (``query-status``)?"""
