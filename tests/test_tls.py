@@ -207,6 +207,16 @@ def test_remote_operation_refusals(secured: Host, workdir: Path) -> None:
     assert res.returncode == 1 and "is not who we expected" in res.stderr, res.stderr
     res = remote("no-such-host.invalid", "list", creds=alice)
     assert res.returncode == 1 and "unknown host" in res.stderr
+    # an operator certificate from another CA: ferryd hangs up in the handshake, and
+    # the CLI says what most likely happened (not "Server disconnected")
+    other = workdir / "pki-other"
+    if not (other / "ca.pem").exists():
+        pki.init_ca(other)
+        pki.issue(other, "mallory", "operator")
+    res = remote(secured.endpoint, "list",
+                 creds=(alice[0], other / "mallory.pem", other / "mallory.key"))
+    assert res.returncode == 1, res
+    assert "hosts_allow" in res.stderr and "signed by its CA" in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("cert_of,why", [
