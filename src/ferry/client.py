@@ -1,6 +1,7 @@
 """Async client of ferryd's API: over its Unix socket, or over TCP with mutual TLS.
 
-Every error comes back as the FerryError subclass the daemon raised
+Answers come back as the typed models (``HostInfo``, ``DomainInfo``,
+``JobRecord``, ...). Every error comes back as the FerryError subclass the daemon raised
 (structured JSON, never a string to parse); a daemon that can't be reached
 is a FerryError too, naming the socket.
 """
@@ -9,13 +10,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from ferry.errors import FerryError, Refused, Unreachable
 from ferry.hostconfig import HostConfig, parse_endpoint
+from ferry.migration.models import JobRecord, MigrationCheck
+from ferry.models import DomainInfo, HostInfo
 from ferry.tls import TlsFiles, client_context
+from ferry.validation import describe
+
+M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
 # seconds to open a connection to a ferryd, TCP and TLS handshake included: a host
@@ -141,26 +148,40 @@ class FerryClient:
             raise FerryError.from_json(data.get("error", {"message": str(data)}))
         return data
 
-    # -- the API, one method per endpoint ----------------------------------------------
-    async def host(self) -> dict[str, Any]:
-        return await self.request("GET", "/v1/host")  # type: ignore[no-any-return]
+    # -- the API, one method per endpoint: typed answers --------------------------------
+    def _as(self, model: type[M], data: Any) -> M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise FerryError(f"ferryd at {self.where} answered in a form this client "
+                             f"does not understand ({describe(exc)}): is it another "
+                             "version of Ferry?") from exc
 
-    async def domains(self) -> list[dict[str, Any]]:
-        return await self.request("GET", "/v1/domains")  # type: ignore[no-any-return]
+    def _as_list(self, model: type[M], data: Any) -> list[M]:
+        if not isinstance(data, list):
+            raise FerryError(f"ferryd at {self.where} answered {type(data).__name__}, "
+                             "not a list")
+        return [self._as(model, item) for item in data]
 
-    async def domain(self, name: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/domains/{name}")  # type: ignore[no-any-return]
+    async def host(self) -> HostInfo:
+        return self._as(HostInfo, await self.request("GET", "/v1/host"))
 
-    async def define(self, config: dict[str, Any], start: bool = False) -> dict[str, Any]:
-        return await self.request(  # type: ignore[no-any-return]
-            "POST", "/v1/domains", {"config": config, "start": start})
+    async def domains(self) -> list[DomainInfo]:
+        return self._as_list(DomainInfo, await self.request("GET", "/v1/domains"))
+
+    async def domain(self, name: str) -> DomainInfo:
+        return self._as(DomainInfo, await self.request("GET", f"/v1/domains/{name}"))
+
+    async def define(self, config: dict[str, Any], start: bool = False) -> DomainInfo:
+        return self._as(DomainInfo, await self.request(
+            "POST", "/v1/domains", {"config": config, "start": start}))
 
     async def undefine(self, name: str) -> None:
         await self.request("DELETE", f"/v1/domains/{name}")
 
-    async def action(self, name: str, action: str, **body: Any) -> dict[str, Any]:
-        return await self.request(  # type: ignore[no-any-return]
-            "POST", f"/v1/domains/{name}/{action}", body or None)
+    async def action(self, name: str, action: str, **body: Any) -> DomainInfo:
+        return self._as(DomainInfo, await self.request(
+            "POST", f"/v1/domains/{name}/{action}", body or None))
 
     async def console_log(self, name: str, tail: int | None = None) -> bytes:
         query = f"?tail={tail}" if tail is not None else ""
@@ -200,19 +221,26 @@ class FerryClient:
                               f"{_os_reason(exc, self.server_name)}") from exc
 
     # -- migration --------------------------------------------------------------------
-    async def migrate(self, name: str, **body: Any) -> dict[str, Any]:
-        return await self.request(  # type: ignore[no-any-return]
-            "POST", f"/v1/domains/{name}/migrate", body)
+    async def migrate(self, name: str, **body: Any) -> JobRecord:
+        return self._as(JobRecord, await self.request(
+            "POST", f"/v1/domains/{name}/migrate", {**body, "check": False}))
 
-    async def jobs(self) -> list[dict[str, Any]]:
-        return await self.request("GET", "/v1/jobs")  # type: ignore[no-any-return]
+    async def check_migration(self, name: str, **body: Any) -> MigrationCheck:
+        return self._as(MigrationCheck, await self.request(
+            "POST", f"/v1/domains/{name}/migrate", {**body, "check": True}))
 
-    async def job(self, job_id: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+    async def jobs(self) -> list[JobRecord]:
+        return self._as_list(JobRecord, await self.request("GET", "/v1/jobs"))
 
-    async def abort_job(self, job_id: str) -> dict[str, Any]:
-        return await self.request(  # type: ignore[no-any-return]
-            "POST", f"/v1/jobs/{job_id}/abort")
+    async def job(self, job_id: str) -> JobRecord:
+        return self._as(JobRecord, await self.request("GET", f"/v1/jobs/{job_id}"))
 
-    async def migrations(self) -> list[dict[str, Any]]:
-        return await self.request("GET", "/v1/migrations")  # type: ignore[no-any-return]
+    async def abort_job(self, job_id: str) -> JobRecord:
+        return self._as(JobRecord, await self.request("POST", f"/v1/jobs/{job_id}/abort"))
+
+    async def resolve_job(self, job_id: str, runs_on: str) -> JobRecord:
+        return self._as(JobRecord, await self.request(
+            "POST", f"/v1/jobs/{job_id}/resolve", {"runs_on": runs_on}))
+
+    async def migrations(self) -> list[JobRecord]:
+        return self._as_list(JobRecord, await self.request("GET", "/v1/migrations"))

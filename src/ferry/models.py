@@ -247,7 +247,7 @@ class DomainInfo(BaseModel):
 
 class HostInfo(BaseModel):
     name: str
-    version: str         # ferryd's
+    version: str = "unknown"  # ferryd's (an older ferryd does not say)
     accel: str
     qemu: str
     qemu_version: str

@@ -15,7 +15,7 @@ import pytest
 import ferry.migration.destination as destination
 import ferry.migration.source as source
 from fault.fakes import FakeHost, World, domain
-from ferry.errors import Busy
+from ferry.errors import Busy, Conflict, Refused
 from ferry.migration.job import PhaseStep
 from ferry.migration.models import MigrateRequest, Phase
 from ferry.models import DomainConfig, DomainState
@@ -642,3 +642,37 @@ async def test_a_peer_answering_in_another_shape_does_not_stop_ferryd(
     rec = a.record("0123456789ab")
     assert rec["state"] == "failed", rec
     assert state(a) == DomainState.running
+
+
+@pytest.mark.parametrize("runs_on", ["source", "destination"])
+async def test_the_operator_settles_a_job_in_doubt_when_the_destination_is_gone(
+        world: World, monkeypatch: pytest.MonkeyPatch, runs_on: str) -> None:
+    from ferry.migration.models import Role
+    monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    stuck = asyncio.Event()
+
+    async def never_confirm(job: Any) -> None:
+        await stuck.wait()
+
+    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
+    job = await migrate(world)
+    await until_phase(a, job, "confirm")
+    b.silent = True
+    await restart(a)
+    assert a.record(job)["state"] == "in_doubt"
+    with pytest.raises(Refused, match="ferry job resolve"):
+        a.mig.abort(job)
+    if runs_on == "source":  # as the operator vouches: b is gone, its guest too
+        for q in b.qemus():
+            q.exit()
+    rec = await a.mig.resolve(job, Role(runs_on))
+    assert rec.decided_by == "the operator on a" and job not in a.mig.jobs
+    if runs_on == "source":
+        assert rec.state.value == "failed" and state(a) == DomainState.running
+    else:
+        assert rec.state.value == "completed" and "web" not in a.svc.domains
+        assert state(b) == DomainState.running
+    with pytest.raises(Conflict, match="not in doubt"):
+        await a.mig.resolve(job, Role(runs_on))

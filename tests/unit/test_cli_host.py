@@ -8,15 +8,18 @@ import pytest
 from typer.testing import CliRunner
 
 from ferry.cli import main as cli
+from ferry.models import HostInfo
 
 HOST = {"name": "a", "version": "0.1.0", "arch": "x86_64", "accel": "tcg",
+        "qemu": "qemu-system-x86_64",
         "qemu_version": "10.0.0", "memory_total": 4000, "memory_free": 1200, "domains": 0,
         "running": 0, "state_dir": "/var/lib/ferry", "tcp_api": "closed"}
 
 
 def host_output(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any],
                 *args: str) -> str:
-    monkeypatch.setattr(cli, "call", lambda fn: dict(data))
+    # the client's typed answer, as an older ferryd's JSON would parse too
+    monkeypatch.setattr(cli, "call", lambda fn: HostInfo.model_validate(data))
     res = CliRunner().invoke(cli.app, ["host", *args])
     assert res.exit_code == 0, res.output
     return res.output

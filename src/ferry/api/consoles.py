@@ -7,9 +7,9 @@ binary frames. The server closes with 1000 when the domain stops and with
 ``MOVED`` when it left this host: the client then reconnects through its own
 ferryd with ``?from=<offset it got to>``, and nothing is lost or repeated.
 
-When the domain is not on this host, ferryd finds where it is (the record of
-where it migrated to, else by asking every peer) and relays the session to
-that host's relocation API.
+When the domain is not on this host, ferryd finds where it is
+(``ferry.fleet.locate``: the record of where it migrated to, else by asking
+every peer) and relays the session to that host's relocation API.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -25,14 +24,12 @@ from ferry.client import peer_client
 from ferry.console import MOVED, ConsoleHub, ConsoleLog
 from ferry.domains import DomainService
 from ferry.errors import FerryError, InvalidInput, NotFound
+from ferry.fleet.locate import DomainLocator, Hop
 from ferry.hostconfig import HostConfig
 from ferry.store import Store
 
-# a host: its name (or address) and its TCP endpoint
-Hop = tuple[str, tuple[str, int]]
 log = logging.getLogger(__name__)
 
-MAX_HOPS = 8
 POLL_S = 0.05
 
 
@@ -50,56 +47,12 @@ class Consoles:
         self.host = host
         self.svc = svc
         self.store = store
+        self.locator = DomainLocator(host, svc, store)
         self.hubs: dict[str, ConsoleHub] = {}
 
     async def close(self) -> None:
         for hub in self.hubs.values():
             await hub.close()
-
-    # -- where is it? -----------------------------------------------------------------
-    def next_hop(self, name: str) -> Hop | None:
-        """Where this host sent ``name`` last (the newest completed migration away):
-        (the host's name, its endpoint)."""
-        for rec in reversed(self.store.migrations(state="completed")):
-            if rec["domain"] == name and rec["role"] == "source":
-                try:
-                    return self.host.resolve_peer(rec["dest"])
-                except ValueError:
-                    return None
-        return None
-
-    async def locate(self, name: str) -> Hop:
-        """The host that has ``name`` (its name and endpoint); NotFound if none."""
-        seen: set[tuple[str, int]] = set()
-        hop = self.next_hop(name)
-        while hop is not None and hop[1] not in seen and len(seen) < MAX_HOPS:
-            seen.add(hop[1])
-            answer = await self._ask(hop, name)
-            if answer is None:
-                break
-            if answer.get("here"):
-                return hop
-            nxt = answer.get("next")
-            hop = (str(nxt[0]), (str(nxt[1]), int(nxt[2]))) if nxt else None
-        for peer in self.host.peers:
-            try:
-                hop = self.host.resolve_peer(peer.name)
-            except ValueError:
-                continue
-            if hop[1] in seen:
-                continue
-            answer = await self._ask(hop, name)
-            if answer and answer.get("here"):
-                return hop
-        raise NotFound(f"no domain named {name!r} on host {self.host.name} or its peers",
-                       domain=name)
-
-    def whereabouts(self, name: str) -> dict[str, Any]:
-        """What a peer's ``locate`` asks: is it here, or where did it go?"""
-        if name in self.svc.domains:
-            return {"here": True}
-        hop = self.next_hop(name)
-        return {"here": False, "next": [hop[0], *hop[1]] if hop else None}
 
     # -- sessions ---------------------------------------------------------------------
     async def serve(self, request: web.Request, name: str, relay: bool) -> web.StreamResponse:
@@ -109,7 +62,7 @@ class Consoles:
         if dom is None:
             if not relay:
                 raise NotFound(f"no domain named {name!r} on host {self.host.name}")
-            return await self._relay(request, await self.locate(name), name)
+            return await self._relay(request, await self.locator.locate(name), name)
         if dom.proc is None or not dom.config.serial:
             raise NotFound(f"domain {name} has no running console ({dom.state.value})",
                            domain=name)
@@ -192,7 +145,7 @@ class Consoles:
                 # left that host meanwhile, it is a move like any other
                 log.info("console relay of %s from %s broke (%s, %s)", name, hop[0], code,
                          upstream.exception())
-                answer = await self._ask(hop, name)
+                answer = await self.locator.ask(hop, name)
                 if answer is not None and not answer.get("here"):
                     code = MOVED
             await upstream.close()
@@ -205,23 +158,13 @@ class Consoles:
             return ConsoleLog(self.svc.paths(name).root).tail(tail)
         if not relay:
             raise NotFound(f"no domain named {name!r} on host {self.host.name}")
-        hop = await self.locate(name)
+        hop = await self.locator.locate(name)
         query = f"?tail={tail}" if tail is not None else ""
         async with peer_client(self.host, *hop, timeout=30) as peer:
             data = await peer.request("GET", f"/v1/relocation/consoles/{name}/log{query}")
         if not isinstance(data, bytes):
             raise FerryError(f"unexpected answer for the console log of {name}")
         return data
-
-    async def _ask(self, hop: Hop, name: str) -> dict[str, Any] | None:
-        """A peer's whereabouts answer for ``name``; None if it doesn't answer."""
-        try:
-            async with peer_client(self.host, *hop, timeout=5) as peer:
-                answer = await peer.request("GET", f"/v1/relocation/whereabouts/{name}")
-        except FerryError as exc:
-            log.info("locating %s: %s did not answer: %s", name, hop[0], exc.message)
-            return None
-        return answer if isinstance(answer, dict) else None
 
 
 async def _forward_input(ws: web.WebSocketResponse, hub: ConsoleHub) -> None:

@@ -91,7 +91,7 @@ async def local_console_log(request: web.Request) -> web.Response:
 
 
 async def whereabouts(request: web.Request) -> web.Response:
-    return ok(request.app[CONSOLES].whereabouts(domain_name(request)))
+    return ok(request.app[CONSOLES].locator.whereabouts(domain_name(request)))
 
 
 def make_relocation_app(reloc: RelocationService, consoles: Consoles) -> web.Application:

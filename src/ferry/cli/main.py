@@ -21,7 +21,8 @@ from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError, InvalidInput
-from ferry.migration.models import Mode, OnTimeout
+from ferry.migration.models import JobState, Mode, OnTimeout
+from ferry.models import DomainInfo
 
 T = TypeVar("T")
 
@@ -103,7 +104,16 @@ def call(fn: Callable[[FerryClient], Awaitable[T]], about: Path | None = None) -
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """JSON on stdout: a model (or a list of them) as the API gave it."""
+    from pydantic import BaseModel
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, BaseModel):
+            return obj.model_dump(mode="json")
+        if isinstance(obj, list):
+            return [plain(o) for o in obj]
+        return obj
+    sys.stdout.write(json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
 
 
 def _console() -> Any:
@@ -125,14 +135,14 @@ def list_(as_json: JsonOpt = False) -> None:
     """List this host's domains and their states."""
     doms = call(lambda c: c.domains())
     if as_json:
-        return print_json(doms)
+        return print_json([d.model_dump(mode="json", exclude={"config"}) for d in doms])
     from rich.table import Table
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "STATE", "MEM", "VCPUS", "PID", "SINCE", "REASON"):
         table.add_column(col)
     for d in doms:
-        table.add_row(d["name"], d["state"], f"{d['memory']}M", str(d["vcpus"]),
-                      str(d["pid"] or "-"), _since(d["state_since"]), d["state_reason"])
+        table.add_row(d.name, d.state.value, f"{d.memory}M", str(d.vcpus),
+                      str(d.pid or "-"), _since(d.state_since), d.state_reason)
     _console().print(table)
 
 
@@ -142,20 +152,22 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
     dom = call(lambda c: c.domain(name))
     if as_json:
         return print_json(dom)
-    cfg = dom["config"]
-    rows = [("name", dom["name"]), ("uuid", dom["uuid"]), ("state", dom["state"]),
-            ("reason", dom["state_reason"]), ("since", _since(dom["state_since"]) + " ago"),
-            ("pid", str(dom["pid"] or "-")), ("accel", dom["accel"] or "-"),
-            ("memory", f"{cfg['memory']} MiB"), ("vcpus", str(cfg["vcpus"])),
-            ("machine", cfg["machine"]), ("cpu", cfg["cpu"])]
-    if cfg.get("kernel"):
-        rows += [("kernel", cfg["kernel"]), ("initrd", cfg.get("initrd") or "-"),
-                 ("cmdline", cfg.get("cmdline") or "")]
-    for i, disk in enumerate(cfg["disks"]):
-        rows.append((f"disk{i}", f"{disk['path']} ({disk['format']}, {disk['bus']})"))
-    for i, nic in enumerate(cfg["nics"]):
-        where = nic.get("bridge") or nic["mode"]
-        rows.append((f"nic{i}", f"{nic['mac']} {nic['model']} on {where}"))
+    cfg = dom.config
+    if cfg is None:
+        fail(f"ferryd did not send the definition of {name}")
+    rows = [("name", dom.name), ("uuid", dom.uuid), ("state", dom.state.value),
+            ("reason", dom.state_reason), ("since", _since(dom.state_since) + " ago"),
+            ("pid", str(dom.pid or "-")), ("accel", dom.accel or "-"),
+            ("memory", f"{cfg.memory} MiB"), ("vcpus", str(cfg.vcpus)),
+            ("machine", cfg.machine), ("cpu", cfg.cpu)]
+    if cfg.kernel:
+        rows += [("kernel", str(cfg.kernel)), ("initrd", str(cfg.initrd or "-")),
+                 ("cmdline", cfg.cmdline)]
+    for i, disk in enumerate(cfg.disks):
+        rows.append((f"disk{i}", f"{disk.path} ({disk.format.value}, {disk.bus.value})"))
+    for i, nic in enumerate(cfg.nics):
+        where = nic.bridge or nic.mode.value
+        rows.append((f"nic{i}", f"{nic.mac} {nic.model.value} on {where}"))
     from rich.table import Table
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
@@ -168,10 +180,10 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
 @app.command()
 def host(as_json: JsonOpt = False) -> None:
     """Show this host: name, accelerator, QEMU, memory, its TCP API."""
-    data = call(lambda c: c.host())
+    info = call(lambda c: c.host())
     if as_json:
-        return print_json(data)
-    data.setdefault("version", "unknown")  # older ferryds do not say
+        return print_json(info)
+    data: dict[str, Any] = info.model_dump(mode="json")
     # how ferryd computes it (DomainService.memory_free), so the number can be checked
     data["memory_free"] = (f"{data['memory_free']} MiB (at most total - reserve - "
                            "allocated to domains, at most what is available now)")
@@ -223,7 +235,7 @@ def define(file: FileArg) -> None:
     """Define a domain from a TOML file (it stays shut off)."""
     cfg = load_definition(file)
     dom = call(lambda c: c.define(cfg), about=file)
-    typer.echo(f"defined {dom['name']} ({dom['uuid']})")
+    typer.echo(f"defined {dom.name} ({dom.uuid})")
 
 
 @app.command()
@@ -231,7 +243,7 @@ def create(file: FileArg) -> None:
     """Define a domain from a TOML file and start it."""
     cfg = load_definition(file)
     dom = call(lambda c: c.define(cfg, start=True), about=file)
-    typer.echo(f"created {dom['name']} ({dom['uuid']}), running")
+    typer.echo(f"created {dom.name} ({dom.uuid}), running")
 
 
 @app.command()
@@ -242,7 +254,7 @@ def undefine(name: NameArg) -> None:
 
 
 # -- lifecycle -------------------------------------------------------------------------
-def _action(name: str, action: str, **body: Any) -> dict[str, Any]:
+def _action(name: str, action: str, **body: Any) -> DomainInfo:
     return call(lambda c: c.action(name, action, **body))
 
 
@@ -272,7 +284,7 @@ def shutdown(name: NameArg, timeout: Annotated[float, typer.Option(
         help="Seconds to wait for the guest before destroying it.")] = 60.0) -> None:
     """Shut a domain down (ACPI power button), destroying it after --timeout."""
     dom = _action(name, "shutdown", timeout=timeout)
-    typer.echo(f"{name}: {dom['state']} ({dom['state_reason']})")
+    typer.echo(f"{name}: {dom.state.value} ({dom.state_reason})")
 
 
 @app.command()
@@ -333,24 +345,24 @@ def migrate(
 ) -> None:
     """Move a domain to another host, offline or --live."""
     body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
-            "check": check, "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
+            "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
             "timeout_s": timeout, "on_timeout": on_timeout.value}
     if check:
-        res = call(lambda c: c.migrate(name, **body))
+        res = call(lambda c: c.check_migration(name, **body))
         if as_json:
             print_json(res)
-        elif res["blockers"]:
+        elif res.blockers:
             typer.echo(f"{name} cannot migrate to {dest}:")
-            for b in res["blockers"]:
+            for b in res.blockers:
                 typer.echo(f"  - {b}")
         else:
             typer.echo(f"{name} can migrate to {dest}: no blockers")
-        if res["blockers"]:
+        if res.blockers:
             raise typer.Exit(1)
         return
     job = call(lambda c: c.migrate(name, **body))
     if detach:
-        return print_json(job) if as_json else typer.echo(job["id"])
+        return print_json(job) if as_json else typer.echo(job.id)
     from ferry.cli.progress import follow
     try:
         final = follow(_state["target"], job, quiet=as_json)
@@ -359,9 +371,9 @@ def migrate(
         raise AssertionError("unreachable") from exc
     if as_json:
         print_json(final)
-    if final["state"] != "completed":
-        err = final.get("error") or {}
-        fail(f"migration {final['id']} {final['state']} in {err.get('phase')} on host "
+    if final.state != JobState.completed:
+        err = final.error or {}
+        fail(f"migration {final.id} {final.state.value} in {err.get('phase')} on host "
              f"{err.get('host')}: {err.get('message')}")
 
 
@@ -385,6 +397,27 @@ def job_abort(job_id: Annotated[str, typer.Argument(help="The job's id (`ferry j
     """Cancel a running migration; the guest keeps running on the source."""
     call(lambda c: c.abort_job(job_id))
     typer.echo(f"aborting {job_id}")
+
+
+@job_app.command("resolve")
+def job_resolve(
+        job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")],
+        here: Annotated[bool, typer.Option(
+            "--here", help="The destination is gone for good and does not run the guest: "
+            "resume the paused copy on this (the source) host.")] = False,
+        there: Annotated[bool, typer.Option(
+            "--there", help="The destination runs the guest: release the copy here.")
+        ] = False) -> None:
+    """Settle a migration that is in doubt, when its destination will never answer.
+    Ferry settles such a job by itself as soon as the destination answers; use this
+    only when it never will. Choose wrongly and the guest runs twice (--here) or
+    nowhere (--there)."""
+    if here == there:
+        fail("say where the guest is to run: --here or --there", code=2)
+    runs_on = "source" if here else "destination"
+    data = call(lambda c: c.resolve_job(job_id, runs_on))
+    done = "resumed here" if here else "released here"
+    typer.echo(f"migration {job_id}: {data.state.value} ({done})")
 
 
 @job_app.command("show")

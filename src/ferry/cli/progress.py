@@ -5,6 +5,7 @@ import asyncio
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +15,6 @@ from rich.table import Table
 from ferry.cli.target import Target
 from ferry.errors import FerryError
 from ferry.migration.models import JobRecord, JobState
-from ferry.stats import MigrationStats
 
 
 def mib(n: float | None) -> str:
@@ -70,12 +70,12 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
     return "\n".join(lines)
 
 
-def follow(target: Target, job: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+def follow(target: Target, job: JobRecord, quiet: bool = False) -> JobRecord:
     """Show the job's progress until it ends; Ctrl-C asks, then aborts it."""
     return asyncio.run(_follow(target, job, quiet))
 
 
-async def _follow(target: Target, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+async def _follow(target: Target, job: JobRecord, quiet: bool) -> JobRecord:
     console = Console(stderr=True)
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,28 +86,28 @@ async def _follow(target: Target, job: dict[str, Any], quiet: bool) -> dict[str,
                         transient=True, disable=not show)
     async with target.client() as client:
         with progress:
-            bar = progress.add_task(job["domain"], total=1)
-            while job["state"] == JobState.running.value:
+            bar = progress.add_task(job.domain, total=1)
+            while job.state == JobState.running:
                 if interrupted.is_set():
                     interrupted.clear()
                     progress.stop()
-                    if await _confirm_abort(job["id"]):
+                    if await _confirm_abort(job.id):
                         try:
-                            await client.abort_job(job["id"])
+                            await client.abort_job(job.id)
                         except FerryError as exc:
                             console.print(f"cannot abort: {exc.message}")
                     progress.start()
                 await asyncio.sleep(0.1)
                 try:
-                    job = await client.job(job["id"])
+                    job = await client.job(job.id)
                 except FerryError as exc:
                     console.print(f"lost the job: {exc.message}")
                     raise
-                stats = MigrationStats.model_validate(job.get("stats", {}))
+                stats = job.stats
                 total = stats.total or 1
                 done = stats.total - stats.remaining if stats.total else 0
                 progress.update(bar, total=total, completed=done,
-                                description=f"{job['domain']}: {progress_line(job)}")
+                                description=f"{job.domain}: {progress_line(job)}")
     loop.remove_signal_handler(signal.SIGINT)
     if not quiet:
         sys.stdout.write(summary(job) + "\n")
@@ -123,7 +123,7 @@ async def _confirm_abort(job_id: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+def jobs_table(jobs: Sequence[dict[str, Any] | JobRecord]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("ID", "DOMAIN", "ROLE", "MODE", "FROM", "TO", "STATE", "PROGRESS"):
         table.add_column(col)
@@ -134,7 +134,7 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     return table
 
 
-def records_table(records: list[dict[str, Any]]) -> Table:
+def records_table(records: Sequence[dict[str, Any] | JobRecord]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("ID", "DOMAIN", "ROLE", "FROM", "TO", "MODE", "RESULT", "TIME", "DOWNTIME",
                 "SENT", "PASSES", "ERROR"):

@@ -326,7 +326,7 @@ class RelocationService:
         if dom is None or dom.proc is None:
             return
         try:
-            await dom.proc.qmp.execute("announce-self", self.host.announce.qmp())
+            await MigrationQmp(dom.proc.qmp).announce(self.host.announce.qmp())
         except FerryError as exc:
             log.warning("job %s: announcing %s failed (it runs here anyway): %s",
                         inc.record.id, dom.name, exc.message)

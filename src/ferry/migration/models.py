@@ -87,6 +87,20 @@ class MigrateRequest(MigrateOptions):
     check: bool = False
 
 
+class MigrationCheck(BaseModel):
+    """``ferry migrate --check``: every blocker on both hosts (none: it may go)."""
+
+    domain: str
+    dest: str
+    blockers: list[str]
+
+
+class ResolveRequest(Strict):
+    """The operator's verdict on a job in doubt: where the guest is to run."""
+
+    runs_on: Role
+
+
 class StreamCreds(Strict):
     """One QEMU's half of a migration's TLS credentials (PEM); see streamtls."""
 

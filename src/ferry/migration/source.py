@@ -51,6 +51,7 @@ from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
 from ferry.errors import (
     Aborted,
+    Conflict,
     Failed,
     FerryError,
     InvalidInput,
@@ -281,7 +282,8 @@ class MigrationService:
         if job.record.state == JobState.in_doubt:
             raise Refused(f"migration {job_id} is in doubt: host {job.record.dest} may run "
                           "the guest; Ferry asks it again every "
-                          f"{RESOLVE_EVERY_S:g}s and settles the job when it answers")
+                          f"{RESOLVE_EVERY_S:g}s and settles the job when it answers (if "
+                          "it is gone for good: ferry job resolve)")
         if job.record.phase in (Phase.finish, Phase.confirm):
             raise Refused(f"migration {job_id} is in {job.record.phase.value}: too late to "
                           "abort (the destination is taking over)")
@@ -292,6 +294,30 @@ class MigrationService:
                     and job.task is not None:
                 job.cancelled_by_abort = True
                 job.task.cancel()  # don't wait for the destination's answer
+        return job.record
+
+    async def resolve(self, job_id: str, runs_on: Role) -> JobRecord:
+        """The operator settles a job in doubt because the destination will never
+        answer (it is gone for good): ``runs_on`` is where the guest is to live.
+        ``source``: the operator vouches that the destination does not run it; the
+        copy here resumes. ``destination``: the copy here is released."""
+        job = self.jobs.get(job_id)
+        if job is None or job.record.state != JobState.in_doubt:
+            raise Conflict(f"migration {job_id} is not in doubt on host {self.host.name}: "
+                           "only a job in doubt is settled by hand")
+        if job.resolver is not None:
+            job.resolver.cancel()
+            await asyncio.gather(job.resolver, return_exceptions=True)
+            job.resolver = None
+        who = f"the operator on {self.host.name}"
+        if runs_on == Role.destination:
+            await self._conclude(job, JobState.completed, f"by {who}")
+        else:
+            job.facts.dest_gone = True  # on the operator's word
+            await self._conclude(job, JobState.failed, f"by {who}: the guest stays here")
+        job.record.decided_by = who
+        self.records.save(job.record)
+        self._end(job)
         return job.record
 
     def records_json(self) -> list[dict[str, object]]:

@@ -1,6 +1,7 @@
 """QMP for migration, in one place: capabilities and parameters, TLS, start,
-status, cancel, incoming. The services call these typed methods, never raw
-command strings, so what Ferry asks of QEMU's migration is all on this page.
+status, cancel, incoming, the announcement after it. The services call these
+typed methods, never raw command strings, so what Ferry asks of QEMU's
+migration is all on this page.
 
 Post-copy (``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``)
 and multifd will be added here with the convergence work.
@@ -71,6 +72,11 @@ class MigrationQmp:
             "endpoint": endpoint, "verify-peer": True})
 
     # -- the stream -------------------------------------------------------------------
+    async def announce(self, params: dict[str, int]) -> None:
+        """``announce-self``: the guest's NICs send RARP/gratuitous frames so the
+        network learns where the guest runs now (after an incoming migration)."""
+        await self.qmp.execute("announce-self", params)
+
     async def start(self, uri: str) -> None:
         await self.qmp.execute("migrate", {"uri": uri})
 
