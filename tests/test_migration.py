@@ -611,6 +611,39 @@ def test_source_ferryd_killed_in_perform_leaves_one_running_copy(
         remove(cluster, name)
 
 
+def test_source_ferryd_killed_after_finish_confirms_at_restart(cluster: Cluster) -> None:
+    """The source ferryd dies right after the destination answered Finish (the guest
+    runs there, the source copy is paused in postmigrate). Restarted, the source
+    hears the job completed and releases its copy: one running copy, on mb."""
+    probe = boot(cluster, "ma", "phoenix2")
+    ma, mb = cluster["ma"], cluster["mb"]
+    try:
+        first = probe.wait_up()
+        ma.stop()
+        ma.start(env={"FERRY_CRASH_AT": "source-after-finish"})
+        job_id = ma.ferry("migrate", "phoenix2", "mb", "--live", "--detach").stdout.strip()
+        assert ma.proc is not None
+        ma.proc.wait(60)  # it died at the crash point
+        ma.proc = None
+        reply = probe.wait_up(10)
+        assert probe.last_from == ADDRS["mb"] and reply["boot_id"] == first["boot_id"]
+        ma.start()
+        rec = next(r for r in ma.json("migrations") if r["id"] == job_id)
+        assert rec["state"] == "completed", rec
+        assert cluster.has_domain("phoenix2") == ["mb"] and cluster.where("phoenix2") == ["mb"]
+        assert_clean(ma, "phoenix2")
+        dest = next(r for r in mb.json("migrations") if r["id"] == job_id)
+        assert dest["state"] == "completed"
+        assert probe.wait_up(5)["corrupt"] == "0"
+    finally:
+        probe.close()
+        if ma.proc is None:
+            ma.start()
+        ma.stop()
+        ma.start()
+        remove(cluster, "phoenix2")
+
+
 def test_destination_crash_right_after_resume_is_adopted(cluster: Cluster) -> None:
     """The destination ferryd dies right after resuming the guest in Finish, before it
     answers. The source keeps its copy paused and waits; the restarted destination

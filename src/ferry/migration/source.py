@@ -623,6 +623,7 @@ class MigrationService:
                           f"kept paused until host {job.record.dest} answers",
                           host=job.record.dest, phase="finish") from exc
         job.record.phase_times["dest_finish"] = res.finish_s
+        crash_point("source-after-finish")
 
     async def _verdict(self, job: SourceJob) -> JobState | None:
         """Ask the destination about the job for ~10 s: completed (it runs the
