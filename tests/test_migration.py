@@ -403,6 +403,14 @@ def start_slow(cluster: Cluster, name: str, src: str = "ma", dst: str = "mb") ->
     return job_id
 
 
+def without_crash_point(h: Host) -> None:
+    """Whatever happened, ``h``'s ferryd goes on running without FERRY_CRASH_AT."""
+    if h.proc is None:
+        h.start()
+    h.stop()
+    h.start()
+
+
 def wait_job(h: Host, job_id: str) -> dict[str, Any]:
     return wait_for(lambda: (j := h.json("job", "show", job_id))["state"] != "running" and j,
                     60, f"job {job_id} to end")
@@ -604,10 +612,7 @@ def test_source_ferryd_killed_in_perform_leaves_one_running_copy(
         assert dest["state"] == rec["state"], (rec, dest)
     finally:
         probe.close()
-        if ma.proc is None:
-            ma.start()
-        ma.stop()  # whatever happened, ma goes on without the crash point
-        ma.start()
+        without_crash_point(ma)
         remove(cluster, name)
 
 
@@ -637,10 +642,7 @@ def test_source_ferryd_killed_after_finish_confirms_at_restart(cluster: Cluster)
         assert probe.wait_up(5)["corrupt"] == "0"
     finally:
         probe.close()
-        if ma.proc is None:
-            ma.start()
-        ma.stop()
-        ma.start()
+        without_crash_point(ma)
         remove(cluster, "phoenix2")
 
 

@@ -345,6 +345,31 @@ async def restart(host: FakeHost) -> None:
     await host.start()
 
 
+def stall(host: FakeHost, phase: Phase) -> None:
+    """The host's next job stops in ``phase`` (as if its ferryd died there)."""
+    stuck = asyncio.Event()
+
+    async def never(job: Any) -> None:
+        await stuck.wait()
+
+    index = [step.phase for step in host.mig.steps].index(phase)
+    host.mig.steps[index] = PhaseStep(phase, never)
+
+
+async def in_doubt_after_restart(world: World) -> str:
+    """A job whose Finish the destination answered, the source restarted with the
+    destination silent: in doubt. Its id."""
+    await boot(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    stall(a, Phase.confirm)
+    job = await migrate(world)
+    await until_phase(a, job, "confirm")
+    b.silent = True
+    await restart(a)
+    assert a.record(job)["state"] == "in_doubt", a.record(job)
+    return job
+
+
 async def until_phase(host: FakeHost, job: str, phase: str) -> None:
     for _ in range(1000):
         j = host.mig.jobs.get(job)
@@ -369,44 +394,27 @@ async def test_restart_of_the_source_during_precopy(world: World) -> None:
     assert_agree(world, job)
 
 
-async def test_restart_of_the_source_after_the_stream_completed_alone(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stream completes while the source ferryd is down: the guest is paused in
-    postmigrate there, never resumed on the destination (no Finish). The restarted
-    source has the destination drop its copy and resumes its own: it runs on
-    exactly one host, with no operator action."""
+@pytest.mark.parametrize("phase,outcome,where", [
+    # the stream completed while the source ferryd was down: the guest is paused in
+    # postmigrate there and was never resumed on the destination (no Finish); the
+    # restarted source has the destination drop its copy and resumes its own
+    (Phase.finish, "failed", "a"),
+    # the destination had taken over: the restarted source confirms
+    (Phase.confirm, "completed", "b"),
+])
+async def test_restart_of_the_source_after_the_stream(
+        world: World, phase: Phase, outcome: str, where: str) -> None:
+    """Either way the guest runs on exactly one host, with no operator action."""
     await boot(world)
     a = world.hosts["a"]
-    stuck = asyncio.Event()
-
-    async def never_finish(job: Any) -> None:
-        await stuck.wait()
-
-    a.mig.steps[2] = PhaseStep(Phase.finish, never_finish)
+    stall(a, phase)
     job = await migrate(world)
-    await until_phase(a, job, "finish")
-    assert [q.runstate for q in a.qemus()] == ["postmigrate"]
+    await until_phase(a, job, phase.value)
+    if phase == Phase.finish:
+        assert [q.runstate for q in a.qemus()] == ["postmigrate"]
     await restart(a)
-    assert a.record(job)["state"] == "failed"
-    assert_runs_only_on(world, "a")
-    assert_agree(world, job)
-
-
-async def test_restart_of_the_source_after_the_destination_took_over(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    await boot(world)
-    a = world.hosts["a"]
-    stuck = asyncio.Event()
-
-    async def never_confirm(job: Any) -> None:
-        await stuck.wait()
-
-    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
-    job = await migrate(world)
-    await until_phase(a, job, "confirm")
-    await restart(a)
-    assert a.record(job)["state"] == "completed"
-    assert_runs_only_on(world, "b")
+    assert a.record(job)["state"] == outcome
+    assert_runs_only_on(world, where)
     assert_agree(world, job)
 
 
@@ -416,20 +424,8 @@ async def test_restart_of_the_source_after_finish_with_the_destination_away(
     paused and held; once the destination answers, the job settles by itself."""
     monkeypatch.setattr(source, "RESOLVE_EVERY_S", 0.05)
     monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
-    await boot(world)
     a, b = world.hosts["a"], world.hosts["b"]
-    stuck = asyncio.Event()
-
-    async def never_confirm(job: Any) -> None:
-        await stuck.wait()
-
-    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
-    job = await migrate(world)
-    await until_phase(a, job, "confirm")
-    b.silent = True
-    await restart(a)
-    rec = a.record(job)
-    assert rec["state"] == "in_doubt", rec
+    job = await in_doubt_after_restart(world)
     assert state(a) == DomainState.paused and a.svc.domains["web"].lock.locked()
     assert "in doubt" in a.svc.domains["web"].reason
     b.silent = False
@@ -649,19 +645,8 @@ async def test_the_operator_settles_a_job_in_doubt_when_the_destination_is_gone(
         world: World, monkeypatch: pytest.MonkeyPatch, runs_on: str) -> None:
     from ferry.migration.models import Role
     monkeypatch.setattr(source, "CALL_TIMEOUT", 0.2)
-    await boot(world)
     a, b = world.hosts["a"], world.hosts["b"]
-    stuck = asyncio.Event()
-
-    async def never_confirm(job: Any) -> None:
-        await stuck.wait()
-
-    a.mig.steps[3] = PhaseStep(Phase.confirm, never_confirm)
-    job = await migrate(world)
-    await until_phase(a, job, "confirm")
-    b.silent = True
-    await restart(a)
-    assert a.record(job)["state"] == "in_doubt"
+    job = await in_doubt_after_restart(world)
     with pytest.raises(Refused, match="ferry job resolve"):
         a.mig.abort(job)
     if runs_on == "source":  # as the operator vouches: b is gone, its guest too
