@@ -233,6 +233,8 @@ ACTIVE_STATES = frozenset({DomainState.running, DomainState.paused, DomainState.
 class DomainInfo(BaseModel):
     """What `ferry list` / `ferry info` show."""
 
+    model_config = ConfigDict(extra="allow")  # what a newer ferryd adds is kept
+
     name: str
     uuid: str
     state: DomainState
@@ -246,6 +248,8 @@ class DomainInfo(BaseModel):
 
 
 class HostInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")  # what a newer ferryd adds is kept
+
     name: str
     version: str = "unknown"  # ferryd's (an older ferryd does not say)
     accel: str

@@ -64,7 +64,7 @@ class MigrationStats(BaseModel):
     Bytes are bytes, rates bytes per second (``mbps`` is QEMU's own megabits per
     second), times milliseconds. The JSON keys are the record's since 0.1."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # keys of other versions pass through
 
     status: MigrationStatus = MigrationStatus.none
     transferred: int = 0          # bytes of RAM sent so far

@@ -263,6 +263,7 @@ class FakeQemu:
         if dest is not None and dest.running_process:
             dest.mig_status = "completed"
             dest.runstate = "paused"
+            dest.incoming = False  # from now on an ordinary QEMU (it may migrate on)
 
 
 class FakeLauncher(QemuLauncher):

@@ -415,9 +415,11 @@ def job_resolve(
     if here == there:
         fail("say where the guest is to run: --here or --there", code=2)
     runs_on = "source" if here else "destination"
-    data = call(lambda c: c.resolve_job(job_id, runs_on))
-    done = "resumed here" if here else "released here"
-    typer.echo(f"migration {job_id}: {data.state.value} ({done})")
+    rec = call(lambda c: c.resolve_job(job_id, runs_on))
+    from ferry.cli.progress import summary
+    typer.echo(summary(rec))
+    if (rec.error or {}).get("undo_errors") or rec.cleanup_error:
+        fail(f"migration {job_id} settled, but not everything went as asked (above)")
 
 
 @job_app.command("show")

@@ -90,6 +90,8 @@ class RelocationService:
         self.store = store
         self.records = JobRecords(store, domains.events, host.name)
         self.incoming: dict[str, Incoming] = {}
+        # job ids whose abort came before their Prepare (monotonic time of the abort)
+        self.aborted_early: dict[str, float] = {}
 
     async def close(self) -> None:
         for inc in self.incoming.values():
@@ -138,6 +140,12 @@ class RelocationService:
         """Check, reserve, start the incoming QEMU, open its endpoint.
         Refused (nothing changed) or Failed (undone) on error."""
         check_protocol(req.protocol, req.source, self.host.name)
+        now = time.monotonic()
+        self.aborted_early = {j: t for j, t in self.aborted_early.items()
+                              if now - t < INCOMING_LEASE_S}
+        if req.job_id in self.aborted_early:
+            raise Conflict(f"job {req.job_id} was aborted before its Prepare arrived on "
+                           f"{self.host.name}")
         if req.job_id in self.incoming or self._stored(req.job_id) is not None:
             raise Conflict(f"job {req.job_id} is already known on {self.host.name}")
         found = self.typed_blockers(req)
@@ -360,7 +368,9 @@ class RelocationService:
                     return AbortAnswer(aborted=True, state=inc.record.state)
         rec = self._stored(req.job_id)
         if rec is None:
-            return AbortAnswer(aborted=False)  # never prepared here
+            # never prepared here, or its Prepare is still on its way: refuse it then
+            self.aborted_early[req.job_id] = time.monotonic()
+            return AbortAnswer(aborted=False)
         if rec.state in FINAL_STATES and rec.state != JobState.completed \
                 and (rec.state != req.outcome or rec.decided_by != rec.source):
             # this side ended first (its own decision); the source's outcome rules
@@ -461,6 +471,11 @@ class RelocationService:
         """An incoming job of Ferry 0.1 (its request in ``incoming.json``, no facts):
         adopt a guest its Finish resumed, remove anything else."""
         request = self.domains.paths(rec.domain).root / "incoming.json"
+        if rec.domain in self.domains.domains:  # 0.1's Finish had adopted it: it stays
+            request.unlink(missing_ok=True)
+            rec.phase = Phase.confirm
+            self.records.set_state(rec, JobState.completed, decided_by=rec.source)
+            return
         cfg: DomainConfig | None
         try:
             cfg = RelocationRequest.model_validate_json(request.read_text()).config
@@ -474,7 +489,7 @@ class RelocationService:
         if cfg is None:
             await self._drop_qemu(rec.domain, None, proc)
         elif proc is not None and rec.phase == Phase.finish \
-                and await guest_running(proc.qmp):
+                and await self._running_or_false(proc):
             self.domains.adopt(cfg, proc, DomainState.running,
                                f"migrated from {rec.source} (adopted after a ferryd restart)")
             request.unlink(missing_ok=True)
@@ -485,6 +500,13 @@ class RelocationService:
             await self._drop_qemu(rec.domain, cfg, proc)
         self.records.set_state(rec, JobState.failed, error=self._error(
             rec, "ferryd restarted during the migration"))
+
+    @staticmethod
+    async def _running_or_false(proc: QemuProcess) -> bool:
+        try:
+            return await guest_running(proc.qmp)
+        except FerryError:
+            return False
 
     def _get(self, job_id: str) -> Incoming:
         inc = self.incoming.get(job_id)

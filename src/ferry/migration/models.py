@@ -205,6 +205,8 @@ class SourceFacts(BaseModel):
     stream_started: bool = False   # `migrate` was sent: the stream may complete alone
     finish_sent: bool = False      # Finish was sent: the destination may run the guest
     dest_gone: bool = False        # the destination said its copy is gone
+    stale_copy: bool = False       # Confirm failed: a fenced copy is left here, which
+                                   # a restarted ferryd removes (then this is cleared)
 
 
 class DestinationFacts(BaseModel):
@@ -225,6 +227,8 @@ class StoredOptions(MigrateOptions):
 
 class JobRecord(BaseModel):
     """A migration as either host keeps it (``ferry jobs``, ``ferry migrations``)."""
+
+    model_config = ConfigDict(extra="allow")  # what a newer Ferry adds is kept
 
     id: str
     domain: str

@@ -146,6 +146,7 @@ class SourceJob:
     shutting_down: bool = False
     cleanup_error: str | None = None
     keep_held: bool = False            # a stale copy Confirm could not remove
+    settling: asyncio.Lock = field(default_factory=asyncio.Lock)  # in doubt: one at once
     resolver: asyncio.Task[None] | None = None
 
     @property
@@ -305,20 +306,27 @@ class MigrationService:
         if job is None or job.record.state != JobState.in_doubt:
             raise Conflict(f"migration {job_id} is not in doubt on host {self.host.name}: "
                            "only a job in doubt is settled by hand")
-        if job.resolver is not None:
-            job.resolver.cancel()
-            await asyncio.gather(job.resolver, return_exceptions=True)
-            job.resolver = None
-        who = f"the operator on {self.host.name}"
-        if runs_on == Role.destination:
-            await self._conclude(job, JobState.completed, f"by {who}")
-        else:
-            job.facts.dest_gone = True  # on the operator's word
-            await self._conclude(job, JobState.failed, f"by {who}: the guest stays here")
-        job.record.decided_by = who
-        self.records.save(job.record)
-        self._end(job)
-        return job.record
+        async with job.settling:  # not while the resolver is settling it
+            if job.record.state != JobState.in_doubt:
+                return job.record  # the destination answered meanwhile: that stands
+            # one last question: the destination's answer beats the operator's guess
+            verdict = await self._settle(job)
+            if await self._conclude(job, verdict, "once the destination answered"):
+                self._end(job)
+                return job.record
+            who = f"the operator on {self.host.name}"
+            if runs_on == Role.destination:
+                await self._conclude(job, JobState.completed, f"by {who}")
+            else:
+                job.facts.dest_gone = True  # on the operator's word
+                await self._conclude(job, JobState.failed,
+                                     f"by {who}: the guest stays here")
+            job.record.decided_by = who
+            self.records.save(job.record)
+            if job.resolver is not None:
+                job.resolver.cancel()
+            self._end(job)
+            return job.record
 
     def records_json(self) -> list[dict[str, object]]:
         return self.store.migrations()
@@ -393,10 +401,12 @@ class MigrationService:
             # the destination may run the guest: only its word decides what we do
             verdict = await self._verdict(job) if job.peer is not None else None
             if verdict == JobState.completed:
+                log.warning("job %s: %s after Finish, but %s runs the guest: completed",
+                            job.record.id, message, job.record.dest)
                 await self._confirm(job)
                 self.records.set_state(job.record, JobState.completed,
                                        decided_by=self.host.name,
-                                       cleanup_error=job.cleanup_error or message)
+                                       cleanup_error=job.cleanup_error)
                 return
             if verdict is None:
                 self._in_doubt(job, error)
@@ -661,9 +671,11 @@ class MigrationService:
                                 f"released: {exc}"
             # never let a stale copy run again: kill its QEMU, keep it held (Busy)
             # until a restarted ferryd finishes the cleanup
-            if dom.proc is not None:
+            if dom.proc is not None and dom.proc.alive():
                 dom.proc.signal(signal.SIGKILL)
             job.keep_held = True
+            job.facts.stale_copy = True
+            self.records.save(job.record)
             if dom.name in self.domains.domains:
                 with contextlib.suppress(Exception):
                     self.domains.note(dom, f"stale copy: migrated to {job.record.dest} "
@@ -740,10 +752,13 @@ class MigrationService:
         while True:
             await asyncio.sleep(RESOLVE_EVERY_S)
             try:
-                verdict = await self._settle(job)
-                if await self._conclude(job, verdict, "once the destination answered"):
-                    self._end(job)
-                    return
+                async with job.settling:
+                    if job.record.state != JobState.in_doubt:
+                        return  # settled by the operator
+                    verdict = await self._settle(job)
+                    if await self._conclude(job, verdict, "once the destination answered"):
+                        self._end(job)
+                        return
             except Exception:  # keep asking: the domain stays held until it settles
                 log.exception("job %s: settling the job in doubt failed", job.record.id)
 
@@ -752,20 +767,21 @@ class MigrationService:
         the same undos a failure runs, from the stored record; finish the cleanup of
         completed jobs whose Confirm failed."""
         for raw in self.store.migrations(state=JobState.completed.value):
-            if raw.get("role") != Role.source.value or not raw.get("cleanup_error"):
+            if raw.get("role") != Role.source.value or \
+                    not (raw.get("source_facts") or {}).get("stale_copy"):
                 continue
-            stale = self.domains.domains.get(raw["domain"])
-            if stale is None:
-                continue
-            done = JobRecord.model_validate(raw)
-            try:
-                await self.domains.hold_for_job(stale.name, done.id)
-                await self.domains.release(stale)
-            except Exception as exc:
-                log.error("job %s: the stale copy of %s is still here: %s", done.id,
-                          done.domain, exc)
-                continue  # left held: nothing may run it
-            self.domains.let_go(stale)
+            done = JobRecord.from_stored(raw)
+            stale = self.domains.domains.get(done.domain)
+            if stale is not None:  # the fence holds: nothing else can have this name
+                try:
+                    await self.domains.hold_for_job(stale.name, done.id)
+                    await self.domains.release(stale)
+                except Exception as exc:
+                    log.error("job %s: the stale copy of %s is still here: %s", done.id,
+                              done.domain, exc)
+                    continue  # left held: nothing may run it
+                self.domains.let_go(stale)
+            done.source_facts.stale_copy = False
             done.cleanup_error = f"{done.cleanup_error} (cleaned up at a ferryd restart)"
             self.records.save(done)
         for rec in self.records.running(Role.source.value):

@@ -156,6 +156,10 @@ class QemuProcess:
             remove_runtime_files(self.paths)
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to this QEMU, and only to it: an attached QEMU's pid is
+        checked first (it may have exited and its pid been reused)."""
+        if self._child is None and not owns(self.pid, self.paths):
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
