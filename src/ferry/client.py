@@ -7,6 +7,7 @@ is a FerryError too, naming the socket.
 """
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from types import TracebackType
@@ -133,6 +134,11 @@ class FerryClient:
         except TimeoutError as exc:
             raise Unreachable(f"ferryd at {self.where} did not answer {method} {path} "
                               "in time") from exc
+        except aiohttp.ClientOSError as exc:
+            # a reset right after connecting: the peer's TLS gate refused us
+            hangup = exc.errno in (errno.ECONNRESET, errno.EPIPE) and self.server_name
+            raise Unreachable(f"lost ferryd at {self.where} before it answered"
+                              + (f": {HANDSHAKE_HINT}" if hangup else f": {exc!r}")) from exc
         except aiohttp.ServerDisconnectedError as exc:
             hint = f": {HANDSHAKE_HINT}" if self.server_name else ""
             raise Unreachable(f"lost ferryd at {self.where} before it answered{hint}"

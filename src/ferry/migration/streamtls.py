@@ -67,12 +67,13 @@ def make_pair(job_id: str, days: float = 2) -> tuple[StreamCreds, StreamCreds]:
     return halves[0], halves[1]
 
 
-async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
-                  creds: StreamCreds) -> None:
-    """Load ``creds`` into QEMU and make its migration use them; Failed if QEMU
-    does not (then nothing must be sent)."""
+async def load(qmp: Qmp, workdir: Path, creds_id: str, server: bool,
+               creds: StreamCreds) -> None:
+    """Load ``creds`` into QEMU as the ``tls-creds-x509`` object ``creds_id`` (for
+    the migration stream, or an NBD server or client); the files exist only while
+    QEMU reads them. Failed if QEMU does not take them."""
     endpoint = "server" if server else "client"
-    tmp = workdir / f"tls-{job_id}"
+    tmp = workdir / f"tls-{creds_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700, parents=True)
     files = [("ca-cert.pem", creds.ca), (f"{endpoint}-cert.pem", creds.cert),
@@ -84,7 +85,7 @@ async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
             fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-        await MigrationQmp(qmp).add_tls_creds(object_id(job_id), str(tmp), endpoint)
+        await MigrationQmp(qmp).add_tls_creds(creds_id, str(tmp), endpoint)
     except FerryError as exc:
         raise Failed(f"QEMU did not take the migration's TLS credentials: {exc.message}"
                      ) from exc
@@ -92,6 +93,13 @@ async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
         raise Failed(f"cannot write the migration's TLS credentials: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # QEMU has read them
+
+
+async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
+                  creds: StreamCreds) -> None:
+    """Load ``creds`` into QEMU and make its migration use them; Failed if QEMU
+    does not (then nothing must be sent)."""
+    await load(qmp, workdir, object_id(job_id), server, creds)
     try:
         await MigrationQmp(qmp).use_tls(object_id(job_id),
                                         None if server else tls_hostname(job_id))
