@@ -518,8 +518,10 @@ async def test_a_source_error_after_finish_asks_the_destination(
     assert_agree(world, job)
 
 
-async def test_a_failed_confirm_fences_the_stale_copy_until_a_restart_removes_it(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+async def completed_with_a_failed_confirm(world: World,
+                                          monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A migration of `web` a → b whose Confirm can't remove the source copy;
+    returns the real release, to put back."""
     a = world.hosts["a"]
     await boot(world)
     real = a.svc.release
@@ -529,7 +531,16 @@ async def test_a_failed_confirm_fences_the_stale_copy_until_a_restart_removes_it
 
     monkeypatch.setattr(a.svc, "release", broken_release)
     job = await migrate(world)
-    assert (await settle(world, job))["state"] == "completed"
+    rec = await settle(world, job)
+    assert rec["state"] == "completed" and "disk full" in rec["cleanup_error"], rec
+    return real
+
+
+async def test_a_failed_confirm_fences_the_stale_copy_until_a_restart_removes_it(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = world.hosts["a"]
+    real = await completed_with_a_failed_confirm(world, monkeypatch)
+    job = next(iter(a.store.migrations()))["id"]
     with pytest.raises(Busy):
         await a.svc.unpause("web")
     with pytest.raises(Busy):
@@ -579,6 +590,20 @@ async def test_offline_on_timeout_abort_aborts(world: World) -> None:
     assert_runs_only_on(world, "a")
 
 
+async def restart_with_a_01_incoming_record(b: FakeHost) -> None:
+    """Ferry 0.1's record of an incoming job left in Finish; restart b; the guest
+    it resumed must be b's, running, and the job completed."""
+    import time
+    b.store.save_migration({"id": "0123456789ab", "domain": "web", "mode": "live",
+                            "role": "destination", "source": "a", "dest": "b",
+                            "state": "running", "phase": "finish", "error": None,
+                            "started": time.time(), "ended": None, "stats": {},
+                            "phase_times": {}})
+    await restart(b)
+    assert b.record("0123456789ab")["state"] == "completed"
+    assert state(b) == DomainState.running
+
+
 OLD_SOURCE_RECORD = {  # as Ferry 0.1 stored it: stats a free dict, no facts
     "id": "0123456789ab", "domain": "web", "mode": "live", "role": "source",
     "source": "a", "dest": "b", "state": "running", "error": None, "ended": None,
@@ -605,7 +630,6 @@ async def test_a_01_source_record_in_finish_with_the_destination_away_is_in_doub
 
 
 async def test_a_01_destination_record_of_a_resumed_guest_is_adopted(world: World) -> None:
-    import time
 
     from ferry.migration.models import RelocationRequest
     b = world.hosts["b"]
@@ -615,14 +639,7 @@ async def test_a_01_destination_record_of_a_resumed_guest_is_adopted(world: Worl
     req = RelocationRequest(job_id="0123456789ab", source="a", config=cfg, mode="live",
                             running=True, accel="tcg", arch="x86_64")
     (b.svc.paths("web").root / "incoming.json").write_text(req.model_dump_json())
-    b.store.save_migration({"id": "0123456789ab", "domain": "web", "mode": "live",
-                            "role": "destination", "source": "a", "dest": "b",
-                            "state": "running", "phase": "finish", "error": None,
-                            "started": time.time(), "ended": None, "stats": {},
-                            "phase_times": {}})
-    await restart(b)
-    assert b.record("0123456789ab")["state"] == "completed"
-    assert state(b) == DomainState.running
+    await restart_with_a_01_incoming_record(b)
 
 
 async def test_a_peer_answering_in_another_shape_does_not_stop_ferryd(
@@ -668,15 +685,8 @@ async def test_a_cleaned_up_stale_copy_is_not_confused_with_the_domain_come_back
     """Confirm failed once (fenced copy, removed at a restart); the domain later
     migrates back: a further restart leaves it alone."""
     a = world.hosts["a"]
-    await boot(world)
-    real = a.svc.release
-
-    async def broken_release(dom: Any) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(a.svc, "release", broken_release)
-    job = await migrate(world)
-    assert (await settle(world, job))["state"] == "completed"
+    real = await completed_with_a_failed_confirm(world, monkeypatch)
+    job = next(iter(a.store.migrations()))["id"]
     assert a.record(job)["source_facts"]["stale_copy"] is True
     monkeypatch.setattr(a.svc, "release", real)
     await restart(a)
@@ -716,14 +726,6 @@ async def test_an_abort_that_overtakes_its_prepare_refuses_the_prepare(world: Wo
 
 
 async def test_a_guest_01_had_adopted_before_its_restart_stays(world: World) -> None:
-    import time
     b = world.hosts["b"]
     await boot(world, "b")  # adopted (stored, running) by 0.1's Finish, then it died
-    b.store.save_migration({"id": "0123456789ab", "domain": "web", "mode": "live",
-                            "role": "destination", "source": "a", "dest": "b",
-                            "state": "running", "phase": "finish", "error": None,
-                            "started": time.time(), "ended": None, "stats": {},
-                            "phase_times": {}})
-    await restart(b)
-    assert b.record("0123456789ab")["state"] == "completed"
-    assert state(b) == DomainState.running
+    await restart_with_a_01_incoming_record(b)
