@@ -84,11 +84,6 @@ class MigrationStats(BaseModel):
     max_throttle_pct: int = 0     # the highest throttle seen
     qemu_error: str | None = None  # QEMU's error-desc when the stream failed
 
-    @property
-    def throughput(self) -> float:
-        """Bytes per second (from QEMU's Mbit/s)."""
-        return self.mbps * 1_000_000 / 8
-
     def updated(self, info: dict[str, Any]) -> MigrationStats:
         """These stats with one ``query-migrate`` answer applied: counters QEMU
         leaves out (it omits ``ram`` in ``setup``) keep their last value."""
