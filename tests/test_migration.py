@@ -786,24 +786,31 @@ async def plain_qemu_migration(root: Path, cmdline: str, capture: LoopbackCaptur
 
 def test_migration_stream_is_encrypted(cluster: Cluster, workdir: Path) -> None:
     """The guest fills memory with a marker; a capture of all TCP on lo during a
-    Ferry migration (API and stream) never contains it, while the same capture
-    of a plain QEMU migration of the same guest does: the check can fail."""
+    Ferry migration (API and stream) never contains it — live over the default
+    multifd channels, live over zstd-compressed channels, offline over one
+    stream — while the same capture of a plain QEMU migration of the same guest
+    does: the check can fail. The guest's memory check passes after each."""
     marker = f"FERRY-SECRET-{secrets.token_hex(8)}"
     probe = boot(cluster, "ma", "secret", cmdline_extra=f"ferry.marker={marker}")
+    channels = min(4, os.cpu_count() or 1)
+    hops = [(["--live"], "ma", "mb", channels if channels > 1 else 0, "none"),
+            (["--live", "--parallel", "2", "--compress", "zstd"], "mb", "ma", 2, "zstd"),
+            (["--parallel", "1"], "ma", "mb", 0, "none")]
     try:
-        for mode, src, dst in (("--live", "ma", "mb"), ("--offline", "mb", "ma")):
+        for flags, src, dst, want_channels, compression in hops:
             with LoopbackCapture(marker.encode()) as cap:
-                job = migrate(cluster[src], "secret", dst, *([mode] if mode == "--live"
-                                                            else []))
+                job = migrate(cluster[src], "secret", dst, *flags)
             assert job["state"] == "completed", job
-            assert job["mode"] == mode.lstrip("-")
+            assert job["mode"] == ("live" if "--live" in flags else "offline")
             assert job["stats"]["stream_tls"] is True
+            assert (job["stats"]["channels"], job["stats"]["compression"]) == (
+                want_channels, compression)
             # every packet seen, the whole stream among them, never readable
             assert cap.drops == 0, f"the capture dropped {cap.drops} packets"
             assert cap.tcp_bytes >= job["stats"]["transferred"] > 32 << 20, cap.tcp_bytes
-            print(f"Ferry {mode}: {cap.tcp_bytes >> 20} MiB of TCP on lo, marker in "
+            print(f"Ferry {flags}: {cap.tcp_bytes >> 20} MiB of TCP on lo, marker in "
                   f"{cap.hits} segments")
-            assert cap.hits == 0, f"marker seen in {cap.hits} segments ({mode})"
+            assert cap.hits == 0, f"marker seen in {cap.hits} segments ({flags})"
             assert probe.wait_up(10)["corrupt"] == "0"
     finally:
         probe.close()

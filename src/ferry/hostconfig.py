@@ -23,6 +23,13 @@ Example (every key optional)::
     initial_ms = 50                     # first gap, growing by step_ms up to max_ms
     max_ms = 550
     step_ms = 100
+    [migration]                         # defaults of `ferry migrate` from this host
+    max_downtime_ms = 300               # (a domain's own [migration] table and the
+    bandwidth_mibps = 0                 # CLI's flags come first); 0: no cap
+    timeout_s = 600                     # pre-copy seconds before on_timeout
+    on_timeout = "pause"                # pause | abort
+    parallel = 2                        # TLS channels (default: cores, at most 4)
+    compress = "none"                   # none | zstd (of the channels)
     [tls]                               # mutual TLS on the TCP port (ferry pki)
     ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
     cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
@@ -50,7 +57,7 @@ from pydantic import (
 
 from ferry import hostsallow
 from ferry.errors import InvalidInput
-from ferry.models import AbsPath, Accel, check_name
+from ferry.models import AbsPath, Accel, MigrationSettings, check_name
 from ferry.tls import TlsFiles
 from ferry.validation import describe
 
@@ -123,6 +130,9 @@ class HostConfig(BaseModel):
     # bridges domains may use; None: any bridge that exists
     bridges: list[str] | None = None
     announce: Announce = Field(default_factory=Announce)
+    # this host's migration defaults (a request's flags and a domain's own
+    # [migration] table come first)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
     tls: TlsFiles | None = None
 
     @model_validator(mode="after")

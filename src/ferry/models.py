@@ -152,6 +152,39 @@ class Accel(enum.StrEnum):
     tcg = "tcg"
 
 
+class OnTimeout(enum.StrEnum):
+    """What a live migration does when its ``timeout_s`` of pre-copy is up."""
+
+    pause = "pause"   # stop the guest and finish as an offline migration
+    abort = "abort"   # cancel; the guest keeps running on the source
+
+
+class Compression(enum.StrEnum):
+    """Compression of the multifd channels (QEMU's ``multifd-compression``)."""
+
+    none = "none"
+    zstd = "zstd"
+
+
+MAX_CHANNELS = 16
+
+
+class MigrationSettings(Strict):
+    """A migration's tunables, each of which may be left out: in a request (the
+    CLI's flags), in a domain's ``[migration]`` table, in ferryd's ``[migration]``
+    section. What a layer leaves out (None) the next decides, in that order, and
+    then Ferry's default (``ferry.migration.models.MigrateOptions``)."""
+
+    max_downtime_ms: int | None = Field(default=None, ge=1, le=600_000)
+    bandwidth_mibps: int | None = Field(default=None, ge=0, le=1_000_000,
+                                        description="0: unlimited")
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    on_timeout: OnTimeout | None = None
+    parallel: int | None = Field(default=None, ge=1, le=MAX_CHANNELS,
+                                 description="encrypted channels (multifd); 1: one stream")
+    compress: Compression | None = None
+
+
 class DomainConfig(Strict):
     """A domain's definition, as written in its TOML file."""
 
@@ -168,6 +201,8 @@ class DomainConfig(Strict):
     disks: list[Disk] = Field(default_factory=list)
     nics: list[Nic] = Field(default_factory=list, max_length=8)
     serial: bool = True
+    # this domain's own migration defaults, over ferryd's [migration]
+    migration: MigrationSettings | None = None
 
     @field_validator("machine")
     @classmethod

@@ -80,6 +80,8 @@ class MigrationStats(BaseModel):
     setup_time_ms: int | None = None
     paused_ms: float | None = None   # how long the guest was paused, by Ferry's clock
     stream_tls: bool = False      # the stream is TLS (always, once it started)
+    channels: int = 0             # multifd channels (0: the single classic stream)
+    compression: str = "none"     # of the multifd channels
     forced_pause: bool = False    # --on-timeout pause stopped the guest
     max_throttle_pct: int = 0     # the highest throttle seen
     qemu_error: str | None = None  # QEMU's error-desc when the stream failed

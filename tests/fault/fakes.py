@@ -210,6 +210,12 @@ class FakeQemu:
             self.mig_status = "failed"
             self.error = "Connection refused"
             return {}
+        shape = [(q.caps.get("multifd", False), q.params.get("multifd-channels"),
+                  q.params.get("multifd-compression")) for q in (self, dest)]
+        if shape[0] != shape[1]:  # as QEMU: the stream breaks on the first packet
+            self.mig_status = dest.mig_status = "failed"
+            self.error = f"fake QEMU: the two sides' multifd settings differ: {shape}"
+            return {}
         self.peer, dest.peer = dest, self
         self.mig_status = dest.mig_status = "active"
         return {}

@@ -100,6 +100,44 @@ async def test_live_migration_completes_with_one_record_outcome(world: World) ->
     assert world.hosts["a"].qemus() == []
 
 
+@pytest.mark.parametrize("opts,shape", [
+    ({"parallel": 3, "compress": "zstd"}, (True, 3, "zstd")),
+    ({"parallel": 1}, (False, None, None)),
+    ({"parallel": 1, "compress": "zstd"}, (True, 1, "zstd")),
+])
+async def test_the_stream_shape_is_the_same_on_both_qemus(
+        world: World, opts: dict[str, Any], shape: tuple[Any, ...]) -> None:
+    await boot(world)
+    src_qemu = world.hosts["a"].qemus()[0]
+    job_id = await migrate(world, **opts)
+    rec = await settle(world, job_id)
+    assert rec["state"] == "completed", rec
+    dst_qemu = world.hosts["b"].qemus()[0]
+    for q in (src_qemu, dst_qemu):
+        assert (q.caps.get("multifd", False), q.params.get("multifd-channels"),
+                q.params.get("multifd-compression")) == shape
+    assert rec["stats"]["channels"] == (shape[1] or 0)
+    assert rec["stats"]["compression"] == (shape[2] or "none")
+    assert rec["options"]["parallel"] == opts["parallel"]
+
+
+async def test_options_come_from_the_request_then_the_domain_then_the_host(
+        world: World) -> None:
+    from ferry.models import MigrationSettings
+    a = world.hosts["a"]
+    cfg = {**domain(world, "web"), "migration": {"parallel": 2, "max_downtime_ms": 50}}
+    await a.svc.define(DomainConfig.model_validate(cfg), start=True)
+    a.mig.host = a.mig.host.model_copy(update={"migration": MigrationSettings(
+        parallel=4, compress="zstd", max_downtime_ms=70, timeout_s=30)})
+    job_id = await migrate(world, max_downtime_ms=90)
+    rec = await settle(world, job_id)
+    assert rec["state"] == "completed", rec
+    opts = rec["options"]
+    assert (opts["max_downtime_ms"], opts["parallel"], opts["compress"],
+            opts["timeout_s"], opts["on_timeout"]) == (90, 2, "zstd", 30, "pause")
+    assert world.hosts["b"].qemus()[0].params["multifd-channels"] == 2
+
+
 async def test_offline_migration_completes(world: World) -> None:
     await boot(world)
     job = await migrate(world, mode="offline")
@@ -719,7 +757,8 @@ async def test_an_abort_that_overtakes_its_prepare_refuses_the_prepare(world: Wo
     job_id = "00000000abcd"
     answer = await b.reloc.abort(AbortRequest(job_id=job_id, outcome="aborted"))
     assert answer.aborted is False
-    rel = a.mig._relocation(job_id, a.svc.domains["web"], a.mig.records and "live")
+    from ferry.migration.models import MigrateOptions
+    rel = a.mig._relocation(job_id, a.svc.domains["web"], MigrateOptions(mode="live"))
     with pytest.raises(FerryError, match="aborted before its Prepare"):
         await b.reloc.prepare(rel)
     assert b.qemus() == [] and b.svc.arrivals == {}

@@ -31,6 +31,8 @@ CASES: dict[str, dict[str, Any]] = {
                  {"mac": "52:54:00:aa:bb:cd", "mode": "none", "model": "e1000"},
                  {"mac": "52:54:00:aa:bb:ce", "mode": "bridge", "bridge": "br1",
                   "model": "rtl8139"}],
+        # migration defaults leave the command line as it is
+        "migration": {"parallel": 2, "compress": "zstd", "max_downtime_ms": 100},
     },
 }
 

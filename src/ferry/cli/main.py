@@ -21,8 +21,8 @@ from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError, InvalidInput
-from ferry.migration.models import JobState, Mode, OnTimeout
-from ferry.models import DomainInfo
+from ferry.migration.models import JobState, Mode
+from ferry.models import MAX_CHANNELS, Compression, DomainInfo, OnTimeout
 
 T = TypeVar("T")
 
@@ -330,23 +330,36 @@ def migrate(
     check: Annotated[bool, typer.Option(
         "--check", help="Run every pre-flight check, list all blockers, change "
         "nothing.")] = False,
-    max_downtime: Annotated[int, typer.Option(
-        help="Longest pause the guest may see at switch-over, in ms.", min=1)] = 300,
-    bandwidth: Annotated[int, typer.Option(
-        help="Cap on the migration stream in MiB/s (0: no cap).", min=0)] = 0,
-    timeout: Annotated[float, typer.Option(
-        help="Seconds of pre-copy before --on-timeout applies.", min=0.1)] = 600.0,
-    on_timeout: Annotated[OnTimeout, typer.Option(
-        help="At the timeout: 'pause' the guest and finish offline, or 'abort'.")
-    ] = OnTimeout.pause,
+    max_downtime: Annotated[int | None, typer.Option(
+        help="Longest pause the guest may see at switch-over, in ms [default: the "
+        "domain's or the host's [migration] setting, else 300].", min=1,
+        show_default=False)] = None,
+    bandwidth: Annotated[int | None, typer.Option(
+        help="Cap on the migration stream in MiB/s, 0: no cap [default: [migration], "
+        "else 0].", min=0, show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds of pre-copy before --on-timeout applies [default: [migration], "
+        "else 600].", min=0.1, show_default=False)] = None,
+    on_timeout: Annotated[OnTimeout | None, typer.Option(
+        help="At the timeout: 'pause' the guest and finish offline, or 'abort' "
+        "[default: [migration], else pause].", show_default=False)] = None,
+    parallel: Annotated[int | None, typer.Option(
+        help="Encrypted channels for the memory stream (QEMU multifd over TLS); 1: one "
+        "stream [default: [migration], else one per core, at most 4].", min=1,
+        max=MAX_CHANNELS, show_default=False)] = None,
+    compress: Annotated[Compression | None, typer.Option(
+        help="Compress the channels: none or zstd (costs CPU; pays off only on a slow "
+        "link) [default: [migration], else none].", show_default=False)] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move a domain to another host, offline or --live."""
+    given = {"max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
+             "timeout_s": timeout, "on_timeout": on_timeout, "parallel": parallel,
+             "compress": compress}
     body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
-            "max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
-            "timeout_s": timeout, "on_timeout": on_timeout.value}
+            **{k: getattr(v, "value", v) for k, v in given.items() if v is not None}}
     if check:
         res = call(lambda c: c.check_migration(name, **body))
         if as_json:

@@ -178,6 +178,7 @@ class RelocationService:
                     inc.proc = await self.domains.launch_incoming(cfg)
                     mig = MigrationQmp(inc.proc.qmp)
                     await mig.set_capabilities(events=True)
+                    await mig.set_stream(req.channels, req.compress.value)
                     assert req.stream is not None
                     await streamtls.install(inc.proc.qmp,
                                             self.domains.paths(cfg.name).root,

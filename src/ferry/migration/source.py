@@ -213,11 +213,20 @@ class MigrationService:
                           "docs/security.md)")
         client_context(self.host.tls)  # InvalidInput if its files are unreadable
 
-    def _relocation(self, job_id: str, dom: Domain, mode: Mode) -> RelocationRequest:
+    def _relocation(self, job_id: str, dom: Domain, opts: MigrateOptions
+                    ) -> RelocationRequest:
         return RelocationRequest(protocol=PROTOCOL_VERSION, job_id=job_id,
-                                 source=self.host.name, config=dom.config, mode=mode,
+                                 source=self.host.name, config=dom.config, mode=opts.mode,
                                  running=dom.proc is not None, accel=dom.accel,
-                                 arch=platform.machine())
+                                 arch=platform.machine(),
+                                 channels=opts.parallel if opts.multifd else 0,
+                                 compress=opts.compress)
+
+    def options(self, dom: Domain, req: MigrateRequest) -> MigrateOptions:
+        """The job's options: the request's, then the domain's and this host's
+        ``[migration]`` defaults, then Ferry's."""
+        return MigrateOptions.resolve(req.mode, req, dom.config.migration,
+                                      self.host.migration)
 
     def _begin_blockers(self, dom: Domain) -> list[Blocker]:
         out = []
@@ -234,7 +243,7 @@ class MigrationService:
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         out = [b.message for b in self._begin_blockers(dom)]
-        rel = self._relocation("0" * 12, dom, req.mode)
+        rel = self._relocation("0" * 12, dom, self.options(dom, req))
         async with self.connect(dest_name, endpoint, 30) as peer:
             try:
                 res = parse_answer(CheckAnswer, await peer.request(
@@ -260,8 +269,7 @@ class MigrationService:
             self.domains.let_go(dom)
             raise Refused("; ".join(b.message for b in blockers), domain=name,
                           phase="begin")
-        options = StoredOptions.model_validate(req.model_dump(include=set(
-            MigrateOptions.model_fields)))
+        options = StoredOptions.model_validate(self.options(dom, req).model_dump())
         record = JobRecord(id=job_id, domain=name, mode=req.mode, role=Role.source,
                            source=self.host.name, dest=dest_name, started=time.time(),
                            options=options)
@@ -435,7 +443,7 @@ class MigrationService:
         peer, dom = job.client(), job.domain()
         if job.abort_requested:
             raise Aborted(job.abort_requested, host=self.host.name, phase="prepare")
-        rel = self._relocation(job.record.id, dom, job.record.mode)
+        rel = self._relocation(job.record.id, dom, job.options)
         if rel.running:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
                                                                job.record.id)
@@ -484,6 +492,8 @@ class MigrationService:
         self.records.save(job.record)
         live = job.record.mode == Mode.live
         await mig.set_capabilities(events=True, auto_converge=live)
+        channels = opts.parallel if opts.multifd else 0
+        await mig.set_stream(channels, opts.compress.value)
         await mig.set_limits(opts.max_downtime_ms,
                              opts.bandwidth_mibps * 1024 * 1024 or None)
         assert job.stream_creds is not None
@@ -491,7 +501,8 @@ class MigrationService:
         self.records.save(job.record)
         await streamtls.install(proc.qmp, self.domains.paths(dom.name).root, job.record.id,
                                 False, job.stream_creds)
-        job.record.stats = job.record.stats.model_copy(update={"stream_tls": True})
+        job.record.stats = job.record.stats.model_copy(update={
+            "stream_tls": True, "channels": channels, "compression": opts.compress.value})
         if not live and facts.was_running:
             await self.domains.stop_guest(dom, "paused for an offline migration")
         facts.stream_started = True

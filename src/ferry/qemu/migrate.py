@@ -4,7 +4,7 @@ typed methods, never raw command strings, so what Ferry asks of QEMU's
 migration is all on this page.
 
 Post-copy (``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``)
-and multifd will be added here with the convergence work.
+will be added here with the convergence work.
 """
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ class MigrationQmp:
         await self.qmp.execute("migrate-set-parameters", {
             "downtime-limit": downtime_ms,
             "max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
+
+    async def set_stream(self, channels: int, compression: str) -> None:
+        """The stream's shape, the same on both QEMUs and before the stream starts:
+        ``channels`` multifd channels (0: the single classic stream) and their
+        compression (``none``, ``zstd``). Multifd channels are TLS like the main
+        one when ``tls-creds`` is set."""
+        await self.set_capabilities(multifd=channels > 0)
+        if channels:
+            await self.qmp.execute("migrate-set-parameters", {
+                "multifd-channels": channels, "multifd-compression": compression})
 
     async def use_tls(self, creds_id: str, hostname: str | None) -> None:
         """Make the stream TLS with the ``tls-creds-x509`` object ``creds_id``
