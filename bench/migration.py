@@ -1,23 +1,41 @@
 #!/usr/bin/env python3
-"""Ferry's live migration next to plain QEMU's, on the same guest and workload.
+"""Ferry's live migration next to plain QEMU's, on the same guest and workloads.
 
-    .venv/bin/python bench/migration.py [--hops 6] [--memory 512] [--dirty 16:8]
+    .venv/bin/python bench/migration.py [--runs 3] [--memory 512]
+        [--workloads idle moderate heavy] [--link MIB/S] [--give-up S]
+        [--ferry-flags "--parallel 1"]
 
-Plain QEMU: two QEMU processes started by hand (the destination with
-``-incoming``), ``migrate`` over QMP, ``cont`` on the destination: the least a
-live migration can cost; once in plaintext, once with TLS credentials made per
-hop as Ferry does (Ferry's stream is always TLS, so "plain + TLS" is the
-like-for-like baseline). Ferry: two ferryd hosts on 127.0.0.1/127.0.0.2 and
-``ferry migrate --live``. Both move the same test guest (same memory, same
-dirtying agent) back and forth; the script prints medians, their ratio, and
-where Ferry's own time goes (everything that is not QEMU's transfer).
-Not a test: it asserts nothing.
+Three ways to move the same test guest (512 MiB, the same memory pattern and
+dirtying agent), each ``--runs`` times, back and forth between 127.0.0.1 and
+127.0.0.2:
+
+- *qemu*: plain QEMU as it comes: two QEMU processes started by hand (the
+  destination with ``-incoming``), QMP ``migrate`` and nothing else (QEMU's
+  default bandwidth cap of 128 MiB/s, no TLS), ``cont`` on the destination;
+- *qemu unlimited*: the same with ``max-bandwidth`` unlimited — the fastest
+  plain QEMU goes, unencrypted;
+- *ferry*: two ferryd hosts and ``ferry migrate --live`` with Ferry's defaults
+  (its stream always TLS).
+
+Workloads: idle (64 MiB pattern), moderate (64 MiB dirtied at 20 MiB/s), heavy
+(256 MiB dirtied at 200 MiB/s). ``--link 100`` limits every stream to 100 MiB/s
+(about 1 GbE; Ferry with ``--bandwidth``). A plain QEMU migration still running
+after ``--give-up`` seconds is cancelled and counted as not completed.
+
+Per workload and way: completed k/n, and medians of QEMU's total time, the time
+from the migrate command until the guest runs on the destination, QEMU's
+downtime, the paused time (source STOP to destination RESUME, from the QMP
+events), the longest gap in the guest's answers to a UDP probe every 20 ms,
+and the bytes sent; then Ferry's ratios to both plain ways. Not a test: it
+asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -25,159 +43,234 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from ferry.migration import streamtls
 from ferry.qemu.qmp import QmpConnection
-from helpers import Host, Probe, free_port, guest_config, plain_qemu_argv, plain_qmp
+from helpers import (
+    GapRecorder,
+    Host,
+    Probe,
+    free_port,
+    guest_config,
+    plain_qemu_argv,
+    plain_qmp,
+)
+
+WORKLOADS = {"idle": (64, None), "moderate": (64, "64:20"), "heavy": (256, "256:200")}
+ADDRS = ("127.0.0.1", "127.0.0.2")
+WAYS = ("qemu", "qemu unlimited", "ferry")
+Result = dict[str, float]
+
+
+def agent_args(workload: str) -> str:
+    pattern, dirty = WORKLOADS[workload]
+    return f"ferry.mem={pattern}" + (f" ferry.dirty={dirty}" if dirty else "")
 
 
 async def plain_hop(root: Path, args: argparse.Namespace, src: QmpConnection, hop: int,
-                    addr: str, port: int, cmdline: str,
-                    tls: bool) -> tuple[QmpConnection, subprocess.Popen[bytes],
-                                        dict[str, float]]:
+                    port: int, cmdline: str, unlimited: bool
+                    ) -> tuple[QmpConnection, subprocess.Popen[bytes], Result | None]:
+    addr = ADDRS[hop % 2]
     tag = f"q{hop}"
     mig_port = free_port(socket.SOCK_STREAM, addr)
+    t0 = time.monotonic()  # like Ferry's job, from before the destination QEMU starts
     proc = subprocess.Popen(plain_qemu_argv(root, tag, args.memory, cmdline,
                                             f"udp:{addr}:{port}-:7777", "defer"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
     dst = await plain_qmp(root, tag)
-    if tls:
-        job = f"{hop:012x}"
-        server, client = streamtls.make_pair(job)
-        await streamtls.install(dst, root, job, True, server)
-        await streamtls.install(src, root, job, False, client)
     await dst.execute("migrate-incoming", {"uri": f"tcp:{addr}:{mig_port}"})
-    await src.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "auto-converge", "state": True}]})
-    await src.execute("migrate-set-parameters", {"downtime-limit": 300,
-                                                 "max-bandwidth": 1 << 40})
+    if unlimited:
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    elif args.link:
+        await src.execute("migrate-set-parameters", {"max-bandwidth": args.link << 20})
     await src.execute("migrate", {"uri": f"tcp:{addr}:{mig_port}"})
     while (info := await src.execute("query-migrate"))["status"] != "completed":
         if info["status"] == "failed":
             raise SystemExit(f"plain migration failed: {info}")
-        await asyncio.sleep(0.01)
+        if time.monotonic() - t0 > args.give_up:
+            await src.execute("migrate_cancel")
+            while (await src.execute("query-migrate"))["status"] not in (
+                    "cancelled", "failed", "completed"):
+                await asyncio.sleep(0.05)
+            await dst.close()
+            proc.kill()
+            proc.wait()
+            return src, proc, None
+        await asyncio.sleep(0.005)
     while (await dst.execute("query-migrate")).get("status") != "completed":
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.005)
     await dst.execute("cont")
-    wall = time.monotonic() - t0
+    resumed = time.monotonic() - t0
+    for _ in range(100):  # the RESUME event may trail cont's answer a little
+        if dst.event_time("RESUME") is not None:
+            break
+        await asyncio.sleep(0.005)
+    stopped, started = src.event_time("STOP"), dst.event_time("RESUME")
     await src.execute("quit")
     await src.close()
-    return dst, proc, {"wall": wall, "qemu_total": info["total-time"] / 1000,
-                       "downtime": info["downtime"] / 1000}
+    return dst, proc, {
+        "qemu_total": info["total-time"] / 1000, "resumed": resumed,
+        "downtime": info["downtime"] / 1000,
+        "paused": (started - stopped) if started and stopped else float("nan"),
+        "bytes": info["ram"]["transferred"]}
 
 
-async def run_plain(args: argparse.Namespace, root: Path,
-                    tls: bool) -> list[dict[str, float]]:
+async def run_plain(args: argparse.Namespace, root: Path, workload: str,
+                    unlimited: bool) -> list[Result | None]:
     port = free_port()
     cmdline = (f"console=ttyS0 quiet ferry.ip=10.0.2.15/24 ferry.tick=0 "
-               f"ferry.mem={args.pattern} ferry.dirty={args.dirty}")
+               f"{agent_args(workload)}")
     procs = [subprocess.Popen(plain_qemu_argv(root, "q0", args.memory, cmdline,
-                                        f"udp:127.0.0.1:{port}-:7777", None),
+                                              f"udp:{ADDRS[0]}:{port}-:7777", None),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     src = await plain_qmp(root, "q0")
     await src.execute("cont")
-    probe = Probe(port, "127.0.0.1", "127.0.0.2")
-    probe.wait_up()
-    results = []
+    probe = Probe(port, *ADDRS)
+    results: list[Result | None] = []
     try:
-        for hop in range(1, args.hops + 1):
-            addr = "127.0.0.2" if hop % 2 else "127.0.0.1"
-            src, proc, res = await plain_hop(root, args, src, hop, addr, port, cmdline,
-                                             tls)
+        await asyncio.to_thread(probe.wait_up)
+        for hop in range(1, args.runs + 1):
+            with GapRecorder(port, *ADDRS) as gaps:
+                await asyncio.sleep(0.3)
+                src, proc, res = await plain_hop(root, args, src, hop, port, cmdline,
+                                                 unlimited)
+                await asyncio.sleep(0.5)
             procs.append(proc)
+            if res is None:  # gave up: the guest stays where it was
+                results.append(None)
+                continue
+            res["gap"] = gaps.max_gap()
             results.append(res)
-            assert probe.wait_up(10)["corrupt"] == "0"
+            await asyncio.to_thread(probe.wait_up, 10)
     finally:
         probe.close()
+        await src.close()
         for p in procs:
             p.kill()
             p.wait()
     return results
 
 
-def run_ferry(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    ports = {a: free_port(socket.SOCK_STREAM, a) for a in ("127.0.0.1", "127.0.0.2")}
-    a = Host(root, "ba", "127.0.0.1", control_port=ports["127.0.0.1"],
-             peers={"bb": f"127.0.0.2:{ports['127.0.0.2']}"})
-    b = Host(root, "bb", "127.0.0.2", control_port=ports["127.0.0.2"],
-             peers={"ba": f"127.0.0.1:{ports['127.0.0.1']}"})
-    results = []
+def run_ferry(args: argparse.Namespace, hosts: list[Host], workload: str
+              ) -> list[Result | None]:
+    port = free_port()
+    cfg = guest_config(f"bench-{workload}", port, memory=args.memory, bind="",
+                       cmdline_extra=agent_args(workload))
+    cfg["cmdline"] = cfg["cmdline"].replace("ferry.tick=1", "ferry.tick=0")
+    hosts[0].create(cfg)
+    probe = Probe(port, *ADDRS)
+    results: list[Result | None] = []
+    flags = shlex.split(args.ferry_flags)
+    if args.link:
+        flags += ["--bandwidth", str(args.link)]
     try:
-        a.start()
-        b.start()
-        port = free_port()
-        cfg = guest_config("bench", port, memory=args.memory, bind="",
-                           cmdline_extra=f"ferry.mem={args.pattern} ferry.dirty={args.dirty}")
-        cfg["cmdline"] = cfg["cmdline"].replace("ferry.tick=1", "ferry.tick=0")
-        a.create(cfg)
-        probe = Probe(port, "127.0.0.1", "127.0.0.2")
         probe.wait_up()
-        src, dst = a, b
-        for _ in range(args.hops):
-            t0 = time.monotonic()
-            res = src.ferry("migrate", "bench", dst.name, "--live", "--json")
-            wall = time.monotonic() - t0
-            job = json.loads(res.stdout)
-            assert job["state"] == "completed", job
-            results.append({"wall": wall, "job": job})
-            assert probe.wait_up(10)["corrupt"] == "0"
-            src, dst = dst, src
-        probe.close()
+        for hop in range(args.runs):
+            src, dst = hosts[hop % 2], hosts[(hop + 1) % 2]
+            with GapRecorder(port, *ADDRS) as gaps:
+                time.sleep(0.3)
+                res = src.ferry("migrate", cfg["name"], dst.name, "--live", "--json",
+                                *flags, check=False)
+                time.sleep(0.5)
+            job = json.loads(res.stdout) if res.stdout.strip() else {}
+            if job.get("state") != "completed":
+                print(f"ferry: {workload} hop {hop + 1}: {job.get('state')}: "
+                      f"{job.get('error') or res.stderr.strip()}", file=sys.stderr)
+                results.append(None)
+                continue
+            st = job["stats"]
+            results.append({
+                "qemu_total": st["total_time_ms"] / 1000,
+                "resumed": job["ended"] - job["started"] - job["phase_times"]["confirm"],
+                "downtime": st["downtime_ms"] / 1000,
+                "paused": (st.get("paused_ms") or float("nan")) / 1000,
+                "bytes": st["transferred"], "gap": gaps.max_gap(),
+                "passes": st["passes"], "throttle": st["max_throttle_pct"],
+                "channels": st.get("channels", 0)})
+            probe.wait_up(10)
     finally:
-        a.cleanup()
-        b.cleanup()
+        probe.close()
+        where = hosts[args.runs % 2]
+        where.ferry("destroy", cfg["name"], check=False)
+        where.ferry("undefine", cfg["name"], check=False)
     return results
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
+def med(results: list[Result | None], key: str) -> float:
+    values = [r[key] for r in results if r is not None]
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hops", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--memory", type=int, default=512, help="guest MiB")
-    ap.add_argument("--pattern", type=int, default=64, help="MiB of checked pattern")
-    ap.add_argument("--dirty", default="16:8", help="MIB:RATE the agent dirties")
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS),
+                    choices=list(WORKLOADS))
+    ap.add_argument("--link", type=int, default=0,
+                    help="limit every stream to this many MiB/s (0: as shipped)")
+    ap.add_argument("--give-up", type=float, default=60.0,
+                    help="seconds after which a plain QEMU migration is cancelled")
+    ap.add_argument("--ferry-flags", default="", help="extra flags for ferry migrate")
     args = ap.parse_args()
+    table: dict[str, dict[str, list[Result | None]]] = {}
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fybm", dir="/tmp") as tmp:
         root = Path(tmp)
-        plain = asyncio.run(run_plain(args, root, tls=False))
-        plain_tls = asyncio.run(run_plain(args, root, tls=True))
-        ferry = run_ferry(args, root)
+        ports = {a: free_port(socket.SOCK_STREAM, a) for a in ADDRS}
+        hosts = [Host(root, "ba", ADDRS[0], control_port=ports[ADDRS[0]],
+                      peers={"bb": f"{ADDRS[1]}:{ports[ADDRS[1]]}"}),
+                 Host(root, "bb", ADDRS[1], control_port=ports[ADDRS[1]],
+                      peers={"ba": f"{ADDRS[0]}:{ports[ADDRS[0]]}"})]
+        try:
+            for h in hosts:
+                h.start()
+            for w in args.workloads:
+                table[w] = {
+                    "qemu": asyncio.run(run_plain(args, root, w, unlimited=False)),
+                    "qemu unlimited": asyncio.run(run_plain(args, root, w, unlimited=True)),
+                    "ferry": run_ferry(args, hosts, w)}
+        finally:
+            for h in hosts:
+                h.cleanup()
+    took = time.monotonic() - t0
 
-    p_wall, t_wall = (med([r["wall"] for r in x]) for x in (plain, plain_tls))
-    p_qemu, t_qemu = (med([r["qemu_total"] for r in x]) for x in (plain, plain_tls))
-    p_down, t_down = (med([r["downtime"] for r in x]) for x in (plain, plain_tls))
-    jobs = [r["job"] for r in ferry]
-    f_wall = med([r["wall"] for r in ferry])
-    f_job = med([j["ended"] - j["started"] for j in jobs])
-    f_qemu = med([j["stats"]["total_time_ms"] / 1000 for j in jobs])
-    f_down = med([j["stats"]["downtime_ms"] / 1000 for j in jobs])
-    phases = {k: med([j["phase_times"].get(k, 0.0) for j in jobs])
-              for k in ("begin", "prepare", "perform", "finish", "confirm")}
-    overhead = med([(j["ended"] - j["started"]) - j["stats"]["total_time_ms"] / 1000
-                    for j in jobs])
-
-    print(f"guest: {args.memory} MiB, {args.pattern} MiB pattern, dirtying {args.dirty} "
-          f"(MiB:MiB/s); {args.hops} live hops each; medians")
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:8.2f}" if b else f"{'-':>8}"
-
-    print(f"{'':28}{'plain QEMU':>12}{'plain + TLS':>12}{'Ferry':>12}"
-          f"{'/plain':>8}{'/+TLS':>8}")
-    print(f"{'migrate → resumed on dest':28}{p_wall:11.3f}s{t_wall:11.3f}s{f_job:11.3f}s"
-          f"{ratio(f_job, p_wall)}{ratio(f_job, t_wall)}")
-    print(f"{'QEMU transfer (total-time)':28}{p_qemu:11.3f}s{t_qemu:11.3f}s{f_qemu:11.3f}s"
-          f"{ratio(f_qemu, p_qemu)}{ratio(f_qemu, t_qemu)}")
-    print(f"{'QEMU downtime':28}{p_down * 1000:10.0f}ms{t_down * 1000:10.0f}ms"
-          f"{f_down * 1000:10.0f}ms{ratio(f_down, p_down)}{ratio(f_down, t_down)}")
-    print(f"{'CLI wall time (ferry only)':28}{'':24}{f_wall:11.3f}s")
-    print(f"Ferry's own time (job - QEMU transfer): {overhead * 1000:.0f} ms; phases: "
-          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
+    link = f"streams limited to {args.link} MiB/s" if args.link else "links as shipped"
+    print(f"machine: {os.cpu_count()} cores, {os.uname().release}; guest {args.memory} "
+          f"MiB; {link}; Ferry flags: {args.ferry_flags or '(defaults)'}; medians of "
+          f"{args.runs}; {took:.0f} s")
+    rows = [("completed", None, ""), ("QEMU total time", "qemu_total", "s"),
+            ("migrate → running on dest", "resumed", "s"),
+            ("QEMU downtime", "downtime", "ms"), ("paused (STOP → RESUME)", "paused", "ms"),
+            ("guest unreachable (probe)", "gap", "ms"), ("bytes sent", "bytes", "MiB")]
+    for w in args.workloads:
+        pattern, dirty = WORKLOADS[w]
+        print(f"\n{w}: {pattern} MiB pattern" + (f", dirtying {dirty} (MiB:MiB/s)"
+                                                 if dirty else ""))
+        print(f"{'':28}" + "".join(f"{way:>16}" for way in WAYS)
+              + f"{'ferry/qemu':>12}{'ferry/unl.':>12}")
+        for label, key, unit in rows:
+            cells = []
+            for way in WAYS:
+                rs = table[w][way]
+                if key is None:
+                    cells.append(f"{sum(r is not None for r in rs)}/{len(rs)}")
+                    continue
+                v = med(rs, key)
+                scale = {"s": 1, "ms": 1000, "MiB": 1 / 2**20}[unit]
+                cells.append(f"{v * scale:.3f} s" if unit == "s" else
+                             f"{v * scale:.0f} {unit}")
+            line = f"{label:28}" + "".join(f"{c:>16}" for c in cells)
+            if key is not None:
+                f = med(table[w]["ferry"], key)
+                for base in ("qemu", "qemu unlimited"):
+                    b = med(table[w][base], key)
+                    line += f"{f / b:12.2f}" if b == b and f == f and b else f"{'-':>12}"
+            print(line)
+        fr = [r for r in table[w]["ferry"] if r is not None]
+        if fr:
+            print(f"{'ferry: passes, max throttle':28}{med(fr, 'passes'):>14.0f}  "
+                  f"{med(fr, 'throttle'):>6.0f} %  (channels: {fr[0]['channels']})")
 
 
 if __name__ == "__main__":

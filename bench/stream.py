@@ -48,6 +48,7 @@ class Setting:
     channels: int = 0                # multifd channels; 0: the single main channel
     compress: str = "none"           # multifd-compression
     params: dict[str, Any] = field(default_factory=dict)
+    caps: dict[str, bool] = field(default_factory=dict)
 
 
 TLS13_AES128 = "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM"
@@ -60,6 +61,12 @@ SETTINGS = [
     Setting("plaintext multifd 2", channels=2),
     Setting("tls multifd 2", tls=True, priority=TLS13_AES128, channels=2),
     Setting("tls multifd 4", tls=True, priority=TLS13_AES128, channels=4),
+    Setting("tls multifd 2 +auto-converge", tls=True, priority=TLS13_AES128, channels=2,
+            caps={"auto-converge": True}),
+    Setting("tls multifd 2 downtime-limit 50", tls=True, priority=TLS13_AES128,
+            channels=2, params={"downtime-limit": 50}),
+    Setting("tls downtime-limit 50", tls=True, priority=TLS13_AES128,
+            params={"downtime-limit": 50}),
     Setting("tls multifd 2 zstd", tls=True, priority=TLS13_AES128, channels=2,
             compress="zstd"),
 ]
@@ -107,9 +114,8 @@ async def hop(root: Path, args: argparse.Namespace, src: QmpConnection, src_pid:
                                             f"udp:{addr}:{port}-:7777", "defer"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     dst = await plain_qmp(root, tag)
-    caps = {"events": True}
-    if setting.channels:
-        caps["multifd"] = True
+    caps = {"events": True, "multifd": setting.channels > 0, "auto-converge": False,
+            **setting.caps}
     for q in (src, dst):
         await q.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": k, "state": v} for k, v in caps.items()]})
@@ -131,8 +137,9 @@ async def hop(root: Path, args: argparse.Namespace, src: QmpConnection, src_pid:
             if not is_server:
                 params["tls-hostname"] = streamtls.tls_hostname(job)
             await q.execute("migrate-set-parameters", params)
-    await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40,
-                                                 "downtime-limit": 300})
+    await src.execute("migrate-set-parameters", {
+        "max-bandwidth": 1 << 40,
+        "downtime-limit": setting.params.get("downtime-limit", 300)})
     mig_port = free_port(socket.SOCK_STREAM, addr)
     await dst.execute("migrate-incoming", {"uri": f"tcp:{addr}:{mig_port}"})
     cpu0 = (cpu_seconds(src_pid), cpu_seconds(proc.pid))
@@ -144,12 +151,16 @@ async def hop(root: Path, args: argparse.Namespace, src: QmpConnection, src_pid:
     while (await dst.execute("query-migrate")).get("status") != "completed":
         await asyncio.sleep(0.005)
     cpu1 = (cpu_seconds(src_pid), cpu_seconds(proc.pid))
+    if args.running:
+        await dst.execute("cont")
     await src.execute("quit")
     await src.close()
     ram = info["ram"]
     secs = (info["total-time"] - info.get("setup-time", 0)) / 1000
     sent = ram["transferred"]
     return dst, proc, {"rate": sent / secs, "bytes": sent, "secs": secs,
+                       "downtime": info.get("downtime", 0) / 1000,
+                       "setup": info.get("setup-time", 0) / 1000,
                        "src_cpu": (cpu1[0] - cpu0[0]) / (sent / 1e9),
                        "dst_cpu": (cpu1[1] - cpu0[1]) / (sent / 1e9)}
 
@@ -169,7 +180,8 @@ async def run_streams(args: argparse.Namespace, root: Path,
     results: dict[str, list[dict[str, float]]] = {s.name: [] for s in settings}
     try:
         probe.wait_up(60)
-        await src.execute("stop")
+        if not args.running:
+            await src.execute("stop")
         n = 0
         for _ in range(args.runs):
             for setting in settings:
@@ -192,6 +204,8 @@ def main() -> None:
     ap.add_argument("--pattern", type=int, default=384, help="MiB of non-zero memory")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="names of the settings to run")
+    ap.add_argument("--running", action="store_true",
+                    help="leave the guest running (idle): shows each setting's downtime")
     args = ap.parse_args()
     settings = [s for s in SETTINGS if not args.only or s.name in args.only]
 
@@ -207,12 +221,13 @@ def main() -> None:
 
     cpu = os.cpu_count()
     print(f"machine: {cpu} cores; {os.uname().release}; guest {args.memory} MiB, "
-          f"{args.pattern} MiB non-zero, paused; medians of {args.runs}; {took:.0f} s")
+          f"{args.pattern} MiB non-zero, {'running' if args.running else 'paused'}; "
+          f"medians of {args.runs}; {took:.0f} s")
     print("one core's AEAD throughput (16 KiB blocks):")
     for name, v in limits.items():
         print(f"  {name:28}{v / 1e6:10.0f} MB/s" if v else f"  {name:28}  not measured")
     print(f"{'stream':28}{'MB/s':>10}{'/ AES-GCM':>11}{'src CPU s/GB':>14}"
-          f"{'dst CPU s/GB':>14}{'MiB sent':>10}")
+          f"{'dst CPU s/GB':>14}{'MiB sent':>10}{'setup ms':>10}{'downtime':>10}")
     for s in settings:
         rs = results[s.name]
         rate = statistics.median(r["rate"] for r in rs)
@@ -220,7 +235,9 @@ def main() -> None:
         print(f"{s.name:28}{rate / 1e6:10.0f}{frac} "
               f"{statistics.median(r['src_cpu'] for r in rs):13.2f}"
               f"{statistics.median(r['dst_cpu'] for r in rs):14.2f}"
-              f"{statistics.median(r['bytes'] for r in rs) / 2**20:10.0f}")
+              f"{statistics.median(r['bytes'] for r in rs) / 2**20:10.0f}"
+              f"{statistics.median(r['setup'] for r in rs) * 1000:10.0f}"
+              f"{statistics.median(r['downtime'] for r in rs) * 1000:10.0f}")
 
 
 if __name__ == "__main__":

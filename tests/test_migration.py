@@ -136,6 +136,8 @@ def test_offline_and_live_both_ways(cluster: Cluster, record_property: Any) -> N
                 assert key in job["phase_times"]
             assert job["stats"]["transferred"] > 0 and job["stats"]["passes"] >= 1
             assert "downtime_ms" in job["stats"]
+            # the source's STOP to the destination's RESUME, both QEMUs' events
+            assert job["stats"]["paused_ms"] > 0, job["stats"]
         print(f"probe gap: offline {gaps['offline'] * 1000:.0f} ms, "
               f"live {gaps['live'] * 1000:.0f} ms")
         record_property("gap_offline_ms", round(gaps["offline"] * 1000))

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ class FakeQmp:
         self.q = qemu
         self.on_event: Any = None
         self.closed = asyncio.Event()
+        self.event_times: dict[str, float] = {}
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> Any:
@@ -83,7 +85,11 @@ class FakeQmp:
         await asyncio.sleep(min(timeout, 0.002))
         return False
 
+    def event_time(self, name: str) -> float | None:
+        return self.event_times.get(name)
+
     async def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
+        self.event_times[name] = time.time()
         if self.on_event is not None:
             await self.on_event(name, data or {})
 

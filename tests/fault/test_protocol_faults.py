@@ -98,6 +98,8 @@ async def test_live_migration_completes_with_one_record_outcome(world: World) ->
     assert a["stats"]["stream_tls"] and a["stats"]["passes"] >= 1
     assert b is not None and b["dest_facts"]["resumed"] and b["decided_by"] == "a"
     assert world.hosts["a"].qemus() == []
+    # source's STOP to the destination's RESUME, from the two QEMUs' events
+    assert 0 <= a["stats"]["paused_ms"] < 10_000
 
 
 @pytest.mark.parametrize("opts,shape", [

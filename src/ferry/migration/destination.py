@@ -251,8 +251,11 @@ class RelocationService:
             except Exception:  # the guest runs here: that stands, whatever this was
                 log.exception("job %s: recording the completed job", req.job_id)
             self.incoming.pop(req.job_id, None)
+            resumed_at = None
+            if inc.facts.resumed and inc.proc is not None:
+                resumed_at = inc.proc.qmp.event_time("RESUME")
             return FinishAnswer(finish_s=inc.record.phase_times.get("finish", 0.0),
-                                resumed=inc.facts.resumed)
+                                resumed=inc.facts.resumed, resumed_at=resumed_at)
 
     async def _fail_finish(self, inc: Incoming, exc: BaseException) -> None:
         why = exc.message if isinstance(exc, FerryError) else repr(exc)

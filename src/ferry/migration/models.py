@@ -203,6 +203,8 @@ class FinishRequest(Strict):
 class FinishAnswer(Strict):
     finish_s: float
     resumed: bool
+    # when the guest's CPU started again here (QEMU's RESUME event, wall clock)
+    resumed_at: float | None = None
 
 
 class AbortRequest(Strict):

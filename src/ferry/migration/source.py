@@ -644,6 +644,14 @@ class MigrationService:
                           f"kept paused until host {job.record.dest} answers",
                           host=job.record.dest, phase="finish") from exc
         job.record.phase_times["dest_finish"] = res.finish_s
+        stopped_at = dom.proc.qmp.event_time("STOP") if dom.proc is not None else None
+        if res.resumed_at is not None and stopped_at is not None \
+                and res.resumed_at >= stopped_at:
+            # the pause the guest saw: its CPU stopped here until it ran there
+            # (both QEMUs' clocks; across hosts as good as their time sync)
+            job.record.stats = job.record.stats.model_copy(
+                update={"paused_ms": round((res.resumed_at - stopped_at) * 1000, 1)})
+        self.records.save(job.record)
         crash_point("source-after-finish")
 
     async def _verdict(self, job: SourceJob) -> JobState | None:

@@ -30,6 +30,8 @@ class Qmp(Protocol):
 
     async def wait_event(self, name: str, timeout: float) -> bool: ...
 
+    def event_time(self, name: str) -> float | None: ...
+
 
 class MigrationQmp:
     """One QEMU's migration, over its QMP connection."""

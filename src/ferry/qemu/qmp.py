@@ -34,6 +34,8 @@ class QmpConnection:
         # who hears QEMU's events; may be set or replaced after connecting
         self.on_event: EventHandler | None = None
         self._waiters: dict[str, asyncio.Event] = {}
+        # QEMU's own timestamp (wall clock, s) of the latest event of each name
+        self._event_times: dict[str, float] = {}
 
     async def connect(self, path: Path, on_event: EventHandler | None = None) -> None:
         """Connect to QEMU's QMP socket; raises QemuError if QEMU isn't there."""
@@ -81,8 +83,16 @@ class QmpConnection:
             fired.cancel()
             waiter.clear()
 
+    def event_time(self, name: str) -> float | None:
+        """When (QEMU's wall-clock timestamp) the latest ``name`` event happened."""
+        return self._event_times.get(name)
+
     async def _pump_events(self) -> None:
         async for event in self._listener:
+            stamp: Any = event.get("timestamp") or {}
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self._event_times[str(event["event"])] = (
+                    int(stamp["seconds"]) + int(stamp["microseconds"]) / 1e6)
             waiter = self._waiters.get(str(event["event"]))
             if waiter is not None:
                 waiter.set()
