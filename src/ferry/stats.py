@@ -80,6 +80,7 @@ class MigrationStats(BaseModel):
     setup_time_ms: int | None = None
     paused_ms: float | None = None   # how long the guest was paused, by Ferry's clock
     stream_tls: bool = False      # the stream is TLS (always, once it started)
+    downtime_limit_ms: int | None = None  # QEMU's downtime-limit, as Ferry steps it
     channels: int = 0             # multifd channels (0: the single classic stream)
     compression: str = "none"     # of the multifd channels
     forced_pause: bool = False    # --on-timeout pause stopped the guest

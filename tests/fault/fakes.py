@@ -256,7 +256,7 @@ class FakeQemu:
                        "remaining": 0 if converged else GUEST_BYTES // 2,
                        "mbps": 800.0, "dirty-pages-rate": 2560, "page-size": PAGE,
                        "dirty-sync-count": passes}
-        info["expected-downtime"] = 30
+        info["expected-downtime"] = world.expected_downtime_ms
         info["cpu-throttle-percentage"] = min(99, 20 * (passes - 1)) \
             if self.caps.get("auto-converge") and not world.converges else 0
         if converged:
@@ -381,6 +381,7 @@ class World:
     launch_faults: list[str] = field(default_factory=list)   # host names
     queries_to_converge: int = 5
     converges: bool = True         # False: pre-copy never ends while the guest runs
+    expected_downtime_ms: int = 30  # what QEMU says the pause would take now
     _next_port: int = 40000
     pki: Path | None = None
 

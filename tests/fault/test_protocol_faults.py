@@ -292,6 +292,19 @@ async def test_throttling_is_recorded_as_an_escalation(world: World) -> None:
     assert notes and "auto-converge" in notes[0]["reason"], rec["escalations"]
 
 
+async def test_the_allowed_pause_steps_up_and_each_step_is_recorded(world: World) -> None:
+    world.queries_to_converge, world.expected_downtime_ms = 15, 900
+    await boot(world)
+    src_qemu = world.hosts["a"].qemus()[0]
+    job = await migrate(world, max_downtime_ms=250)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    steps = [e["reason"] for e in rec["escalations"] if e["action"] == "downtime"]
+    assert len(steps) == 3 and "50 → 100 ms" in steps[0] and "→ 250 ms" in steps[-1], steps
+    assert rec["stats"]["downtime_limit_ms"] == 250
+    assert src_qemu.params["downtime-limit"] == 250
+
+
 async def test_operator_abort_during_perform(world: World) -> None:
     world.converges = False
     await boot(world)

@@ -65,3 +65,37 @@ def test_operator_abort_and_silent_destination_win() -> None:
     assert d.action == Action.fail and "heartbeats" in d.reason
     assert decide(HEAVY, 1.0, LIVE, peer_misses=HEARTBEAT_MISSES - 1).action == \
         Action.proceed
+
+
+def busy(passes: int, expected_ms: int) -> MigrationStats:
+    return sample(passes).model_copy(update={"expected_downtime_ms": expected_ms})
+
+
+def test_the_allowed_pause_starts_low_and_doubles_per_pass_up_to_the_bound() -> None:
+    from ferry.migration.convergence import DOWNTIME_START_MS, initial_downtime
+    assert initial_downtime(LIVE) == DOWNTIME_START_MS == 50
+    history, limit, steps = [], initial_downtime(LIVE), []
+    for passes in range(1, 9):
+        history.append(busy(passes, 900))  # QEMU keeps expecting a long pause
+        d = decide(history, 5.0, LIVE, downtime_ms=limit)
+        if d.downtime_ms is not None:
+            assert d.downtime_note is not None and f"→ {d.downtime_ms} ms" in d.downtime_note
+            limit = d.downtime_ms
+            steps.append((passes, limit))
+    assert steps == [(3, 100), (4, 200), (5, 300)]  # 300: the default --max-downtime
+
+
+def test_no_step_while_qemu_expects_to_fit_the_limit_or_the_guest_is_paused() -> None:
+    from ferry.migration.convergence import downtime_step
+    assert downtime_step([busy(5, 40)], 50, LIVE) is None
+    assert decide([busy(5, 900)], 5.0, LIVE, paused=True, downtime_ms=50).downtime_ms is None
+    assert downtime_step([busy(2, 900)], 50, LIVE) is None  # too early
+
+
+def test_offline_and_a_tight_bound_start_at_the_bound_and_never_step() -> None:
+    from ferry.migration.convergence import downtime_step, initial_downtime
+    offline = MigrateOptions(mode="offline", max_downtime_ms=300)
+    tight = MigrateOptions(mode="live", max_downtime_ms=30)
+    assert initial_downtime(offline) == 300 and initial_downtime(tight) == 30
+    assert downtime_step([busy(6, 900)], 300, offline) is None
+    assert downtime_step([busy(6, 900)], 30, tight) is None

@@ -34,7 +34,8 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
                   f"dirty {mib(s.dirty_rate)}/s", f"remaining {mib(s.remaining)}",
                   f"pass {s.passes}"]
         if s.expected_downtime_ms is not None:
-            parts.append(f"expected downtime {s.expected_downtime_ms} ms")
+            limit = f" (allowed {s.downtime_limit_ms})" if s.downtime_limit_ms else ""
+            parts.append(f"expected downtime {s.expected_downtime_ms} ms{limit}")
         if s.throttle_pct:
             parts.append(f"throttle {s.throttle_pct}%")
     return ", ".join(parts)
@@ -57,11 +58,18 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
     lines.append(f"  total time: {total:.3f} s")
     if s.downtime_ms is not None:
         lines.append(f"  downtime:   {s.downtime_ms} ms (QEMU's figure)")
+    if s.paused_ms is not None:
+        lines.append(f"  paused:     {s.paused_ms:.0f} ms (the guest's CPU stopped on "
+                     f"{rec.source} until it ran on {rec.dest})")
     if s.transferred:
         lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
                      f"in {s.passes} passes")
     if s.stream_tls:
-        lines.append("  stream:     TLS, with credentials made for this migration only")
+        shape = (f"{s.channels} TLS channels" + (f", {s.compression}"
+                                                 if s.compression != "none" else "")
+                 if s.channels else "one TLS stream")
+        lines.append(f"  stream:     {shape}, with credentials made for this migration "
+                     "only")
     for esc in rec.escalations:
         lines.append(f"  escalation: {esc.get('action')}: {esc.get('reason')}")
     if times:

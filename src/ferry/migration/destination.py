@@ -274,6 +274,8 @@ class RelocationService:
 
     async def _committed(self, inc: Incoming, req: FinishRequest, t0: float) -> None:
         """The commit point of this side is behind: the domain is this host's."""
+        if inc.proc is not None:  # (after cont: not part of the guest's pause)
+            await streamtls.remove(inc.proc.qmp, req.job_id)
         if req.resume and inc.proc is not None:
             await self._announce(inc)
         if inc.watcher is not None:
@@ -298,7 +300,6 @@ class RelocationService:
             return
         proc = inc.proc
         await self._wait_incoming(MigrationQmp(proc.qmp))
-        await streamtls.remove(proc.qmp, req.job_id)
         if inc.watcher is not None:
             inc.watcher.cancel()  # its QEMU is the domain's now: the domain watches it
         # listed (paused) before it may run: a guest never runs unlisted here

@@ -62,7 +62,7 @@ from ferry.errors import (
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration import streamtls
-from ferry.migration.convergence import Action, decide
+from ferry.migration.convergence import Action, decide, initial_downtime
 from ferry.migration.job import JobRecords, PhaseStep, run_steps, undo_steps
 from ferry.migration.models import (
     PROTOCOL_VERSION,
@@ -494,15 +494,16 @@ class MigrationService:
         await mig.set_capabilities(events=True, auto_converge=live)
         channels = opts.parallel if opts.multifd else 0
         await mig.set_stream(channels, opts.compress.value)
-        await mig.set_limits(opts.max_downtime_ms,
-                             opts.bandwidth_mibps * 1024 * 1024 or None)
+        downtime = initial_downtime(opts)
+        await mig.set_limits(downtime, opts.bandwidth_mibps * 1024 * 1024 or None)
         assert job.stream_creds is not None
         facts.tls_installed = True
         self.records.save(job.record)
         await streamtls.install(proc.qmp, self.domains.paths(dom.name).root, job.record.id,
                                 False, job.stream_creds)
         job.record.stats = job.record.stats.model_copy(update={
-            "stream_tls": True, "channels": channels, "compression": opts.compress.value})
+            "stream_tls": True, "channels": channels, "compression": opts.compress.value,
+            "downtime_limit_ms": downtime})
         if not live and facts.was_running:
             await self.domains.stop_guest(dom, "paused for an offline migration")
         facts.stream_started = True
@@ -531,9 +532,15 @@ class MigrationService:
                 next_beat = now + HEARTBEAT_S
                 misses = 0 if await self._heartbeat(job, peer) else misses + 1
             decision = decide(job.history, now - start, opts, paused=paused,
-                              abort_requested=job.abort_requested, peer_misses=misses)
+                              abort_requested=job.abort_requested, peer_misses=misses,
+                              downtime_ms=job.record.stats.downtime_limit_ms)
             if decision.note:
                 self._escalate(job, "throttle", decision.note)
+            if decision.downtime_ms is not None:
+                await mig.set_downtime(decision.downtime_ms)
+                job.record.stats = job.record.stats.model_copy(
+                    update={"downtime_limit_ms": decision.downtime_ms})
+                self._escalate(job, "downtime", str(decision.downtime_note))
             if decision.action == Action.abort:
                 await mig.cancel()
                 raise Aborted(decision.reason, host=self.host.name, phase="perform")

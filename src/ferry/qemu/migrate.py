@@ -52,6 +52,11 @@ class MigrationQmp:
             "downtime-limit": downtime_ms,
             "max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
 
+    async def set_downtime(self, downtime_ms: int) -> None:
+        """QEMU's downtime-limit: it switches over once it expects to send the
+        rest within this many ms (may change while the stream runs)."""
+        await self.qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
+
     async def set_stream(self, channels: int, compression: str) -> None:
         """The stream's shape, the same on both QEMUs and before the stream starts:
         ``channels`` multifd channels (0: the single classic stream) and their
