@@ -13,10 +13,32 @@ qemu_major() {
     dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | sed -E 's/^[0-9]+://; s/[.].*//'
 }
 major=$(qemu_major || true)
+# The archive this machine is already configured to take bookworm from (a
+# one-line .list or a deb822 .sources entry): backports come from the same place.
+bookworm_archive() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        sed -E 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }'
+    done | head -n 1 | grep . && return
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        awk 'BEGIN { RS = "" }
+             /(^|\n)Types:[^\n]*deb( |\n|$)/ && /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ {
+                 if (match($0, /URIs:[ \t]*[^ \t\n]+/)) {
+                     u = substr($0, RSTART, RLENGTH); sub(/URIs:[ \t]*/, "", u)
+                     print u; exit } }' "$f"
+    done | head -n 1 | grep .
+}
 if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null \
         && [ "${major:-0}" -lt 8 ]; then
-    echo "setup: QEMU from bookworm-backports"
-    echo "deb http://deb.debian.org/debian bookworm-backports main" \
+    archive=$(bookworm_archive) || {
+        echo "setup: QEMU >= 8 is needed and no bookworm archive is configured in" \
+             "/etc/apt to take bookworm-backports from" >&2
+        exit 1
+    }
+    echo "setup: QEMU from bookworm-backports ($archive)"
+    echo "deb $archive bookworm-backports main" \
         > /etc/apt/sources.list.d/ferry-backports.list
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
