@@ -60,6 +60,7 @@ SETTINGS = [
     Setting("tls1.3 aes-256-gcm", tls=True, priority=TLS13_AES256),
     Setting("plaintext multifd 2", channels=2),
     Setting("tls multifd 2", tls=True, priority=TLS13_AES128, channels=2),
+    Setting("tls multifd 3", tls=True, priority=TLS13_AES128, channels=3),
     Setting("tls multifd 4", tls=True, priority=TLS13_AES128, channels=4),
     Setting("tls multifd 2 +auto-converge", tls=True, priority=TLS13_AES128, channels=2,
             caps={"auto-converge": True}),

@@ -332,24 +332,24 @@ def migrate(
         "nothing.")] = False,
     max_downtime: Annotated[int | None, typer.Option(
         help="Longest pause the guest may see at switch-over, in ms [default: the "
-        "domain's or the host's [migration] setting, else 300].", min=1,
+        "domain's or the host's \\[migration] setting, else 300].", min=1,
         show_default=False)] = None,
     bandwidth: Annotated[int | None, typer.Option(
-        help="Cap on the migration stream in MiB/s, 0: no cap [default: [migration], "
+        help="Cap on the migration stream in MiB/s, 0: no cap [default: \\[migration], "
         "else 0].", min=0, show_default=False)] = None,
     timeout: Annotated[float | None, typer.Option(
-        help="Seconds of pre-copy before --on-timeout applies [default: [migration], "
+        help="Seconds of pre-copy before --on-timeout applies [default: \\[migration], "
         "else 600].", min=0.1, show_default=False)] = None,
     on_timeout: Annotated[OnTimeout | None, typer.Option(
         help="At the timeout: 'pause' the guest and finish offline, or 'abort' "
-        "[default: [migration], else pause].", show_default=False)] = None,
+        "[default: \\[migration], else pause].", show_default=False)] = None,
     parallel: Annotated[int | None, typer.Option(
         help="Encrypted channels for the memory stream (QEMU multifd over TLS); 1: one "
-        "stream [default: [migration], else one per core, at most 4].", min=1,
+        "stream [default: \\[migration], else one per core, at most 4].", min=1,
         max=MAX_CHANNELS, show_default=False)] = None,
     compress: Annotated[Compression | None, typer.Option(
         help="Compress the channels: none or zstd (costs CPU; pays off only on a slow "
-        "link) [default: [migration], else none].", show_default=False)] = None,
+        "link) [default: \\[migration], else none].", show_default=False)] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     as_json: JsonOpt = False,
