@@ -244,6 +244,14 @@ class FerryClient:
     async def abort_job(self, job_id: str) -> JobRecord:
         return self._as(JobRecord, await self.request("POST", f"/v1/jobs/{job_id}/abort"))
 
+    async def steer_job(self, job_id: str, **limits: int) -> JobRecord:
+        return self._as(JobRecord, await self.request(
+            "POST", f"/v1/jobs/{job_id}/set", limits))
+
+    async def complete_job(self, job_id: str) -> JobRecord:
+        return self._as(JobRecord, await self.request(
+            "POST", f"/v1/jobs/{job_id}/complete"))
+
     async def resolve_job(self, job_id: str, runs_on: str) -> JobRecord:
         return self._as(JobRecord, await self.request(
             "POST", f"/v1/jobs/{job_id}/resolve", {"runs_on": runs_on}))

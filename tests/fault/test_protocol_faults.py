@@ -799,3 +799,72 @@ async def test_a_guest_01_had_adopted_before_its_restart_stays(world: World) -> 
     b = world.hosts["b"]
     await boot(world, "b")  # adopted (stored, running) by 0.1's Finish, then it died
     await restart_with_a_01_incoming_record(b)
+
+
+# -- steering a running job ------------------------------------------------------------
+async def in_perform(world: World, **opts: Any) -> str:
+    """A live job copying a guest that never converges by itself; its id, once the
+    stream runs."""
+    world.converges, world.queries_to_converge = False, 40  # (paused: after 40 samples)
+    await boot(world)
+    job_id = await migrate(world, timeout_s=3600, **opts)
+    for _ in range(500):
+        if world.hosts["a"].qemus()[0].mig_status == "active":
+            return job_id
+        await asyncio.sleep(0.01)
+    raise AssertionError("the stream did not start")
+
+
+async def test_job_set_changes_the_limits_in_qemu_and_the_record(world: World) -> None:
+    from ferry.migration.models import SteerRequest
+    job_id = await in_perform(world, max_downtime_ms=300)
+    a = world.hosts["a"]
+    rec = a.mig.steer(job_id, SteerRequest(bandwidth_mibps=50, max_downtime_ms=40))
+    assert (rec.options.bandwidth_mibps, rec.options.max_downtime_ms) == (50, 40)
+    src = a.qemus()[0]
+    for _ in range(300):
+        if src.params.get("max-bandwidth") == 50 << 20:
+            break
+        await asyncio.sleep(0.01)
+    assert src.params["max-bandwidth"] == 50 << 20
+    assert src.params["downtime-limit"] <= 40
+    sets = [e for e in a.mig.jobs[job_id].record.escalations if e["action"] == "set"]
+    assert "bandwidth_mibps 0 → 50" in sets[0]["reason"], sets
+    a.mig.abort(job_id)
+    assert (await settle(world, job_id))["state"] == "aborted"
+
+
+async def test_job_complete_pauses_and_finishes_offline(world: World) -> None:
+    job_id = await in_perform(world)
+    a = world.hosts["a"]
+    a.mig.complete(job_id)
+    rec = await settle(world, job_id)
+    assert rec["state"] == "completed", rec
+    assert rec["stats"]["forced_pause"] is True
+    pauses = [e for e in rec["escalations"] if e["action"] == "pause"]
+    assert "ferry job complete" in pauses[0]["reason"], rec["escalations"]
+    assert_runs_only_on(world, "b")
+
+
+async def test_steering_what_cannot_be_steered_is_refused(world: World) -> None:
+    from ferry.errors import InvalidInput, NotFound, Refused
+    from ferry.migration.models import SteerRequest
+    a = world.hosts["a"]
+    with pytest.raises(NotFound):
+        a.mig.steer("0123456789ab", SteerRequest(bandwidth_mibps=1))
+    with pytest.raises(NotFound):
+        a.mig.complete("0123456789ab")
+    job_id = await in_perform(world)
+    with pytest.raises(InvalidInput, match="say what to change"):
+        a.mig.steer(job_id, SteerRequest())
+    before = a.mig.jobs[job_id].record.options
+    a.mig.abort(job_id)
+    with pytest.raises(Refused, match="being aborted"):
+        a.mig.steer(job_id, SteerRequest(bandwidth_mibps=1))
+    assert a.mig.jobs.get(job_id) is None or a.mig.jobs[job_id].record.options == before
+    await settle(world, job_id)
+    stall(a, Phase.perform)
+    await boot(world, name="off")
+    off = await migrate(world, name="off", mode="offline")
+    with pytest.raises(Refused, match="offline"):
+        a.mig.complete(off)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
-from ferry.migration.models import MigrateRequest, ResolveRequest
+from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
 from ferry.validation import parse_body
@@ -172,6 +172,15 @@ async def abort_job(request: web.Request) -> web.Response:
     return ok(request.app[MIG].abort(job_id(request)))
 
 
+async def steer_job(request: web.Request) -> web.Response:
+    req = await body_as(request, SteerRequest)
+    return ok(request.app[MIG].steer(job_id(request), req))
+
+
+async def complete_job(request: web.Request) -> web.Response:
+    return ok(request.app[MIG].complete(job_id(request)))
+
+
 async def resolve_job(request: web.Request) -> web.Response:
     req = await body_as(request, ResolveRequest)
     return ok(await request.app[MIG].resolve(job_id(request), req.runs_on))
@@ -208,6 +217,8 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app.router.add_get("/v1/jobs/{job}", get_job)
     app.router.add_post("/v1/jobs/{job}/abort", abort_job)
     app.router.add_post("/v1/jobs/{job}/resolve", resolve_job)
+    app.router.add_post("/v1/jobs/{job}/set", steer_job)
+    app.router.add_post("/v1/jobs/{job}/complete", complete_job)
     app.router.add_get("/v1/migrations", list_migrations)
     app.router.add_get("/v1/domains", list_domains)
     app.router.add_post("/v1/domains", define_domain)

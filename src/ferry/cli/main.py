@@ -412,6 +412,38 @@ def job_abort(job_id: Annotated[str, typer.Argument(help="The job's id (`ferry j
     typer.echo(f"aborting {job_id}")
 
 
+@job_app.command("set")
+def job_set(
+        job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")],
+        bandwidth: Annotated[int | None, typer.Option(
+            help="New cap on the stream in MiB/s (0: no cap).", min=0,
+            show_default=False)] = None,
+        max_downtime: Annotated[int | None, typer.Option(
+            help="New longest pause allowed at switch-over, in ms.", min=1,
+            show_default=False)] = None,
+) -> None:
+    """Change a running migration's limits; the change lands in its record."""
+    limits = {k: v for k, v in (("bandwidth_mibps", bandwidth),
+                                ("max_downtime_ms", max_downtime)) if v is not None}
+    if not limits:
+        fail("say what to change: --bandwidth and/or --max-downtime", code=2)
+    rec = call(lambda c: c.steer_job(job_id, **limits))
+    opts = rec.options
+    assert opts is not None
+    typer.echo(f"{job_id}: bandwidth {opts.bandwidth_mibps or 'unlimited'} MiB/s, "
+               f"max downtime {opts.max_downtime_ms} ms")
+
+
+@job_app.command("complete")
+def job_complete(
+        job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")]
+) -> None:
+    """Make a live migration finish now: the guest is paused and the rest goes over
+    as an offline copy."""
+    call(lambda c: c.complete_job(job_id))
+    typer.echo(f"completing {job_id}: the guest is paused for the rest of the copy")
+
+
 @job_app.command("resolve")
 def job_resolve(
         job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")],

@@ -91,16 +91,21 @@ def downtime_step(history: Sequence[MigrationStats], current_ms: int,
 
 def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOptions, *,
            paused: bool = False, abort_requested: str | None = None,
-           peer_misses: int = 0, downtime_ms: int | None = None) -> Decision:
+           peer_misses: int = 0, downtime_ms: int | None = None,
+           complete_requested: str | None = None) -> Decision:
     """What the source does after the newest sample in ``history``.
 
     ``elapsed``: seconds since the stream started; ``paused``: the guest is
     already stopped (offline, or paused by an earlier decision); ``downtime_ms``:
-    QEMU's downtime-limit now (None: the one it started with)."""
+    QEMU's downtime-limit now (None: the one it started with);
+    ``complete_requested``: the operator asked to finish now (why)."""
     if abort_requested:
         return Decision(Action.abort, abort_requested)
     if peer_misses >= HEARTBEAT_MISSES:
         return Decision(Action.fail, f"the destination missed {peer_misses} heartbeats")
+    if complete_requested and not paused:
+        return Decision(Action.pause, f"{complete_requested}: the guest is paused so "
+                        "the rest goes over as offline")
     if elapsed > options.timeout_s:
         if options.on_timeout == OnTimeout.abort:
             return Decision(Action.abort, f"did not converge within {options.timeout_s:g}s "
@@ -115,7 +120,7 @@ def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOp
         # does not end, the link or a QEMU is stuck; give up rather than hang
         return Decision(Action.abort, f"the stream did not end within {limit:g}s, even "
                         "with the guest paused")
-    note = throttle_note(history) if options.mode == Mode.live else None
+    note = throttle_note(history) if options.mode == Mode.live and not paused else None
     current = initial_downtime(options) if downtime_ms is None else downtime_ms
     step = None if paused else downtime_step(history, current, options)
     if step is None:

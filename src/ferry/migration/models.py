@@ -136,6 +136,14 @@ class MigrationCheck(BaseModel):
     blockers: list[str]
 
 
+class SteerRequest(Strict):
+    """``ferry job set``: new limits for a running job (what is left out stays)."""
+
+    bandwidth_mibps: int | None = Field(default=None, ge=0, le=1_000_000,
+                                        description="0: unlimited")
+    max_downtime_ms: int | None = Field(default=None, ge=1, le=600_000)
+
+
 class ResolveRequest(Strict):
     """The operator's verdict on a job in doubt: where the guest is to run."""
 

@@ -83,6 +83,7 @@ from ferry.migration.models import (
     RelocationRequest,
     Role,
     SourceFacts,
+    SteerRequest,
     StoredOptions,
     StreamCreds,
     check_protocol,
@@ -143,6 +144,8 @@ class SourceJob:
     outcome: JobState = JobState.failed   # what a failure ends as (undo tells the peer)
     failing: bool = False
     cancelled_by_abort: bool = False   # abort() cancelled the task (not a shutdown)
+    complete_requested: str | None = None  # `ferry job complete`: finish now, why
+    steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     shutting_down: bool = False
     cleanup_error: str | None = None
     keep_held: bool = False            # a stale copy Confirm could not remove
@@ -303,6 +306,45 @@ class MigrationService:
                     and job.task is not None:
                 job.cancelled_by_abort = True
                 job.task.cancel()  # don't wait for the destination's answer
+        return job.record
+
+    def _steerable(self, job_id: str, what: str) -> SourceJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no running migration {job_id} on host {self.host.name}")
+        if job.record.state != JobState.running or job.record.phase in (
+                Phase.finish, Phase.confirm):
+            raise Refused(f"migration {job_id} is {job.record.state.value} in "
+                          f"{job.record.phase.value}: too late to {what}")
+        if job.abort_requested:
+            raise Refused(f"migration {job_id} is being aborted")
+        return job
+
+    def steer(self, job_id: str, req: SteerRequest) -> JobRecord:
+        """New bandwidth cap and/or allowed pause for a running job: they land in
+        the job's options (and so in its record) at once, and in QEMU before the
+        next sample (at once if the stream runs)."""
+        job = self._steerable(job_id, "change its limits")
+        changes = req.model_dump(exclude_none=True)
+        if not changes:
+            raise InvalidInput("say what to change: --bandwidth and/or --max-downtime")
+        before = job.options
+        job.record.options = StoredOptions.model_validate(
+            {**before.model_dump(), **changes})
+        said = ", ".join(f"{k} {getattr(before, k)} → {v}" for k, v in changes.items())
+        self._escalate(job, "set", f"the operator changed {said}")
+        job.steered.set()
+        return job.record
+
+    def complete(self, job_id: str) -> JobRecord:
+        """Make a running job finish now: the guest is paused so the rest goes over
+        as an offline copy (post-copy, once Ferry has it, where allowed)."""
+        job = self._steerable(job_id, "complete it")
+        if job.record.mode != Mode.live:
+            raise Refused(f"migration {job_id} is offline: the guest is paused already")
+        if job.complete_requested is None:
+            job.complete_requested = "the operator asked to complete now (ferry job complete)"
+            job.steered.set()
         return job.record
 
     async def resolve(self, job_id: str, runs_on: Role) -> JobRecord:
@@ -531,9 +573,13 @@ class MigrationService:
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
                 misses = 0 if await self._heartbeat(job, peer) else misses + 1
+            if job.steered.is_set():
+                job.steered.clear()
+                opts = await self._apply_steering(job, mig, opts)
             decision = decide(job.history, now - start, opts, paused=paused,
                               abort_requested=job.abort_requested, peer_misses=misses,
-                              downtime_ms=job.record.stats.downtime_limit_ms)
+                              downtime_ms=job.record.stats.downtime_limit_ms,
+                              complete_requested=job.complete_requested)
             if decision.note:
                 self._escalate(job, "throttle", decision.note)
             if decision.downtime_ms is not None:
@@ -554,9 +600,24 @@ class MigrationService:
                 job.record.stats = job.record.stats.model_copy(
                     update={"forced_pause": True})
                 paused = True
-            # wake at once when QEMU reports a status change, else poll for the stats
+            # wake at once when QEMU reports a status change or the operator steers
+            # the job, else poll for the stats
             crash_point("source-streaming")
-            await mig.wait_change(POLL_S)
+            if not job.steered.is_set():
+                await mig.wait_change(POLL_S)
+
+    async def _apply_steering(self, job: SourceJob, mig: MigrationQmp,
+                              old: MigrateOptions) -> MigrateOptions:
+        """Give QEMU the job's (changed) options; the options the stream now runs with."""
+        new = job.options
+        if new.bandwidth_mibps != old.bandwidth_mibps:
+            await mig.set_bandwidth(new.bandwidth_mibps * 1024 * 1024 or None)
+        limit = job.record.stats.downtime_limit_ms
+        if limit is not None and limit > new.max_downtime_ms:
+            await mig.set_downtime(new.max_downtime_ms)
+            job.record.stats = job.record.stats.model_copy(
+                update={"downtime_limit_ms": new.max_downtime_ms})
+        return new
 
     async def _heartbeat(self, job: SourceJob, peer: FerryClient) -> bool:
         """Is the destination there and still on the job? False: no answer; Failed

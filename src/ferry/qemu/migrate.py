@@ -52,6 +52,11 @@ class MigrationQmp:
             "downtime-limit": downtime_ms,
             "max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
 
+    async def set_bandwidth(self, bandwidth_bps: int | None) -> None:
+        """QEMU's ``max-bandwidth`` (None: unlimited); takes effect mid-stream."""
+        await self.qmp.execute("migrate-set-parameters",
+                               {"max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
+
     async def set_downtime(self, downtime_ms: int) -> None:
         """QEMU's downtime-limit: it switches over once it expects to send the
         rest within this many ms (may change while the stream runs)."""
