@@ -81,6 +81,9 @@ class MigrationStats(BaseModel):
     paused_ms: float | None = None   # how long the guest was paused, by Ferry's clock
     stream_tls: bool = False      # the stream is TLS (always, once it started)
     downtime_limit_ms: int | None = None  # QEMU's downtime-limit, as Ferry steps it
+    progress_pct: float | None = None  # of the whole job's copy; never goes back
+    eta_s: float | None = None    # until the copy ends at this rate (None: not converging)
+    dirty_rate_sampled: bool = False  # dirty_rate from QEMU's page sampling (first pass)
     channels: int = 0             # multifd channels (0: the single classic stream)
     compression: str = "none"     # of the multifd channels
     forced_pause: bool = False    # --on-timeout pause stopped the guest

@@ -201,6 +201,12 @@ class FakeQemu:
         self.objects.discard(args["id"])
         return {}
 
+    async def cmd_calc_dirty_rate(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def cmd_query_dirty_rate(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "measured", "dirty-rate": 10}  # MiB/s
+
     async def cmd_migrate_incoming(self, _: dict[str, Any]) -> dict[str, Any]:
         self.port = self.world.new_port(self)
         self.mig_status = "setup"

@@ -99,3 +99,32 @@ def test_offline_and_a_tight_bound_start_at_the_bound_and_never_step() -> None:
     assert initial_downtime(offline) == 300 and initial_downtime(tight) == 30
     assert downtime_step([busy(6, 900)], 300, offline) is None
     assert downtime_step([busy(6, 900)], 30, tight) is None
+
+
+def test_progress_counts_the_whole_job_and_never_goes_back() -> None:
+    from ferry.migration.convergence import progress
+    mib = 1 << 20
+    # pass 1 sends 512 MiB at 100 MB/s (800 Mbit/s); then pass 2 finds 200 MiB dirty
+    seq = [MigrationStats(status="active", total=512 * mib, transferred=t * mib,
+                          remaining=r * mib, mbps=800.0, dirty_rate=d * mib, passes=p)
+           for t, r, d, p in ((0, 512, 0, 1), (256, 256, 0, 1), (500, 12, 0, 1),
+                              (512, 200, 20, 2), (700, 30, 20, 3), (730, 4, 20, 4))]
+    shown: float | None = None
+    pcts, etas = [], []
+    for s in seq:
+        shown, eta = progress(s, shown)
+        pcts.append(shown)
+        etas.append(eta)
+    assert pcts == sorted(pcts) and pcts[0] == 0.0 and pcts[-1] > 99
+    assert pcts[3] == pcts[2]  # the new dirty pages don't take the bar back
+    assert etas[1] is not None and 2 < etas[1] < 3   # 256 MiB at 100 MB/s
+    # a first-pass estimate of the dirty rate makes the first pass's ETA honest
+    _, sampled_eta = progress(seq[1].model_copy(update={"dirty_rate": 50 * mib}), None)
+    assert sampled_eta is not None and sampled_eta > etas[1]
+
+
+def test_no_eta_while_the_guest_dirties_faster_than_the_stream() -> None:
+    from ferry.migration.convergence import progress
+    s = MigrationStats(status="active", total=1 << 30, transferred=1 << 30,
+                       remaining=1 << 28, mbps=800.0, dirty_rate=200 << 20, passes=5)
+    assert progress(s, 61.0) == (61.0, None)

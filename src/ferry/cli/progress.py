@@ -29,9 +29,14 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
     rec = _record(job)
     s = rec.stats
     parts = [f"phase {rec.phase.value}"]
+    if s.progress_pct is not None:
+        eta = f", ETA {s.eta_s:.0f} s" if s.eta_s is not None else ", not converging"
+        parts.append(f"{s.progress_pct:.0f}%{eta}")
     if s.total:
         parts += [f"{mib(s.transferred)}/{mib(s.total)}", f"{s.mbps:.0f} Mbit/s",
-                  f"dirty {mib(s.dirty_rate)}/s", f"remaining {mib(s.remaining)}",
+                  f"dirty {mib(s.dirty_rate)}/s" + (" (sampled)" if s.dirty_rate_sampled
+                                                    else ""),
+                  f"remaining {mib(s.remaining)}",
                   f"pass {s.passes}"]
         if s.expected_downtime_ms is not None:
             limit = f" (allowed {s.downtime_limit_ms})" if s.downtime_limit_ms else ""

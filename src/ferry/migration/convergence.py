@@ -144,3 +144,27 @@ def throttle_note(history: Sequence[MigrationStats]) -> str | None:
         return (f"auto-converge throttles the guest to {100 - now}% of its CPU "
                 f"(pass {latest.passes}, dirtying {latest.dirty_rate >> 20} MiB/s)")
     return None
+
+
+def progress(latest: MigrationStats, shown_pct: float | None
+             ) -> tuple[float | None, float | None]:
+    """(percent of the whole job's copy, seconds left) after the newest sample.
+
+    Each pass sends what the guest dirtied during the one before, so with the
+    guest dirtying at d bytes/s and the stream sending b, what is still to send
+    overall is about ``remaining / (1 - d/b)``; the percent is what was sent of
+    what will have been sent. It never goes back (``shown_pct``: what was shown
+    before), and the ETA is None while the guest dirties as fast as the stream
+    sends. (In the first pass, before QEMU has counted dirty pages, the source
+    puts QEMU's page-sampling estimate in ``dirty_rate``.)"""
+    if not latest.total:
+        return shown_pct, None
+    rate = latest.mbps * 1e6 / 8
+    ratio = latest.dirty_rate / rate if rate > 0 else 0.0
+    left = latest.remaining / (1 - ratio) if ratio < 1 else None
+    if left is None:
+        return shown_pct, None
+    done = latest.transferred / (latest.transferred + left) * 100 if latest.transferred \
+        else 0.0
+    pct = round(max(done, shown_pct or 0.0), 1)
+    return pct, (round(left / rate, 1) if rate > 0 else None)

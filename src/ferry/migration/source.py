@@ -62,7 +62,7 @@ from ferry.errors import (
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration import streamtls
-from ferry.migration.convergence import Action, decide, initial_downtime
+from ferry.migration.convergence import Action, decide, initial_downtime, progress
 from ferry.migration.job import JobRecords, PhaseStep, run_steps, undo_steps
 from ferry.migration.models import (
     PROTOCOL_VERSION,
@@ -555,12 +555,33 @@ class MigrationService:
         await self._watch_stream(job, mig)
 
     async def _watch_stream(self, job: SourceJob, mig: MigrationQmp) -> None:
-        peer, dom, opts = job.client(), job.domain(), job.options
         start = time.monotonic()
         paused = job.record.mode == Mode.offline
         next_beat, misses = start + HEARTBEAT_S, 0
+        # QEMU counts dirty pages only from the second pass: sample them meanwhile
+        sampler = None if paused else asyncio.create_task(mig.sample_dirty_rate())
+        try:
+            await self._watch_samples(job, mig, start, paused, next_beat, misses, sampler)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
+
+    async def _watch_samples(self, job: SourceJob, mig: MigrationQmp, start: float,
+                             paused: bool, next_beat: float, misses: int,
+                             sampler: asyncio.Task[int | None] | None) -> None:
+        peer, dom, opts = job.client(), job.domain(), job.options
         while True:
             stats = await mig.query(job.record.stats)
+            if stats.passes <= 1 and sampler is not None and sampler.done() \
+                    and not sampler.cancelled() and sampler.exception() is None:
+                sampled = sampler.result()
+                if sampled is not None:
+                    stats = stats.model_copy(update={"dirty_rate": sampled,
+                                                     "dirty_rate_sampled": True})
+            elif stats.passes > 1 and stats.dirty_rate_sampled:
+                stats = stats.model_copy(update={"dirty_rate_sampled": False})
+            pct, eta = progress(stats, stats.progress_pct)
+            stats = stats.model_copy(update={"progress_pct": pct, "eta_s": eta})
             job.record.stats = stats
             job.history = [*job.history[-(HISTORY - 1):], stats]
             if stats.status == MigrationStatus.completed:

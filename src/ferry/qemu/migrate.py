@@ -62,6 +62,21 @@ class MigrationQmp:
         rest within this many ms (may change while the stream runs)."""
         await self.qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
 
+    async def sample_dirty_rate(self, seconds: int = 1) -> int | None:
+        """The guest's dirty rate (bytes/s) by QEMU's page sampling
+        (``calc-dirty-rate``), which works beside a running migration; None if
+        this QEMU can't say."""
+        try:
+            await self.qmp.execute("calc-dirty-rate", {"calc-time": seconds})
+            for _ in range(seconds * 20 + 40):
+                await asyncio.sleep(0.05)
+                got = await self.qmp.execute("query-dirty-rate")
+                if got.get("status") == "measured":
+                    return int(got.get("dirty-rate", 0)) << 20  # MiB/s
+        except QemuError as exc:
+            log.debug("no dirty-rate sample: %s", exc.message)
+        return None
+
     async def set_stream(self, channels: int, compression: str) -> None:
         """The stream's shape, the same on both QEMUs and before the stream starts:
         ``channels`` multifd channels (0: the single classic stream) and their
