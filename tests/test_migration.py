@@ -876,6 +876,48 @@ def test_migration_stream_is_encrypted(cluster: Cluster, workdir: Path) -> None:
     assert control.hits > 0, "the capture never saw the marker in plaintext"
 
 
+# -- save and restore -------------------------------------------------------------------
+def test_save_on_one_host_and_restore_on_another(cluster: Cluster, workdir: Path) -> None:
+    """`ferry save` takes the running guest off host A into a file; files that are
+    not a complete save, or outside storage_dirs, are refused on B with nothing
+    started; `ferry restore` on B resumes the same guest (same boot, memory check
+    intact), and a second restore of the file is refused: the name is taken."""
+    probe = boot(cluster, "ma", "saved", cmdline_extra="ferry.mem=32")
+    path, cut = workdir / "saved.ferrysave", workdir / "cut.ferrysave"
+    try:
+        before = probe.wait_up()
+        out = cluster["ma"].ferry("save", "saved", str(path)).stdout
+        assert out.startswith(f"saved saved to {path}"), out
+        assert "saved" not in cluster["ma"].domains()
+        assert probe.ask(1.0) is None, "the saved guest still answers"
+        res = cluster["ma"].ferry("save", "saved", str(path), check=False)
+        assert res.returncode == 1 and "no domain" in res.stderr.lower(), res.stderr
+
+        qemus = len(cluster["mb"].qemu_pids())
+        cut.write_bytes(path.read_bytes()[:-4096])
+        for bad, why in ((cut, "truncated"), (Path("/etc/hostname"), "outside"),
+                         (workdir / "none.ferrysave", "cannot read")):
+            res = cluster["mb"].ferry("restore", str(bad), check=False)
+            assert res.returncode == 1 and why in res.stderr, res.stderr
+            assert "saved" not in cluster["mb"].domains()
+            assert len(cluster["mb"].qemu_pids()) == qemus
+
+        info = cluster["mb"].json("restore", str(path))
+        assert info["name"] == "saved" and info["state"] == "running", info
+        after = probe.wait_up(20)
+        assert probe.last_from == ADDRS["mb"]
+        assert after["boot_id"] == before["boot_id"], "the guest rebooted"
+        assert int(after["mono_ns"]) > int(before["mono_ns"])
+        assert after["corrupt"] == "0"
+        res = cluster["mb"].ferry("restore", str(path), check=False)
+        assert res.returncode == 1 and "already exists" in res.stderr, res.stderr
+    finally:
+        probe.close()
+        remove(cluster, "saved")
+        path.unlink(missing_ok=True)
+        cut.unlink(missing_ok=True)
+
+
 # -- a silent destination, a name taken while it arrives -----------------------------------
 class SilentPeer:
     """A "host" on 127.0.0.9 that accepts TCP and then never says a word (``tls``:

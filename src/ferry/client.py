@@ -29,6 +29,7 @@ DEFAULT_SOCKET = Path("/var/lib/ferry/ferryd.sock")
 # seconds to open a connection to a ferryd, TCP and TLS handshake included: a host
 # that drops packets is given up on this fast, whatever the call's own timeout
 CONNECT_TIMEOUT = 5.0
+SAVE_TIMEOUT = 3700.0  # s: a save or restore may take long (ferryd bounds it at 3600)
 HANDSHAKE_HINT = ("the host closed the connection during the TLS handshake: is this "
                   "address in its hosts_allow, and is your certificate signed by its CA?")
 
@@ -243,6 +244,15 @@ class FerryClient:
 
     async def abort_job(self, job_id: str) -> JobRecord:
         return self._as(JobRecord, await self.request("POST", f"/v1/jobs/{job_id}/abort"))
+
+    async def save(self, name: str, path: str) -> dict[str, Any]:
+        res: dict[str, Any] = await self.request(
+            "POST", f"/v1/domains/{name}/save", {"path": path}, timeout=SAVE_TIMEOUT)
+        return res
+
+    async def restore(self, path: str) -> DomainInfo:
+        return self._as(DomainInfo, await self.request(
+            "POST", "/v1/restore", {"path": path}, timeout=SAVE_TIMEOUT))
 
     async def steer_job(self, job_id: str, **limits: int) -> JobRecord:
         return self._as(JobRecord, await self.request(

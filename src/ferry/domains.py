@@ -291,16 +291,21 @@ class DomainService:
                        f"{self.host.name}")
         return out
 
+    def refuse_identity(self, config: DomainConfig) -> None:
+        """Busy or Conflict if ``config``'s name or UUID is taken here (defined, or
+        held by an arriving migration or restore)."""
+        self._refuse_arriving(config)
+        conflicts = self.identity_conflicts(config)
+        if conflicts:
+            raise Conflict("; ".join(conflicts), domain=config.name)
+
     # -- lifecycle --------------------------------------------------------------------
     async def define(self, config: DomainConfig, start: bool = False) -> DomainInfo:
         """Add a domain (and start it if asked). Refuses duplicates, memory the host
         doesn't have, and whatever ``typed_blockers`` finds (boot files that are
         missing or not what they claim, disks, a machine type or CPU model this
         host's QEMU doesn't know, bridges); nothing is stored then."""
-        self._refuse_arriving(config)
-        conflicts = self.identity_conflicts(config)
-        if conflicts:
-            raise Conflict("; ".join(conflicts), domain=config.name)
+        self.refuse_identity(config)
         total = meminfo()["MemTotal"] // 1024 - self.host.memory_reserve
         if config.memory > total:
             raise InsufficientResources(
@@ -512,18 +517,19 @@ class DomainService:
         self.events.publish("domain.defined", domain=config.name)
         return dom
 
-    async def release(self, dom: Domain) -> None:
-        """The domain now lives elsewhere: stop its QEMU here (if any) and forget it.
-        Call with ``dom.lock`` held (a migration holds it throughout)."""
+    async def release(self, dom: Domain, event: str = "domain.migrated") -> None:
+        """The domain now lives elsewhere (another host, a save file): stop its QEMU
+        here (if any) and forget it. Call with ``dom.lock`` held (a migration or a
+        save holds it throughout)."""
         if dom.proc is not None:
             proc = dom.proc
-            dom.expected_exit = "migrated away"
+            dom.expected_exit = "migrated away" if event == "domain.migrated" else "saved"
             await proc.stop()
             await self._finish_watch(dom, proc)
         self.store.delete(dom.name)
         self.domains.pop(dom.name, None)
         shutil.rmtree(self.paths(dom.name).root, ignore_errors=True)
-        self.events.publish("domain.migrated", domain=dom.name)
+        self.events.publish(event, domain=dom.name)
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod

@@ -19,6 +19,7 @@ from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
 from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
+from ferry.migration.savefile import RestoreRequest, SaveRequest, SaveService
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
 from ferry.validation import parse_body
@@ -30,6 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SVC: web.AppKey[DomainService] = web.AppKey("svc", DomainService)
 HOSTINFO: web.AppKey[Callable[[], HostInfo]] = web.AppKey("hostinfo")
 MIG: web.AppKey[MigrationService] = web.AppKey("mig", MigrationService)
+SAVES: web.AppKey[SaveService] = web.AppKey("saves", SaveService)
 JOB_RE = re.compile(r"^[0-9a-f]{12}$")
 CONSOLES: web.AppKey[Consoles] = web.AppKey("consoles", Consoles)
 
@@ -149,6 +151,17 @@ async def console_ws(request: web.Request) -> web.StreamResponse:
     return await request.app[CONSOLES].serve(request, domain_name(request), relay=True)
 
 
+# -- save and restore -----------------------------------------------------------------
+async def save_domain(request: web.Request) -> web.Response:
+    req = await body_as(request, SaveRequest)
+    return ok(await request.app[SAVES].save(domain_name(request), req.path))
+
+
+async def restore_domain(request: web.Request) -> web.Response:
+    req = await body_as(request, RestoreRequest)
+    return ok(await request.app[SAVES].restore(req.path), status=201)
+
+
 # -- migration (management side) --------------------------------------------------------
 async def migrate_domain(request: web.Request) -> web.Response:
     name = domain_name(request)
@@ -211,7 +224,10 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[HOSTINFO] = hostinfo
     app[CONSOLES] = consoles
     app[MIG] = migrations
+    app[SAVES] = SaveService(svc)
     app.router.add_get("/v1/host", get_host)
+    app.router.add_post("/v1/domains/{name}/save", save_domain)
+    app.router.add_post("/v1/restore", restore_domain)
     app.router.add_post("/v1/domains/{name}/migrate", migrate_domain)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{job}", get_job)

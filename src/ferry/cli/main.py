@@ -390,6 +390,41 @@ def migrate(
              f"{err.get('host')}: {err.get('message')}")
 
 
+def _abs(file: str) -> str:
+    return str(Path(file) if Path(file).is_absolute() else Path.cwd() / file)
+
+
+@app.command()
+def save(
+        name: NameArg,
+        file: Annotated[str, typer.Argument(
+            help="Where ferryd writes the save: a new file below one of its "
+            "storage_dirs (a relative path is taken from this directory).",
+            metavar="FILE")],
+) -> None:
+    """Save a running or paused domain's whole state to FILE and take it off this
+    host (`ferry restore FILE` brings it back, here or on a host that sees FILE
+    and the domain's disks)."""
+    res = call(lambda c: c.save(name, _abs(file)))
+    typer.echo(f"saved {name} to {res['path']}: {res['bytes'] / 1048576:,.1f} MiB in "
+               f"{res['seconds']:.2f} s")
+
+
+@app.command()
+def restore(
+        file: Annotated[str, typer.Argument(
+            help="A file written by `ferry save`, below one of ferryd's storage_dirs.",
+            metavar="FILE")],
+        as_json: JsonOpt = False,
+) -> None:
+    """Define and resume the domain saved in FILE; a damaged, unfinished or
+    truncated file is refused and nothing is started."""
+    info = call(lambda c: c.restore(_abs(file)))
+    if as_json:
+        return print_json(info)
+    typer.echo(f"restored {info.name}: {info.state.value}")
+
+
 @app.command()
 def jobs(as_json: JsonOpt = False) -> None:
     """List running migration jobs on this host."""
