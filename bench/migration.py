@@ -164,10 +164,11 @@ def run_ferry(args: argparse.Namespace, hosts: list[Host], workload: str
     flags = shlex.split(args.ferry_flags)
     if args.link:
         flags += ["--bandwidth", str(args.link)]
+    here = 0  # the host the guest is on (a failed hop leaves it there)
     try:
         probe.wait_up()
         for hop in range(args.runs):
-            src, dst = hosts[hop % 2], hosts[(hop + 1) % 2]
+            src, dst = hosts[here], hosts[1 - here]
             with GapRecorder(port, *ADDRS) as gaps:
                 time.sleep(0.3)
                 res = src.ferry("migrate", cfg["name"], dst.name, "--live", "--json",
@@ -179,6 +180,7 @@ def run_ferry(args: argparse.Namespace, hosts: list[Host], workload: str
                       f"{job.get('error') or res.stderr.strip()}", file=sys.stderr)
                 results.append(None)
                 continue
+            here = 1 - here
             st = job["stats"]
             results.append({
                 "qemu_total": st["total_time_ms"] / 1000,
@@ -191,7 +193,7 @@ def run_ferry(args: argparse.Namespace, hosts: list[Host], workload: str
             probe.wait_up(10)
     finally:
         probe.close()
-        where = hosts[args.runs % 2]
+        where = hosts[here]
         where.ferry("destroy", cfg["name"], check=False)
         where.ferry("undefine", cfg["name"], check=False)
     return results

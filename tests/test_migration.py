@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ferry.migration.models import PROTOCOL_VERSION
 from helpers import (
     FERRY,
     GapRecorder,
@@ -317,7 +318,8 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     cfg = guest_config(name, 1, bind="")
     cfg.update(patch.pop("config", {}))
     # a fresh job id each time: a destination refuses one it has seen before
-    body = {"protocol": 2, "job_id": secrets.token_hex(6), "source": "ma", "config": cfg,
+    body = {"protocol": PROTOCOL_VERSION, "job_id": secrets.token_hex(6), "source": "ma",
+            "config": cfg,
             "mode": "live",
             "running": True, "accel": "tcg", "arch": os.uname().machine}
     body.update(patch)
@@ -336,7 +338,10 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     ({"config": {"disks": [{"path": "/etc/shadow", "format": "raw"}]}},
      "/etc/shadow is outside the storage directories"),
     ({"config": {"memory": 4 * 1024 * 1024}}, "MiB free"),
-    ({"protocol": 1}, "host ma speaks relocation protocol 1, host mb speaks 2"),
+    ({"protocol": 1}, f"host ma speaks relocation protocol 1, host mb speaks {PROTOCOL_VERSION}"),
+    # a newer source's fields this version doesn't know: the versions, not the fields
+    ({"protocol": 99, "future": {"x": 1}, "config": {"future": True}},
+     f"host ma speaks relocation protocol 99, host mb speaks {PROTOCOL_VERSION}"),
 ])
 def test_destination_refuses_what_it_cannot_host(cluster: Cluster, patch: dict[str, Any],
                                                  expect: str) -> None:
@@ -449,8 +454,8 @@ def test_a_guest_outrunning_its_cap_ends_as_the_operator_says(cluster: Cluster) 
         assert job["state"] == "completed" and job["stats"]["forced_pause"] is True, job
         assert cluster.where("busy") == ["mb"]
         assert probe.wait_up(10)["corrupt"] == "0"
-        res = cluster["mb"].ferry("job", "set", job_id, "--bandwidth", "5", check=False)
-        assert res.returncode == 1 and "no running migration" in res.stderr
+        res = cluster["ma"].ferry("job", "set", job_id, "--bandwidth", "5", check=False)
+        assert res.returncode == 1 and "no running migration" in res.stderr, res.stderr
     finally:
         probe.close()
         remove(cluster, "busy")

@@ -78,7 +78,7 @@ class MigrationStats(BaseModel):
     total_time_ms: int | None = None
     downtime_ms: int | None = None
     setup_time_ms: int | None = None
-    paused_ms: float | None = None   # how long the guest was paused, by Ferry's clock
+    paused_ms: float | None = None   # source STOP → destination RESUME (QEMUs' events)
     stream_tls: bool = False      # the stream is TLS (always, once it started)
     downtime_limit_ms: int | None = None  # QEMU's downtime-limit, as Ferry steps it
     progress_pct: float | None = None  # of the whole job's copy; never goes back
@@ -86,7 +86,7 @@ class MigrationStats(BaseModel):
     dirty_rate_sampled: bool = False  # dirty_rate from QEMU's page sampling (first pass)
     channels: int = 0             # multifd channels (0: the single classic stream)
     compression: str = "none"     # of the multifd channels
-    forced_pause: bool = False    # --on-timeout pause stopped the guest
+    forced_pause: bool = False    # --on-timeout pause or `ferry job complete` stopped it
     max_throttle_pct: int = 0     # the highest throttle seen
     qemu_error: str | None = None  # QEMU's error-desc when the stream failed
 

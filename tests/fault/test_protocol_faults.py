@@ -104,7 +104,7 @@ async def test_live_migration_completes_with_one_record_outcome(world: World) ->
 
 @pytest.mark.parametrize("opts,shape", [
     ({"parallel": 3, "compress": "zstd"}, (True, 3, "zstd")),
-    ({"parallel": 1}, (False, None, None)),
+    ({"parallel": 1}, (False, None, None)),  # multifd off, said explicitly
     ({"parallel": 1, "compress": "zstd"}, (True, 1, "zstd")),
 ])
 async def test_the_stream_shape_is_the_same_on_both_qemus(
@@ -116,7 +116,7 @@ async def test_the_stream_shape_is_the_same_on_both_qemus(
     assert rec["state"] == "completed", rec
     dst_qemu = world.hosts["b"].qemus()[0]
     for q in (src_qemu, dst_qemu):
-        assert (q.caps.get("multifd", False), q.params.get("multifd-channels"),
+        assert (q.caps.get("multifd"), q.params.get("multifd-channels"),
                 q.params.get("multifd-compression")) == shape
     assert rec["stats"]["channels"] == (shape[1] or 0)
     assert rec["stats"]["compression"] == (shape[2] or "none")
@@ -868,3 +868,57 @@ async def test_steering_what_cannot_be_steered_is_refused(world: World) -> None:
     off = await migrate(world, name="off", mode="offline")
     with pytest.raises(Refused, match="offline"):
         a.mig.complete(off)
+
+
+async def test_a_job_set_while_perform_sets_up_reaches_qemu(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steered between Perform reading the options and the stream's first sample:
+    QEMU still gets the new cap (the record must not claim what QEMU lacks)."""
+    import ferry.migration.source as source
+    from ferry.migration.models import SteerRequest
+    world.converges, world.queries_to_converge = False, 40
+    a = world.hosts["a"]
+    real = source.streamtls.install
+
+    async def install(qmp: Any, *args: Any) -> None:
+        await real(qmp, *args)
+        if not args[2]:  # the source's half: Perform has read its options
+            (job_id,) = a.mig.jobs
+            a.mig.steer(job_id, SteerRequest(bandwidth_mibps=50))
+
+    monkeypatch.setattr(source.streamtls, "install", install)
+    await boot(world)
+    src = a.qemus()[0]
+    job_id = await migrate(world, timeout_s=3600, bandwidth_mibps=6)
+    for _ in range(300):
+        if src.mig_status == "active" and src.params.get("max-bandwidth") == 50 << 20:
+            break
+        await asyncio.sleep(0.01)
+    assert src.params.get("max-bandwidth") == 50 << 20
+    a.mig.abort(job_id)
+    await settle(world, job_id)
+
+
+async def test_complete_is_not_undone_by_an_on_timeout_abort(world: World) -> None:
+    from ferry.migration.convergence import Action, decide
+    from ferry.migration.models import MigrateOptions
+    opts = MigrateOptions(mode="live", timeout_s=60, on_timeout="abort")
+    asked = "the operator asked to complete now"
+    assert decide([], 61.0, opts, paused=True, complete_requested=asked).action \
+        == Action.proceed
+    assert decide([], 61.0, opts, paused=True).action == Action.abort
+
+
+async def test_steering_a_failing_job_or_an_incoming_one_is_refused(world: World) -> None:
+    from ferry.errors import Refused
+    from ferry.migration.models import SteerRequest
+    job_id = await in_perform(world)
+    a, b = world.hosts["a"], world.hosts["b"]
+    with pytest.raises(Refused, match="arrives here from host a"):
+        b.mig.steer(job_id, SteerRequest(bandwidth_mibps=1))
+    a.mig.jobs[job_id].failing = True
+    with pytest.raises(Refused, match="failing"):
+        a.mig.complete(job_id)
+    a.mig.jobs[job_id].failing = False
+    a.mig.abort(job_id)
+    await settle(world, job_id)

@@ -5,6 +5,8 @@ API (define, start, migrate, ...) is never served on this listener.
 """
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from ferry.api.consoles import Consoles
@@ -17,16 +19,19 @@ from ferry.api.server import (
     job_id,
     ok,
 )
-from ferry.errors import Forbidden
+from ferry.errors import Forbidden, Refused
 from ferry.migration.destination import RelocationService
 from ferry.migration.models import (
     PROTOCOL_VERSION,
     AbortRequest,
+    Blocker,
     CheckAnswer,
     FinishRequest,
     RelocationRequest,
+    check_protocol,
 )
 from ferry.tls import identity
+from ferry.validation import parse_body
 
 RELOC: web.AppKey[RelocationService] = web.AppKey("reloc", RelocationService)
 
@@ -46,15 +51,38 @@ def _as_source(request: web.Request, source: str | None) -> None:
         raise Forbidden(f"host {peer} may not act for host {source}")
 
 
+async def relocation_request(request: web.Request) -> RelocationRequest:
+    """The check/Prepare body. Its protocol is checked first, so a source on
+    another version hears which versions differ (Refused, blocker "protocol")
+    rather than which of its fields this version doesn't know."""
+    body = await request.read()
+    try:
+        raw = json.loads(body)
+    except ValueError:
+        raw = None  # parse_body says what is wrong with it
+    if isinstance(raw, dict) and isinstance(raw.get("protocol", 1), int):
+        source = raw.get("source")
+        check_protocol(raw.get("protocol", 1),
+                       source if isinstance(source, str) else "(unnamed)",
+                       request.app[RELOC].host.name)
+    return parse_body(body, RelocationRequest)
+
+
 async def check(request: web.Request) -> web.Response:
-    req = await body_as(request, RelocationRequest)
+    try:
+        req = await relocation_request(request)
+    except Refused as exc:
+        if exc.details.get("blocker") != "protocol":
+            raise
+        return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=[
+            Blocker(code="protocol", message=exc.message)]))
     _as_source(request, req.source)
     return ok(CheckAnswer(protocol=PROTOCOL_VERSION,
                           blockers=request.app[RELOC].typed_blockers(req)))
 
 
 async def prepare(request: web.Request) -> web.Response:
-    req = await body_as(request, RelocationRequest)
+    req = await relocation_request(request)
     _as_source(request, req.source)
     return ok(await request.app[RELOC].prepare(req))
 

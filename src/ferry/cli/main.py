@@ -345,7 +345,8 @@ def migrate(
         "[default: \\[migration], else pause].", show_default=False)] = None,
     parallel: Annotated[int | None, typer.Option(
         help="Encrypted channels for the memory stream (QEMU multifd over TLS); 1: one "
-        "stream [default: \\[migration], else one per core, at most 4].", min=1,
+        "stream (one compressed channel with --compress zstd) [default: \\[migration], "
+        "else one per core, at most 4].", min=1,
         max=MAX_CHANNELS, show_default=False)] = None,
     compress: Annotated[Compression | None, typer.Option(
         help="Compress the channels: none or zstd (costs CPU; pays off only on a slow "
@@ -465,8 +466,8 @@ def job_set(
     rec = call(lambda c: c.steer_job(job_id, **limits))
     opts = rec.options
     assert opts is not None
-    typer.echo(f"{job_id}: bandwidth {opts.bandwidth_mibps or 'unlimited'} MiB/s, "
-               f"max downtime {opts.max_downtime_ms} ms")
+    cap = f"{opts.bandwidth_mibps} MiB/s" if opts.bandwidth_mibps else "unlimited"
+    typer.echo(f"{job_id}: bandwidth {cap}, max downtime {opts.max_downtime_ms} ms")
 
 
 @job_app.command("complete")

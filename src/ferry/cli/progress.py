@@ -30,7 +30,12 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
     s = rec.stats
     parts = [f"phase {rec.phase.value}"]
     if s.progress_pct is not None:
-        eta = f", ETA {s.eta_s:.0f} s" if s.eta_s is not None else ", not converging"
+        if s.eta_s is not None:
+            eta = f", ETA {s.eta_s:.0f} s"
+        elif s.mbps and s.dirty_rate >= s.mbps * 1e6 / 8:
+            eta = ", not converging"
+        else:
+            eta = ""
         parts.append(f"{s.progress_pct:.0f}%{eta}")
     if s.total:
         parts += [f"{mib(s.transferred)}/{mib(s.total)}", f"{s.mbps:.0f} Mbit/s",
@@ -70,8 +75,8 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
         lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
                      f"in {s.passes} passes")
     if s.stream_tls:
-        shape = (f"{s.channels} TLS channels" + (f", {s.compression}"
-                                                 if s.compression != "none" else "")
+        shape = (f"{s.channels} TLS channel{'s' if s.channels > 1 else ''}"
+                 + (f", {s.compression}" if s.compression != "none" else "")
                  if s.channels else "one TLS stream")
         lines.append(f"  stream:     {shape}, with credentials made for this migration "
                      "only")

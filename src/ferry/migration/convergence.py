@@ -107,7 +107,8 @@ def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOp
         return Decision(Action.pause, f"{complete_requested}: the guest is paused so "
                         "the rest goes over as offline")
     if elapsed > options.timeout_s:
-        if options.on_timeout == OnTimeout.abort:
+        # (once the operator asked to complete, the job finishes: no abort)
+        if options.on_timeout == OnTimeout.abort and not complete_requested:
             return Decision(Action.abort, f"did not converge within {options.timeout_s:g}s "
                             "(on_timeout=abort)")
         if not paused:

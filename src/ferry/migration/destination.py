@@ -461,6 +461,8 @@ class RelocationService:
                     with contextlib.suppress(FerryError):
                         await self.domains.resume_guest(dom, f"migrated from {rec.source} "
                                                         "(resumed after a ferryd restart)")
+                if dom.proc is not None:  # the stream's credentials die with the job
+                    await streamtls.remove(dom.proc.qmp, rec.id)
                 rec.phase = Phase.confirm
                 self.records.set_state(rec, JobState.completed, decided_by=rec.source)
                 log.warning("job %s: kept %s, resumed here before ferryd restarted",

@@ -10,7 +10,7 @@ import enum
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ferry.errors import Refused
 from ferry.models import (
@@ -82,8 +82,9 @@ MAX_DEFAULT_CHANNELS = 4
 def default_channels() -> int:
     """Encrypted channels when nobody says: one per core, at most
     MAX_DEFAULT_CHANNELS. On a 2-core host 2 channels moved a paused guest's
-    memory over TLS 1.85x as fast as one stream, and 4 were slower than 2: the
-    channels' encryption competes for the same cores (docs/performance.md)."""
+    memory over TLS 1.8x as fast as one stream; 4 measured slower than 2 in one
+    run and faster in another, within that machine's noise, so channels follow
+    the cores that encrypt them (docs/performance.md)."""
     return max(1, min(MAX_DEFAULT_CHANNELS, os.cpu_count() or 1))
 
 
@@ -97,7 +98,7 @@ class MigrateOptions(Strict):
     timeout_s: float = Field(default=600.0, gt=0, le=86_400)
     on_timeout: OnTimeout = OnTimeout.pause
     parallel: int = Field(default_factory=default_channels, ge=1, le=MAX_CHANNELS)
-    compress: Compression = Compression.none
+    compress: Compression = Compression.none   # (with parallel 1: one compressed channel)
 
     @classmethod
     def resolve(cls, mode: Mode, *layers: MigrationSettings | None) -> MigrateOptions:
@@ -187,6 +188,13 @@ class RelocationRequest(Strict):
     channels: int = Field(default=0, ge=0, le=MAX_CHANNELS)
     compress: Compression = Compression.none
 
+    @model_validator(mode="after")
+    def _compressed_channels(self) -> RelocationRequest:
+        if self.compress != Compression.none and not self.channels:
+            raise ValueError(f"compress {self.compress.value} needs multifd channels "
+                             "(channels >= 1)")
+        return self
+
 
 class CheckAnswer(Strict):
     protocol: int = 1
@@ -275,9 +283,12 @@ class DestinationFacts(BaseModel):
 
 
 class StoredOptions(MigrateOptions):
-    """The options as a record keeps them (tolerant of options a newer Ferry adds)."""
+    """The options as a record keeps them (tolerant of options a newer Ferry adds;
+    a record from before the channels ran one stream)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    parallel: int = Field(default=1, ge=1, le=MAX_CHANNELS)
 
 
 class JobRecord(BaseModel):

@@ -98,6 +98,8 @@ from ferry.validation import describe
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1            # query-migrate interval
+ABORT_TRIES = 3         # an abort refused at once is sent again (a restarting
+ABORT_RETRY_S = 0.5     # destination), this long after
 HEARTBEAT_S = 1.0       # how often the source asks the destination if it's alive
 PREPARE_TIMEOUT = 30.0  # s for the destination to answer Prepare (it starts a QEMU)
 CALL_TIMEOUT = 5.0      # s for the small calls: status, abort
@@ -167,6 +169,17 @@ class SourceJob:
     def domain(self) -> Domain:
         assert self.dom is not None, "a running job holds its domain"
         return self.dom
+
+
+def older_peer(exc: FerryError, dest: str) -> FerryError:
+    """A destination of an older protocol refuses the fields it doesn't know before
+    it looks at the version: say that, not which fields."""
+    if isinstance(exc, InvalidInput) and "unknown key" in exc.message:
+        return Refused(f"host {dest} does not know this request's fields ({exc.message}): "
+                       f"it runs an older Ferry, before relocation protocol "
+                       f"{PROTOCOL_VERSION}; upgrade both to the same Ferry", host=dest,
+                       blocker="protocol")
+    return exc
 
 
 class MigrationService:
@@ -253,7 +266,7 @@ class MigrationService:
                     "POST", "/v1/relocation/check", rel.model_dump(mode="json")), dest_name)
                 check_protocol(res.protocol, dest_name, self.host.name)
             except FerryError as exc:
-                out.append(f"host {dest_name}: {exc.message}")
+                out.append(f"host {dest_name}: {older_peer(exc, dest_name).message}")
             else:
                 out += [b.message for b in res.blockers]
         return out
@@ -311,10 +324,16 @@ class MigrationService:
     def _steerable(self, job_id: str, what: str) -> SourceJob:
         job = self.jobs.get(job_id)
         if job is None:
+            incoming = [r for r in self.store.migrations() if r["id"] == job_id
+                        and r["role"] == Role.destination.value and r["state"] == "running"]
+            if incoming:
+                raise Refused(f"migration {job_id} arrives here from host "
+                              f"{incoming[0]['source']}: {what} there, on its source")
             raise NotFound(f"no running migration {job_id} on host {self.host.name}")
-        if job.record.state != JobState.running or job.record.phase in (
+        if job.record.state != JobState.running or job.failing or job.record.phase in (
                 Phase.finish, Phase.confirm):
-            raise Refused(f"migration {job_id} is {job.record.state.value} in "
+            raise Refused(f"migration {job_id} is {job.record.state.value}"
+                          f"{' and failing' if job.failing else ''} in "
                           f"{job.record.phase.value}: too late to {what}")
         if job.abort_requested:
             raise Refused(f"migration {job_id} is being aborted")
@@ -492,9 +511,12 @@ class MigrationService:
             rel = rel.model_copy(update={"stream": server})
         job.facts.dest_contacted = True
         self.records.save(job.record)
-        res = parse_answer(PrepareAnswer, await peer.request(
-            "POST", "/v1/relocation/prepare", rel.model_dump(mode="json"),
-            timeout=PREPARE_TIMEOUT), job.record.dest)
+        try:
+            answer = await peer.request("POST", "/v1/relocation/prepare",
+                                        rel.model_dump(mode="json"), timeout=PREPARE_TIMEOUT)
+        except FerryError as exc:
+            raise older_peer(exc, job.record.dest) from exc
+        res = parse_answer(PrepareAnswer, answer, job.record.dest)
         check_protocol(res.protocol, job.record.dest, self.host.name)
         job.uri = _check_uri(res.uri, rel.running, job.record.dest)
 
@@ -509,19 +531,30 @@ class MigrationService:
                             reason=str(error.get("message", ""))[:4000],
                             phase=job.record.phase,
                             host=str(error.get("host", self.host.name)))
-        try:
-            if job.peer is not None:
-                await job.peer.request("POST", "/v1/relocation/abort",
-                                       body.model_dump(mode="json"), timeout=CALL_TIMEOUT)
-            else:
-                assert job.endpoint is not None
-                async with self.connect(job.record.dest, job.endpoint, CALL_TIMEOUT) as peer:
-                    await peer.request("POST", "/v1/relocation/abort",
-                                       body.model_dump(mode="json"))
-        except Unreachable as exc:
-            raise Failed(f"host {job.record.dest} did not answer the abort ({exc.message}); "
-                         "it drops its side by itself once the source stops talking to it",
-                         host=job.record.dest) from exc
+        for attempt in range(1, ABORT_TRIES + 1):
+            sent = time.monotonic()
+            try:
+                await self._send_abort(job, body)
+                return
+            except Unreachable as exc:
+                # refused or cut at once (not a timeout: that is a silent host):
+                # a ferryd restarting answers again in a moment
+                quick = time.monotonic() - sent < ABORT_RETRY_S
+                if quick and attempt < ABORT_TRIES:
+                    await asyncio.sleep(ABORT_RETRY_S)
+                    continue
+                raise Failed(f"host {job.record.dest} did not answer the abort "
+                             f"({exc.message}); it drops its side by itself once the "
+                             "source stops talking to it", host=job.record.dest) from exc
+
+    async def _send_abort(self, job: SourceJob, body: AbortRequest) -> None:
+        if job.peer is not None:
+            await job.peer.request("POST", "/v1/relocation/abort",
+                                   body.model_dump(mode="json"), timeout=CALL_TIMEOUT)
+            return
+        assert job.endpoint is not None
+        async with self.connect(job.record.dest, job.endpoint, CALL_TIMEOUT) as peer:
+            await peer.request("POST", "/v1/relocation/abort", body.model_dump(mode="json"))
 
     # -- Perform ----------------------------------------------------------------------
     async def _perform(self, job: SourceJob) -> None:
@@ -552,27 +585,34 @@ class MigrationService:
         self.records.save(job.record)
         crash_point("source-before-migrate")
         await mig.start(str(job.uri))
-        await self._watch_stream(job, mig)
+        await self._watch_stream(job, mig, opts)
 
-    async def _watch_stream(self, job: SourceJob, mig: MigrationQmp) -> None:
+    async def _watch_stream(self, job: SourceJob, mig: MigrationQmp,
+                            applied: MigrateOptions) -> None:
+        """Sample the stream until it completes; ``applied``: the options QEMU was
+        given (the job's may have been steered since)."""
         start = time.monotonic()
         paused = job.record.mode == Mode.offline
         next_beat, misses = start + HEARTBEAT_S, 0
         # QEMU counts dirty pages only from the second pass: sample them meanwhile
         sampler = None if paused else asyncio.create_task(mig.sample_dirty_rate())
         try:
-            await self._watch_samples(job, mig, start, paused, next_beat, misses, sampler)
+            await self._watch_samples(job, mig, applied, start, paused, next_beat, misses,
+                                      sampler)
         finally:
             if sampler is not None:
                 sampler.cancel()
+                with contextlib.suppress(BaseException):
+                    await sampler  # (its outcome no longer matters)
 
-    async def _watch_samples(self, job: SourceJob, mig: MigrationQmp, start: float,
-                             paused: bool, next_beat: float, misses: int,
+    async def _watch_samples(self, job: SourceJob, mig: MigrationQmp,
+                             opts: MigrateOptions, start: float, paused: bool,
+                             next_beat: float, misses: int,
                              sampler: asyncio.Task[int | None] | None) -> None:
-        peer, dom, opts = job.client(), job.domain(), job.options
+        peer, dom = job.client(), job.domain()
         while True:
             stats = await mig.query(job.record.stats)
-            if stats.passes <= 1 and sampler is not None and sampler.done() \
+            if stats.passes <= 1 and not paused and sampler is not None and sampler.done() \
                     and not sampler.cancelled() and sampler.exception() is None:
                 sampled = sampler.result()
                 if sampled is not None:
@@ -594,8 +634,8 @@ class MigrationService:
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_S
                 misses = 0 if await self._heartbeat(job, peer) else misses + 1
-            if job.steered.is_set():
-                job.steered.clear()
+            job.steered.clear()
+            if job.options != opts:  # steered (also while Perform was setting up)
                 opts = await self._apply_steering(job, mig, opts)
             decision = decide(job.history, now - start, opts, paused=paused,
                               abort_requested=job.abort_requested, peer_misses=misses,
