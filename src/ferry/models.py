@@ -14,6 +14,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Annotated, Literal
 
+import pydantic
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -167,6 +168,8 @@ class Compression(enum.StrEnum):
 
 
 MAX_CHANNELS = 16
+StrictInt = Annotated[int, pydantic.Strict()]
+StrictNumber = Annotated[float, pydantic.Strict()]   # (an int is a number too)
 
 
 class MigrationSettings(Strict):
@@ -175,13 +178,15 @@ class MigrationSettings(Strict):
     section. What a layer leaves out (None) the next decides, in that order, and
     then Ferry's default (``ferry.migration.models.MigrateOptions``)."""
 
-    max_downtime_ms: int | None = Field(default=None, ge=1, le=600_000)
-    bandwidth_mibps: int | None = Field(default=None, ge=0, le=1_000_000,
-                                        description="0: unlimited")
-    timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    # strict numbers: `timeout_s = true` in a config file is a mistake, not 1 s
+    max_downtime_ms: StrictInt | None = Field(default=None, ge=1, le=600_000)
+    bandwidth_mibps: StrictInt | None = Field(default=None, ge=0, le=1_000_000,
+                                              description="0: unlimited")
+    timeout_s: StrictNumber | None = Field(default=None, gt=0, le=86_400)
     on_timeout: OnTimeout | None = None
-    parallel: int | None = Field(default=None, ge=1, le=MAX_CHANNELS,
-                                 description="encrypted channels (multifd); 1: one stream")
+    parallel: StrictInt | None = Field(default=None, ge=1, le=MAX_CHANNELS,
+                                       description="encrypted channels (multifd); 1: one "
+                                       "stream")
     compress: Compression | None = None
 
 
