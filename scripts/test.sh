@@ -6,7 +6,7 @@ bash scripts/setup.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
