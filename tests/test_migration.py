@@ -411,13 +411,13 @@ def start_slow(cluster: Cluster, name: str, src: str = "ma", dst: str = "mb") ->
 
 
 def test_a_guest_outrunning_its_cap_ends_as_the_operator_says(cluster: Cluster) -> None:
-    """A guest dirtying 16 MiB at 12 MiB/s behind a 6 MiB/s cap never converges
+    """A guest dirtying 16 MiB at 24 MiB/s behind a 12 MiB/s cap never converges
     by itself: --on-timeout abort leaves it running on the source, --on-timeout
     pause finishes offline, `ferry job set` lifting the cap lets it converge, and
     `ferry job complete` pauses and finishes it. The guest's memory check passes
     after each; every change is in the record."""
-    probe = boot(cluster, "ma", "busy", cmdline_extra="ferry.mem=16 ferry.dirty=16:12")
-    slow = ["--live", "--bandwidth", "6"]
+    probe = boot(cluster, "ma", "busy", cmdline_extra="ferry.mem=16 ferry.dirty=16:24")
+    slow = ["--live", "--bandwidth", "12"]
     try:
         job = migrate(cluster["ma"], "busy", "mb", *slow, "--timeout", "2",
                       "--on-timeout", "abort", check=False)
@@ -434,21 +434,21 @@ def test_a_guest_outrunning_its_cap_ends_as_the_operator_says(cluster: Cluster) 
 
         job_id = cluster["mb"].ferry("migrate", "busy", "ma", *slow, "--detach").stdout.strip()
         wait_for(lambda: cluster["mb"].json("job", "show", job_id)["phase"] == "perform",
-                 30, "pre-copy to start")
+                 30, "pre-copy to start", interval=0.3)
         out = cluster["mb"].ferry("job", "set", job_id, "--bandwidth", "0",
                                   "--max-downtime", "250").stdout
         assert "bandwidth unlimited" in out and "max downtime 250 ms" in out, out
         job = wait_job(cluster["mb"], job_id)
         assert job["state"] == "completed" and not job["stats"]["forced_pause"], job
         assert job["options"]["bandwidth_mibps"] == 0
-        assert any(e["action"] == "set" and "bandwidth_mibps 6 → 0" in e["reason"]
+        assert any(e["action"] == "set" and "bandwidth_mibps 12 → 0" in e["reason"]
                    for e in job["escalations"]), job["escalations"]
         assert job["stats"]["progress_pct"] > 99
         assert probe.wait_up(10)["corrupt"] == "0"
 
         job_id = cluster["ma"].ferry("migrate", "busy", "mb", *slow, "--detach").stdout.strip()
         wait_for(lambda: cluster["ma"].json("job", "show", job_id)["phase"] == "perform",
-                 30, "pre-copy to start")
+                 30, "pre-copy to start", interval=0.3)
         cluster["ma"].ferry("job", "complete", job_id)
         job = wait_job(cluster["ma"], job_id)
         assert job["state"] == "completed" and job["stats"]["forced_pause"] is True, job

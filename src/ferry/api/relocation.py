@@ -62,8 +62,9 @@ async def relocation_request(request: web.Request) -> RelocationRequest:
         raw = None  # parse_body says what is wrong with it
     if isinstance(raw, dict) and isinstance(raw.get("protocol", 1), int):
         source = raw.get("source")
-        check_protocol(raw.get("protocol", 1),
-                       source if isinstance(source, str) else "(unnamed)",
+        source = source if isinstance(source, str) else None
+        _as_source(request, source)  # an impostor learns nothing, not even versions
+        check_protocol(raw.get("protocol", 1), source or "(unnamed)",
                        request.app[RELOC].host.name)
     return parse_body(body, RelocationRequest)
 
