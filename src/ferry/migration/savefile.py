@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ferry.domains import Domain, DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, QemuError
-from ferry.models import DomainConfig, DomainInfo, DomainState
+from ferry.models import AbsPath, DomainConfig, DomainInfo, DomainState
 from ferry.qemu.migrate import MigrationQmp
 from ferry.validation import describe
 
@@ -59,7 +59,7 @@ class SaveHeader(BaseModel):
 class SaveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: Path
+    path: AbsPath  # absolute, no '..', ',' or newlines (as every path Ferry takes)
 
 
 RestoreRequest = SaveRequest
@@ -117,18 +117,10 @@ class SaveService:
         self.host = domains.host
 
     def _check_path(self, path: Path) -> Path:
-        if not path.is_absolute() or any(p == ".." for p in path.parts) \
-                or "," in str(path) or "\n" in str(path):
-            raise InvalidInput(f"save file {str(path)!r} must be an absolute path without "
-                               "'..', ',' or newlines")
         if not self.host.in_storage(path):
             raise InvalidInput(f"save file {path} is outside this host's storage_dirs ("
                                + ", ".join(str(d) for d in self.host.storage_dirs) + ")")
         return path
-
-    async def _mapped_ram(self, mig: MigrationQmp) -> bool:
-        caps = await mig.qmp.execute("query-migrate-capabilities")
-        return any(c.get("capability") == "mapped-ram" for c in caps)
 
     # -- save -------------------------------------------------------------------------
     async def save(self, name: str, path: Path) -> dict[str, Any]:
@@ -153,7 +145,7 @@ class SaveService:
         mig = MigrationQmp(proc.qmp)
         was_running = dom.state == DomainState.running
         t0 = time.monotonic()
-        mapped = await self._mapped_ram(mig)
+        mapped = "mapped-ram" in await mig.capabilities()
         channels = max(2, min(4, os.cpu_count() or 1)) if mapped else 0
         header = SaveHeader(config=dom.config, running=was_running, host=self.host.name,
                             saved=time.time(), mapped_ram=mapped, channels=channels)
@@ -237,8 +229,7 @@ class SaveService:
             proc = await self.domains.launch_incoming(cfg)
             mig = MigrationQmp(proc.qmp)
             await self._stream_shape(mig, header.mapped_ram or None, header.channels)
-            await proc.qmp.execute("migrate-incoming",
-                                   {"uri": f"file:{path},offset={HEADER_SIZE}"})
+            await mig.incoming_file(f"file:{path},offset={HEADER_SIZE}")
             await self._wait(mig, f"restoring {cfg.name} from {path}")
             # a later live migration of this QEMU must not inherit the file's shape
             await self._stream_shape(mig, False if header.mapped_ram else None, 0)

@@ -57,6 +57,11 @@ class MigrationQmp:
         await self.qmp.execute("migrate-set-parameters",
                                {"max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
 
+    async def capabilities(self) -> set[str]:
+        """The migration capabilities this QEMU has (e.g. ``mapped-ram``)."""
+        caps = await self.qmp.execute("query-migrate-capabilities")
+        return {str(c.get("capability")) for c in caps}
+
     async def set_downtime(self, downtime_ms: int) -> None:
         """QEMU's downtime-limit: it switches over once it expects to send the
         rest within this many ms (may change while the stream runs)."""
@@ -125,6 +130,10 @@ class MigrationQmp:
         if not addrs:
             raise QemuError("QEMU opened no incoming migration endpoint")
         return int(addrs[0]["port"])
+
+    async def incoming_file(self, uri: str) -> None:
+        """Load the stream from a file (``file:PATH,offset=N``)."""
+        await self.qmp.execute("migrate-incoming", {"uri": uri})
 
     async def query(self, previous: MigrationStats | None = None) -> MigrationStats:
         info = await self.qmp.execute("query-migrate")
