@@ -302,6 +302,7 @@ class GapRecorder:
         self.probe = Probe(port, *addrs)
         self.interval = interval
         self.replies: list[tuple[float, dict[str, str]]] = []
+        self.sources: list[str | None] = []   # the host address each reply came from
         self.sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -321,6 +322,7 @@ class GapRecorder:
             reply = self.probe.ask(self.interval * 2)
             if reply is not None:
                 self.replies.append((time.monotonic(), reply))
+                self.sources.append(self.probe.last_from)
                 time.sleep(self.interval)
 
     def max_gap(self) -> float:

@@ -8,6 +8,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1046,3 +1047,155 @@ def test_an_arriving_name_is_taken_on_the_destination(cluster: Cluster,
     finally:
         probe.close()
         remove(cluster, "arriving")
+
+
+def postcopy_switched(job: dict[str, Any]) -> dict[str, Any]:
+    """The record's post-copy escalation; the stream shape post-copy allowed."""
+    stats = job["stats"]
+    assert stats["postcopy"] is True, job
+    if stats["channels"] == 0:  # QEMU 10.0 runs post-copy on one stream only
+        assert any(e["action"] == "stream" and "one stream" in e["reason"]
+                   for e in job["escalations"]), job["escalations"]
+    return next(e for e in job["escalations"] if e["action"] == "postcopy")
+
+
+def moved_once(sources: list[str | None], src: str, dst: str) -> None:
+    """The guest answered from the source's address, then only from the
+    destination's: had the source copy ever resumed after the switch, it would
+    have answered from its host's address again."""
+    seen = [s for s in sources if s is not None]
+    assert seen and seen[-1] == ADDRS[dst], seen[-5:]
+    first_dst = seen.index(ADDRS[dst])
+    assert set(seen[:first_dst]) <= {ADDRS[src]}
+    assert set(seen[first_dst:]) == {ADDRS[dst]}, "the source copy answered again"
+
+
+def test_postcopy_now_on_timeout_and_auto_complete_in_postcopy(cluster: Cluster) -> None:
+    """A guest dirtying 32 MiB at 24 MiB/s behind a 12 MiB/s cap: `--postcopy now`,
+    `--on-timeout postcopy` and `--postcopy auto` each finish in post-copy; the
+    source copy never answers again once the guest moved, the memory check
+    passes and the boot id stays."""
+    port = free_port()
+    cluster["ma"].create(guest_config("pc", port, bind="",
+                                      cmdline_extra="ferry.mem=32 ferry.dirty=32:24"))
+    probe = Probe(port, *ADDRS.values())
+    try:
+        first = probe.wait_up()
+        hops = [("ma", "mb", ["--postcopy", "now"], "--postcopy now"),
+                ("mb", "ma", ["--timeout", "2", "--on-timeout", "postcopy"],
+                 "on_timeout=postcopy"),
+                ("ma", "mb", ["--postcopy", "auto", "--max-downtime", "50"],
+                 "not converging")]
+        for src, dst, flags, why in hops:
+            with GapRecorder(port, *ADDRS.values(), interval=0.05) as gaps:
+                job = migrate(cluster[src], "pc", dst, "--live", "--bandwidth", "12",
+                              *flags)
+                time.sleep(0.5)
+            assert job["state"] == "completed", job
+            assert why in postcopy_switched(job)["reason"], job["escalations"]
+            moved_once(gaps.sources, src, dst)
+            assert cluster.where("pc") == [dst] and cluster.has_domain("pc") == [dst]
+            reply = probe.wait_up(10)
+            assert reply["corrupt"] == "0" and reply["boot_id"] == first["boot_id"]
+            dest_job = cluster[dst].json("job", "show", job["id"])
+            assert dest_job["state"] == "completed" and dest_job["role"] == "destination"
+        res = cluster["mb"].ferry("migrate", "pc", "--recover", check=False)
+        assert res.returncode == 1 and "no migration running" in res.stderr, res.stderr
+    finally:
+        probe.close()
+        remove(cluster, "pc")
+
+
+def start_postcopy(cluster: Cluster, name: str, port: int) -> str:
+    """Boot ``name`` on ma and start a slow post-copy to mb; the job id once the
+    guest runs on mb and its memory is still following."""
+    cluster["ma"].create(guest_config(name, port, bind="", cmdline_extra="ferry.mem=48"))
+    Probe(port, *ADDRS.values()).wait_up()
+    job_id = cluster["ma"].ferry("migrate", name, "mb", "--live", "--postcopy", "now",
+                                 "--bandwidth", "3", "--detach").stdout.strip()
+    wait_for(lambda: (j := cluster["ma"].json("job", "show", job_id))["phase"] == "confirm"
+             and j["stats"]["postcopy"], 60, "the guest to run on mb in post-copy",
+             interval=0.2)
+    return job_id
+
+
+def test_a_link_cut_in_postcopy_pauses_both_and_is_recovered(cluster: Cluster,
+                                                             workdir: Path) -> None:
+    """The stream goes through a relay the test severs mid post-copy: both QEMUs
+    pause (postcopy-paused on both records), ferryd's own recovery tries fail while
+    the link is down and succeed with fresh credentials once it is back; the
+    migration completes and the memory check passes."""
+    relay_port = free_port(socket.SOCK_STREAM, ADDRS["mc"])
+    target = workdir / "relay-target"
+    target.write_text("127.0.0.2:1")
+
+    def relay() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([sys.executable, str(Path(__file__).parent / "relay.py"),
+                              ADDRS["mc"], str(relay_port), str(target)],
+                             stdout=subprocess.PIPE)
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        return p
+
+    def stop(p: subprocess.Popen[bytes]) -> None:
+        p.kill()
+        p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
+
+    ma = cluster["ma"]
+    ma.stop()
+    ma.start(env={"FERRY_STREAM_RELAY": f"{ADDRS['mc']}:{relay_port}:{target}"})
+    link = relay()
+    port = free_port()
+    probe = Probe(port, *ADDRS.values())
+    try:
+        job_id = start_postcopy(cluster, "cut", port)
+        stop(link)
+        wait_for(lambda: cluster["mb"].json("job", "show", job_id)["stats"]["status"]
+                 == "postcopy-paused" and ma.json("job", "show", job_id)["stats"]["status"]
+                 == "postcopy-paused", 30, "both sides to pause", interval=0.2)
+        wait_for(lambda: any(e["action"] == "recover" and "failed" in e["reason"]
+                             for e in ma.json("job", "show", job_id)["escalations"]),
+                 30, "a recovery try while the link is down", interval=0.3)
+        link = relay()
+        job = wait_job(ma, job_id)
+        assert job["state"] == "completed", job
+        assert job["stats"]["recoveries"] >= 2, job["stats"]
+        assert any(e["action"] == "recover" and "recovered" in e["reason"]
+                   for e in job["escalations"]), job["escalations"]
+        assert probe.wait_up(10)["corrupt"] == "0"
+        assert cluster.has_domain("cut") == ["mb"]
+        assert ma.qemu_pids() == []
+    finally:
+        stop(link)
+        probe.close()
+        remove(cluster, "cut")
+        ma.stop()
+        ma.start()
+
+
+def test_destination_qemu_killed_in_postcopy_is_reported_lost(cluster: Cluster) -> None:
+    """kill -9 of the destination QEMU mid post-copy: the guest is lost and both
+    records say so; the stale source copy is stopped, never resumed; nothing is
+    left on the source, and the definition stays on the destination, crashed."""
+    port = free_port()
+    probe = Probe(port, *ADDRS.values())
+    try:
+        job_id = start_postcopy(cluster, "doomed", port)
+        pid = cluster["mb"].domains()["doomed"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        job = wait_job(cluster["ma"], job_id)
+        assert job["state"] == "lost", job
+        assert "THE GUEST IS LOST" in job["error"]["message"], job["error"]
+        assert "destination QEMU died" in job["error"]["message"]
+        assert "doomed" not in cluster["ma"].domains()
+        assert cluster["ma"].qemu_pids() == []
+        wait_for(lambda: cluster["mb"].domains()["doomed"]["state"] == "crashed", 10,
+                 "the destination to list it crashed")
+        assert cluster["mb"].json("job", "show", job_id)["state"] == "lost"
+        assert cluster["mb"].qemu_pids() == []
+        assert probe.ask(1) is None
+        assert cluster["ma"].json("jobs") == [] and cluster["mb"].json("jobs") == []
+    finally:
+        probe.close()
+        remove(cluster, "doomed")

@@ -232,6 +232,10 @@ class FerryClient:
         return self._as(JobRecord, await self.request(
             "POST", f"/v1/domains/{name}/migrate", {**body, "check": False}))
 
+    async def recover_migration(self, name: str) -> JobRecord:
+        return self._as(JobRecord, await self.request(
+            "POST", f"/v1/domains/{name}/recover"))
+
     async def check_migration(self, name: str, **body: Any) -> MigrationCheck:
         return self._as(MigrationCheck, await self.request(
             "POST", f"/v1/domains/{name}/migrate", {**body, "check": True}))

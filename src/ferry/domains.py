@@ -531,6 +531,18 @@ class DomainService:
         shutil.rmtree(self.paths(dom.name).root, ignore_errors=True)
         self.events.publish(event, domain=dom.name)
 
+    async def lose(self, dom: Domain, reason: str) -> None:
+        """A migration in post-copy lost the guest (a QEMU holding part of its
+        memory died): stop the stale QEMU here, if any, and keep the definition,
+        crashed with ``reason``, so the operator can boot it afresh. Call with
+        ``dom.lock`` held."""
+        if dom.proc is not None:
+            proc = dom.proc
+            dom.expected_exit = reason
+            await proc.stop(grace=1.0)
+            await self._finish_watch(dom, proc)
+        self._set_state(dom, DomainState.crashed, reason)
+
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
     async def _qmp_with_reason(dom: Domain, proc: QemuProcess, command: str,

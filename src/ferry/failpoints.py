@@ -14,3 +14,18 @@ def crash_point(name: str) -> None:
         log.critical("FERRY_CRASH_AT=%s: dying here", name)
         logging.shutdown()
         os._exit(137)
+
+
+def stream_uri(uri: str) -> str:
+    """The URI the source QEMU sends its stream to. For the test of a broken
+    link, ``FERRY_STREAM_RELAY=HOST:PORT:FILE`` sends it through the test's relay
+    on HOST:PORT, writing the real ``host:port`` into FILE for the relay to
+    forward to (tests/relay.py). Unset: ``uri`` itself."""
+    relay = os.environ.get("FERRY_STREAM_RELAY")
+    if not relay or not uri.startswith("tcp:"):
+        return uri
+    host, port, path = relay.split(":", 2)
+    with open(path, "w") as f:
+        f.write(uri.removeprefix("tcp:"))
+    log.warning("FERRY_STREAM_RELAY: the stream to %s goes through %s:%s", uri, host, port)
+    return f"tcp:{host}:{port}"

@@ -158,6 +158,16 @@ class OnTimeout(enum.StrEnum):
 
     pause = "pause"   # stop the guest and finish as an offline migration
     abort = "abort"   # cancel; the guest keeps running on the source
+    postcopy = "postcopy"  # switch to post-copy: the guest runs on at the destination
+
+
+class Postcopy(enum.StrEnum):
+    """Whether a live migration may switch to post-copy (the guest runs at the
+    destination while the rest of its memory follows on demand)."""
+
+    never = "never"   # pre-copy only (the default: a broken link then costs nothing)
+    auto = "auto"     # when the convergence policy sees pre-copy not converging
+    now = "now"       # as soon as the first pass is under way
 
 
 class Compression(enum.StrEnum):
@@ -184,6 +194,7 @@ class MigrationSettings(Strict):
                                               description="0: unlimited")
     timeout_s: StrictNumber | None = Field(default=None, gt=0, le=86_400)
     on_timeout: OnTimeout | None = None
+    postcopy: Postcopy | None = None
     parallel: StrictInt | None = Field(default=None, ge=1, le=MAX_CHANNELS,
                                        description="encrypted channels (multifd); 1: one "
                                        "stream")

@@ -56,6 +56,10 @@ IN_FLIGHT = frozenset({
     MigrationStatus.device, MigrationStatus.wait_unplug, MigrationStatus.cancelling,
     MigrationStatus.postcopy_active, MigrationStatus.postcopy_recover_setup,
     MigrationStatus.postcopy_recover})
+# the guest runs at the destination and the source still serves its memory
+POSTCOPY = frozenset({
+    MigrationStatus.postcopy_active, MigrationStatus.postcopy_paused,
+    MigrationStatus.postcopy_recover_setup, MigrationStatus.postcopy_recover})
 
 
 class MigrationStats(BaseModel):
@@ -89,6 +93,11 @@ class MigrationStats(BaseModel):
     forced_pause: bool = False    # --on-timeout pause or `ferry job complete` stopped it
     max_throttle_pct: int = 0     # the highest throttle seen
     qemu_error: str | None = None  # QEMU's error-desc when the stream failed
+    postcopy: bool = False        # switched to post-copy (the guest ran on at the
+                                  # destination while the rest followed)
+    postcopy_bytes: int = 0       # sent in post-copy (QEMU's ram.postcopy-bytes)
+    postcopy_requests: int = 0    # pages the destination asked for (page faults)
+    recoveries: int = 0           # post-copy recoveries after a broken link
 
     def updated(self, info: dict[str, Any]) -> MigrationStats:
         """These stats with one ``query-migrate`` answer applied: counters QEMU
@@ -106,7 +115,9 @@ class MigrationStats(BaseModel):
             update["qemu_error"] = str(info["error-desc"])
         for key, ours in (("transferred", "transferred"), ("total", "total"),
                           ("remaining", "remaining"), ("mbps", "mbps"),
-                          ("dirty-sync-count", "passes")):
+                          ("dirty-sync-count", "passes"),
+                          ("postcopy-bytes", "postcopy_bytes"),
+                          ("postcopy-requests", "postcopy_requests")):
             if key in ram:
                 update[ours] = ram[key]
         for key, ours in (("expected-downtime", "expected_downtime_ms"),

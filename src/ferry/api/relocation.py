@@ -27,6 +27,7 @@ from ferry.migration.models import (
     Blocker,
     CheckAnswer,
     FinishRequest,
+    RecoverRequest,
     RelocationRequest,
     check_protocol,
 )
@@ -100,6 +101,12 @@ async def abort(request: web.Request) -> web.Response:
     return ok(await request.app[RELOC].abort(req))
 
 
+async def recover(request: web.Request) -> web.Response:
+    req = await body_as(request, RecoverRequest)
+    _as_source(request, request.app[RELOC].source_of(req.job_id))
+    return ok(await request.app[RELOC].recover_stream(req))
+
+
 async def not_for_hosts(request: web.Request) -> web.Response:
     raise Forbidden(f"host certificates may only use the relocation API, not "
                     f"{request.method} {request.path}")
@@ -134,6 +141,7 @@ def make_relocation_app(reloc: RelocationService, consoles: Consoles) -> web.App
     app.router.add_post("/v1/relocation/prepare", prepare)
     app.router.add_post("/v1/relocation/finish", finish)
     app.router.add_post("/v1/relocation/abort", abort)
+    app.router.add_post("/v1/relocation/recover", recover)
     app.router.add_get("/v1/relocation/jobs/{job}", status)
     app.router.add_route("*", "/{tail:.*}", not_for_hosts)
     return app

@@ -173,6 +173,10 @@ async def migrate_domain(request: web.Request) -> web.Response:
     return ok(await mig.start(name, req), status=202)
 
 
+async def recover_migration(request: web.Request) -> web.Response:
+    return ok(request.app[MIG].recover_postcopy(domain_name(request)))
+
+
 async def list_jobs(request: web.Request) -> web.Response:
     return ok([r.model_dump(mode="json") for r in request.app[MIG].running()])
 
@@ -229,6 +233,7 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app.router.add_post("/v1/domains/{name}/save", save_domain)
     app.router.add_post("/v1/restore", restore_domain)
     app.router.add_post("/v1/domains/{name}/migrate", migrate_domain)
+    app.router.add_post("/v1/domains/{name}/recover", recover_migration)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{job}", get_job)
     app.router.add_post("/v1/jobs/{job}/abort", abort_job)

@@ -21,8 +21,8 @@ from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError, InvalidInput
-from ferry.migration.models import JobState, Mode
-from ferry.models import MAX_CHANNELS, Compression, DomainInfo, OnTimeout
+from ferry.migration.models import JobRecord, JobState, Mode
+from ferry.models import MAX_CHANNELS, Compression, DomainInfo, OnTimeout, Postcopy
 
 T = TypeVar("T")
 
@@ -317,13 +317,14 @@ def console(name: NameArg, log: Annotated[bool, typer.Option(
 
 
 # -- migration -------------------------------------------------------------------------
-DestArg = Annotated[str, typer.Argument(
-    help="Destination host: a peer's name or an IPv4 address[:port].", show_default=False)]
+DestArg = Annotated[str | None, typer.Argument(
+    help="Destination host: a peer's name or an IPv4 address[:port] (not with "
+    "--recover).", show_default=False)]
 
 
 @app.command()
 def migrate(
-    name: NameArg, dest: DestArg,
+    name: NameArg, dest: DestArg = None,
     live: Annotated[bool, typer.Option(
         "--live", "-l", help="Copy memory while the guest runs (pre-copy). Without it "
         "the guest is paused, copied and resumed on DEST (offline).")] = False,
@@ -341,8 +342,14 @@ def migrate(
         help="Seconds of pre-copy before --on-timeout applies [default: \\[migration], "
         "else 600].", min=0.1, show_default=False)] = None,
     on_timeout: Annotated[OnTimeout | None, typer.Option(
-        help="At the timeout: 'pause' the guest and finish offline, or 'abort' "
-        "[default: \\[migration], else pause].", show_default=False)] = None,
+        help="At the timeout: 'pause' the guest and finish offline, 'postcopy' (the "
+        "guest runs on at DEST while the rest follows), or 'abort' [default: "
+        "\\[migration], else pause].", show_default=False)] = None,
+    postcopy: Annotated[Postcopy | None, typer.Option(
+        help="Post-copy: 'never'; 'auto' when pre-copy does not converge within "
+        "--max-downtime; 'now' at once. In post-copy a broken link pauses the guest "
+        "until it is recovered, and a host that dies loses it [default: "
+        "\\[migration], else never].", show_default=False)] = None,
     parallel: Annotated[int | None, typer.Option(
         help="Encrypted channels for the memory stream (QEMU multifd over TLS); 1: one "
         "stream (one compressed channel with --compress zstd) [default: \\[migration], "
@@ -353,12 +360,23 @@ def migrate(
         "link) [default: \\[migration], else none].", show_default=False)] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
+    recover: Annotated[bool, typer.Option(
+        "--recover", help="Reconnect NAME's post-copy stream that a broken link paused "
+        "(ferryd tries a few times by itself), then follow the job.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Move a domain to another host, offline or --live."""
+    if recover:
+        if dest is not None or live or check:
+            fail("--recover takes only the domain's name (on its source host)")
+        job = call(lambda c: c.recover_migration(name))
+        return _follow_job(job, detach, as_json)
+    if dest is None:
+        fail("say where to: ferry migrate NAME DEST (or --recover)")
+        return
     given = {"max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
-             "timeout_s": timeout, "on_timeout": on_timeout, "parallel": parallel,
-             "compress": compress}
+             "timeout_s": timeout, "on_timeout": on_timeout, "postcopy": postcopy,
+             "parallel": parallel, "compress": compress}
     body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
             **{k: getattr(v, "value", v) for k, v in given.items() if v is not None}}
     if check:
@@ -375,6 +393,10 @@ def migrate(
             raise typer.Exit(1)
         return
     job = call(lambda c: c.migrate(name, **body))
+    _follow_job(job, detach, as_json)
+
+
+def _follow_job(job: JobRecord, detach: bool, as_json: bool) -> None:
     if detach:
         return print_json(job) if as_json else typer.echo(job.id)
     from ferry.cli.progress import follow

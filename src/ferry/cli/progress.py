@@ -48,6 +48,11 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
             parts.append(f"expected downtime {s.expected_downtime_ms} ms{limit}")
         if s.throttle_pct:
             parts.append(f"throttle {s.throttle_pct}%")
+    if s.postcopy:
+        stream = f" {s.status.value}" if s.status.value.startswith("postcopy-p") else ""
+        parts.append(f"post-copy{stream}: the guest runs on {rec.dest}, "
+                     f"{s.postcopy_requests} pages fetched on demand"
+                     + (f", {s.recoveries} recoveries" if s.recoveries else ""))
     return ", ".join(parts)
 
 
@@ -74,6 +79,11 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
     if s.transferred:
         lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
                      f"in {s.passes} passes")
+    if s.postcopy:
+        lines.append(f"  post-copy:  {mib(s.postcopy_bytes)} sent after the guest moved, "
+                     f"{s.postcopy_requests} pages it asked for"
+                     + (f", {s.recoveries} recoveries of the stream" if s.recoveries
+                        else ""))
     if s.stream_tls:
         shape = (f"{s.channels} TLS channel{'s' if s.channels > 1 else ''}"
                  + (f", {s.compression}" if s.compression != "none" else "")

@@ -18,8 +18,12 @@ estimate of the bandwidth makes it switch over with more left than a multifd
 stream sends in the time it expects; a low limit takes ~2/3 off an idle
 guest's downtime — docs/performance.md.)
 
-Post-copy joins the escalation ladder with the convergence issue:
-pre-copy → downtime steps, throttle → post-copy → the timeout action.
+The ladder, each rung only as far as needed: pre-copy → downtime steps and
+auto-converge's throttle → post-copy (``--postcopy auto``: once the allowed
+pause is at its bound, from pass POSTCOPY_AFTER_PASSES on, and QEMU still
+expects a longer one) → the timeout action (``--on-timeout``). ``--postcopy
+now`` switches as soon as the stream is under way; ``ferry job complete``
+switches to post-copy where it is allowed, else pauses.
 """
 from __future__ import annotations
 
@@ -27,13 +31,14 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ferry.migration.models import MigrateOptions, Mode, OnTimeout
-from ferry.stats import MigrationStats
+from ferry.migration.models import MigrateOptions, Mode, OnTimeout, Postcopy
+from ferry.stats import MigrationStats, MigrationStatus
 
 HEARTBEAT_MISSES = 2  # unanswered heartbeats before the source gives up
 DOWNTIME_START_MS = 50  # QEMU's downtime-limit at the start of a live migration
 STEP_AFTER_PASSES = 2   # passes at the start limit before it is stepped up
 PAUSED_GRACE_S = 120.0  # beyond twice the timeout, for the paused guest's last copy
+POSTCOPY_AFTER_PASSES = 6  # --postcopy auto: not before this pass (the pause steps first)
 
 
 def paused_limit(options: MigrateOptions) -> float:
@@ -47,6 +52,7 @@ class Action(enum.StrEnum):
     pause = "pause"        # stop the guest: the rest goes over as offline
     abort = "abort"        # cancel on purpose (operator, --on-timeout abort)
     fail = "fail"          # cancel: the destination is gone
+    postcopy = "postcopy"  # switch to post-copy: the guest runs on at the destination
 
 
 @dataclass(frozen=True)
@@ -92,37 +98,56 @@ def downtime_step(history: Sequence[MigrationStats], current_ms: int,
 def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOptions, *,
            paused: bool = False, abort_requested: str | None = None,
            peer_misses: int = 0, downtime_ms: int | None = None,
-           complete_requested: str | None = None) -> Decision:
+           complete_requested: str | None = None, postcopy_possible: bool = True
+           ) -> Decision:
     """What the source does after the newest sample in ``history``.
 
     ``elapsed``: seconds since the stream started; ``paused``: the guest is
     already stopped (offline, or paused by an earlier decision); ``downtime_ms``:
     QEMU's downtime-limit now (None: the one it started with);
-    ``complete_requested``: the operator asked to finish now (why)."""
+    ``complete_requested``: the operator asked to finish now (why);
+    ``postcopy_possible``: False once QEMU refused to switch to post-copy (then
+    what would have been post-copy is a pause)."""
     if abort_requested:
         return Decision(Action.abort, abort_requested)
     if peer_misses >= HEARTBEAT_MISSES:
         return Decision(Action.fail, f"the destination missed {peer_misses} heartbeats")
+    postcopy = options.postcopy_allowed and postcopy_possible and not paused
     if complete_requested and not paused:
+        if postcopy:
+            return Decision(Action.postcopy, f"{complete_requested}: post-copy (the "
+                            "guest runs on at the destination)")
         return Decision(Action.pause, f"{complete_requested}: the guest is paused so "
                         "the rest goes over as offline")
+    under_way = bool(history) and history[-1].status == MigrationStatus.active
+    if postcopy and options.postcopy == Postcopy.now and under_way:
+        return Decision(Action.postcopy, "--postcopy now")
     if elapsed > options.timeout_s:
         # (once the operator asked to complete, the job finishes: no abort)
         if options.on_timeout == OnTimeout.abort and not complete_requested:
             return Decision(Action.abort, f"did not converge within {options.timeout_s:g}s "
                             "(on_timeout=abort)")
-        if not paused:
+        if not paused and options.on_timeout == OnTimeout.postcopy and postcopy:
+            if under_way:
+                return Decision(Action.postcopy, f"did not converge within "
+                                f"{options.timeout_s:g}s (on_timeout=postcopy)")
+        elif not paused:
             return Decision(Action.pause, f"did not converge within "
-                            f"{options.timeout_s:g}s (on_timeout=pause): the guest is "
-                            "paused so the rest goes over as offline")
+                            f"{options.timeout_s:g}s (on_timeout="
+                            f"{options.on_timeout.value}): the guest is paused so the "
+                            "rest goes over as offline")
     limit = paused_limit(options)
     if paused and elapsed > limit:
         # a paused guest's stream only has to send what is left once: if even that
         # does not end, the link or a QEMU is stuck; give up rather than hang
         return Decision(Action.abort, f"the stream did not end within {limit:g}s, even "
                         "with the guest paused")
-    note = throttle_note(history) if options.mode == Mode.live and not paused else None
     current = initial_downtime(options) if downtime_ms is None else downtime_ms
+    if postcopy and options.postcopy == Postcopy.auto and under_way:
+        why = not_converging(history, current, options)
+        if why is not None:
+            return Decision(Action.postcopy, why)
+    note = throttle_note(history) if options.mode == Mode.live and not paused else None
     step = None if paused else downtime_step(history, current, options)
     if step is None:
         return Decision(Action.proceed, note=note)
@@ -131,6 +156,23 @@ def decide(history: Sequence[MigrationStats], elapsed: float, options: MigrateOp
            f"{latest.expected_downtime_ms} ms to send the rest, dirtying "
            f"{latest.dirty_rate >> 20} MiB/s; --max-downtime {options.max_downtime_ms})")
     return Decision(Action.proceed, note=note, downtime_ms=step, downtime_note=why)
+
+
+def not_converging(history: Sequence[MigrationStats], current_ms: int,
+                   options: MigrateOptions) -> str | None:
+    """Why pre-copy is judged not to converge (the reason for post-copy), or None:
+    the allowed pause is at its bound, the stream is at pass
+    POSTCOPY_AFTER_PASSES or later, and QEMU still expects a longer pause."""
+    if not history:
+        return None
+    latest = history[-1]
+    expected = latest.expected_downtime_ms
+    if latest.passes < POSTCOPY_AFTER_PASSES or current_ms < options.max_downtime_ms \
+            or expected is None or expected <= current_ms:
+        return None
+    return (f"pre-copy is not converging: pass {latest.passes}, QEMU expects "
+            f"{expected} ms to send the rest (allowed {current_ms} ms), dirtying "
+            f"{latest.dirty_rate >> 20} MiB/s (--postcopy auto)")
 
 
 def throttle_note(history: Sequence[MigrationStats]) -> str | None:

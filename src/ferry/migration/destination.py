@@ -46,6 +46,8 @@ from ferry.migration.models import (
     JobStatus,
     Phase,
     PrepareAnswer,
+    RecoverAnswer,
+    RecoverRequest,
     RelocationRequest,
     Role,
     check_protocol,
@@ -53,7 +55,7 @@ from ferry.migration.models import (
 from ferry.models import DomainConfig, DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
 from ferry.qemu.process import QemuProcess, owns, pid_alive, read_pid
-from ferry.stats import MigrationStatus
+from ferry.stats import POSTCOPY, MigrationStatus
 from ferry.store import Store
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,18 @@ class Incoming:
         return self.facts.config
 
 
+@dataclass
+class Tail:
+    """A post-copy after Finish: the guest runs here (held, so nothing else
+    touches it) while the rest of its memory arrives from the source."""
+
+    record: JobRecord
+    dom: Domain
+    source: str
+    status: MigrationStatus = MigrationStatus.postcopy_active
+    task: asyncio.Task[None] | None = None
+
+
 class RelocationService:
     def __init__(self, host: HostConfig, domains: DomainService, store: Store) -> None:
         self.host = host
@@ -90,6 +104,7 @@ class RelocationService:
         self.store = store
         self.records = JobRecords(store, domains.events, host.name)
         self.incoming: dict[str, Incoming] = {}
+        self.tails: dict[str, Tail] = {}
         # job ids whose abort came before their Prepare (monotonic time of the abort)
         self.aborted_early: dict[str, float] = {}
 
@@ -97,6 +112,9 @@ class RelocationService:
         for inc in self.incoming.values():
             if inc.watcher is not None:
                 inc.watcher.cancel()
+        for tail in self.tails.values():
+            if tail.task is not None:
+                tail.task.cancel()
 
     # -- checks -----------------------------------------------------------------------
     def typed_blockers(self, req: RelocationRequest) -> list[Blocker]:
@@ -179,6 +197,8 @@ class RelocationService:
                     mig = MigrationQmp(inc.proc.qmp)
                     await mig.set_capabilities(events=True)
                     await mig.set_stream(req.channels, req.compress.value)
+                    if req.postcopy:
+                        await mig.set_capabilities(postcopy_ram=True)
                     assert req.stream is not None
                     await streamtls.install(inc.proc.qmp,
                                             self.domains.paths(cfg.name).root,
@@ -273,19 +293,100 @@ class RelocationService:
                      phase="finish", undone=True) from exc
 
     async def _committed(self, inc: Incoming, req: FinishRequest, t0: float) -> None:
-        """The commit point of this side is behind: the domain is this host's."""
-        if inc.proc is not None:  # (after cont: not part of the guest's pause)
+        """The commit point of this side is behind: the domain is this host's. (In
+        post-copy its memory is still arriving: the tail holds it until then.)"""
+        tail = None
+        if req.postcopy and inc.proc is not None and inc.adopted is not None and \
+                await MigrationQmp(inc.proc.qmp).status() != MigrationStatus.completed:
+            tail = Tail(inc.record, inc.adopted, inc.source)
+        elif inc.proc is not None:  # (after cont: not part of the guest's pause)
             await streamtls.remove(inc.proc.qmp, req.job_id)
         if req.resume and inc.proc is not None:
             await self._announce(inc)
         if inc.watcher is not None:
             inc.watcher.cancel()
         self.domains.release_arrival(req.job_id)
-        if inc.adopted is not None:
+        if inc.adopted is not None and tail is None:
             self.domains.let_go(inc.adopted)
         inc.record.phase_times["finish"] = time.monotonic() - t0
         inc.record.phase = Phase.confirm
         self.records.set_state(inc.record, JobState.completed, decided_by=inc.source)
+        if tail is not None:
+            self.tails[req.job_id] = tail
+            tail.task = asyncio.create_task(self._tail(tail))
+
+    async def _tail(self, tail: Tail) -> None:
+        """Watch a post-copy's incoming stream until it completes; if this QEMU dies
+        (or its stream fails) first, the guest is lost: the record says so and the
+        domain stays defined here, crashed."""
+        rec, dom = tail.record, tail.dom
+        proc = dom.proc
+        why = None
+        try:
+            while proc is not None:
+                if not proc.alive():
+                    why = "the destination QEMU died during post-copy"
+                    break
+                try:
+                    status = await MigrationQmp(proc.qmp).status()
+                except FerryError:
+                    await proc.wait_exit(0.25)
+                    continue
+                if status != tail.status:  # (the record shows a paused stream here)
+                    tail.status = status
+                    rec.stats = rec.stats.model_copy(update={"status": status})
+                    self.records.save(rec)
+                if tail.status == MigrationStatus.completed:
+                    await streamtls.remove(proc.qmp, rec.id, rec.stats.recoveries)
+                    log.info("job %s: post-copy of %s complete", rec.id, rec.domain)
+                    return
+                if tail.status in (MigrationStatus.failed, MigrationStatus.cancelled):
+                    why = f"the incoming post-copy stream {tail.status.value}"
+                    await self.domains.lose(dom, f"lost in migration {rec.id}: {why}")
+                    break
+                await proc.wait_exit(0.25)
+            if why is not None:
+                self._lost(rec, why)
+        finally:
+            if self.tails.get(rec.id) is tail:
+                self.tails.pop(rec.id, None)
+                self.domains.let_go(dom)
+
+    def _lost(self, rec: JobRecord, why: str) -> None:
+        if rec.state == JobState.lost:
+            return
+        message = (f"{why}: THE GUEST IS LOST (part of its memory was still on host "
+                   f"{rec.source}); its definition stays here, crashed: start it "
+                   "afresh from its disks")
+        self.records.set_state(rec, JobState.lost, error=self._error(rec, message))
+        self.domains.events.publish("migration.lost", job=rec.id, domain=rec.domain,
+                                    message=message)
+        log.error("job %s: %s", rec.id, message)
+
+    async def recover_stream(self, req: RecoverRequest) -> RecoverAnswer:
+        """The source asks to reconnect a post-copy stream a broken link paused:
+        load the fresh credentials, listen again (``migrate-recover``)."""
+        tail = self.tails.get(req.job_id)
+        if tail is None or tail.dom.proc is None:
+            raise NotFound(f"no post-copy of job {req.job_id} is arriving on host "
+                           f"{self.host.name}")
+        proc = tail.dom.proc
+        mig = MigrationQmp(proc.qmp)
+        status = await mig.status()
+        if status != MigrationStatus.postcopy_paused:
+            raise Conflict(f"the incoming stream of job {req.job_id} is {status.value}, "
+                           "not paused: nothing to recover")
+        with contextlib.suppress(FerryError):  # (a try of the same generation before)
+            await mig.drop_tls(streamtls.object_id(req.job_id, req.generation))
+        await streamtls.install(proc.qmp, self.domains.paths(tail.dom.name).root,
+                                req.job_id, True, req.stream, req.generation)
+        port = await mig.recover(f"tcp:{self.host.migration_ip}:0")
+        tail.record.stats = tail.record.stats.model_copy(
+            update={"recoveries": max(req.generation, tail.record.stats.recoveries)})
+        self.records.save(tail.record)
+        log.info("job %s: recovering post-copy on %s:%d", req.job_id,
+                 self.host.migration_ip, port)
+        return RecoverAnswer(uri=f"tcp:{self.host.migration_ip}:{port}")
 
     async def _take_over(self, inc: Incoming, req: FinishRequest) -> None:
         cfg = inc.config
@@ -299,7 +400,7 @@ class RelocationService:
             inc.committed = True
             return
         proc = inc.proc
-        await self._wait_incoming(MigrationQmp(proc.qmp))
+        await self._wait_incoming(MigrationQmp(proc.qmp), req.postcopy)
         if inc.watcher is not None:
             inc.watcher.cancel()  # its QEMU is the domain's now: the domain watches it
         # listed (paused) before it may run: a guest never runs unlisted here
@@ -344,11 +445,15 @@ class RelocationService:
             log.warning("job %s: announcing %s failed (it runs here anyway): %s",
                         inc.record.id, dom.name, exc.message)
 
-    async def _wait_incoming(self, mig: MigrationQmp) -> None:
+    async def _wait_incoming(self, mig: MigrationQmp, postcopy: bool = False) -> None:
+        """Until the stream completed; in post-copy, until the guest's devices are
+        loaded (QEMU's run state leaves ``inmigrate``: it may run now)."""
         deadline = time.monotonic() + INCOMING_TIMEOUT
         while True:
             stats = await mig.query()
             if stats.status == MigrationStatus.completed:
+                return
+            if postcopy and stats.status in POSTCOPY and await mig.devices_loaded():
                 return
             if stats.status in (MigrationStatus.failed, MigrationStatus.cancelled):
                 raise Failed(f"incoming migration {stats.status.value}: "
@@ -361,7 +466,13 @@ class RelocationService:
     # -- undo -------------------------------------------------------------------------
     async def abort(self, req: AbortRequest) -> AbortAnswer:
         """The source ended the job (``req.outcome``): drop this side if it is still
-        here, and record the source's outcome so both records agree."""
+        here, and record the source's outcome so both records agree. ``lost`` for
+        a guest that runs here: post-copy broke, so its copy here is stopped (kept
+        defined, crashed)."""
+        if req.outcome == JobState.lost:
+            lost = await self._abort_lost(req)
+            if lost is not None:
+                return lost
         inc = self.incoming.get(req.job_id)
         if inc is not None:
             inc.last_contact = time.monotonic()
@@ -382,6 +493,28 @@ class RelocationService:
             self.records.set_state(rec, req.outcome, decided_by=rec.source,
                                    error=self._error(rec, req.reason, req.phase, req.host))
         return AbortAnswer(aborted=False, state=rec.state)
+
+    async def _abort_lost(self, req: AbortRequest) -> AbortAnswer | None:
+        tail = self.tails.pop(req.job_id, None)
+        rec = tail.record if tail is not None else self._stored(req.job_id)
+        if rec is None or rec.state not in (JobState.completed, JobState.lost):
+            return None  # not resumed here: the usual undo
+        if tail is not None and tail.task is not None:
+            tail.task.cancel()
+        dom = tail.dom if tail is not None else self.domains.domains.get(rec.domain)
+        if dom is not None and dom.proc is not None:
+            held = tail is not None
+            if not held:
+                dom = await self.domains.hold_for_job(dom.name, req.job_id)
+            try:
+                await self.domains.lose(dom, f"lost in migration {rec.id}: the source "
+                                        "said so")
+            finally:
+                self.domains.let_go(dom)
+        elif tail is not None:
+            self.domains.let_go(tail.dom)
+        self._lost(rec, req.reason or "the source says the guest is lost")
+        return AbortAnswer(aborted=True, state=rec.state)
 
     def _error(self, rec: JobRecord, message: str, phase: Phase | None = None,
                host: str | None = None) -> dict[str, object]:
@@ -431,6 +564,11 @@ class RelocationService:
             await self.domains.remove_taps(cfg)
 
     def status(self, job_id: str) -> JobStatus:
+        tail = self.tails.get(job_id)
+        if tail is not None:
+            alive = tail.dom.proc is not None and tail.dom.proc.alive()
+            return JobStatus(job_id=job_id, state=tail.record.state,
+                             phase=tail.record.phase, qemu_alive=alive, stream=tail.status)
         inc = self.incoming.get(job_id)
         if inc is not None:
             inc.last_contact = time.monotonic()  # the source's heartbeat renews the lease
@@ -440,7 +578,11 @@ class RelocationService:
         rec = self._stored(job_id)
         if rec is None:
             raise NotFound(f"no job {job_id} on host {self.host.name}")
-        return JobStatus(job_id=job_id, state=rec.state, phase=rec.phase, error=rec.error)
+        postcopy = rec.stats.postcopy
+        return JobStatus(job_id=job_id, state=rec.state, phase=rec.phase, error=rec.error,
+                         qemu_alive=False if rec.state == JobState.lost else None,
+                         stream=MigrationStatus.completed
+                         if postcopy and rec.state == JobState.completed else None)
 
     async def recover(self) -> None:
         """At start: settle incoming jobs of an earlier life from their records.

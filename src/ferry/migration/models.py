@@ -19,15 +19,17 @@ from ferry.models import (
     DomainConfig,
     MigrationSettings,
     OnTimeout,
+    Postcopy,
 )
 from ferry.stats import MigrationStats, MigrationStatus
 
-__all__ = ["Compression", "MigrationStats", "MigrationStatus", "OnTimeout"]
+__all__ = ["Compression", "MigrationStats", "MigrationStatus", "OnTimeout", "Postcopy"]
 
 # 1: Ferry 0.1 before versioning (requests without the field); 2: typed answers,
 # agreed outcomes, name reservation on the destination; 3: the stream's shape
-# (multifd channels, compression) in Prepare
-PROTOCOL_VERSION = 3
+# (multifd channels, compression) in Prepare; 4: post-copy (Prepare's
+# ``postcopy``, Finish in post-copy, recover)
+PROTOCOL_VERSION = 4
 JOB_ID = r"^[0-9a-f]{12}$"
 
 
@@ -61,19 +63,25 @@ class JobState(enum.StrEnum):
     aborted = "aborted"        # stopped on purpose and undone
     in_doubt = "in_doubt"      # the source cannot tell whether the destination runs
                                # the guest: its copy stays paused until it can
+    lost = "lost"              # post-copy had begun and a QEMU holding part of the
+                               # guest died: no whole copy is left anywhere
 
 
 # the only ways a job's state may change (JobRecords.set_state checks them)
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.running: frozenset({JobState.completed, JobState.failed, JobState.aborted,
-                                 JobState.in_doubt}),
-    JobState.in_doubt: frozenset({JobState.completed, JobState.failed}),
+                                 JobState.in_doubt, JobState.lost}),
+    JobState.in_doubt: frozenset({JobState.completed, JobState.failed, JobState.lost}),
     # the side that decided tells the other, whose record then takes that outcome
-    JobState.failed: frozenset({JobState.aborted}),
-    JobState.aborted: frozenset({JobState.failed}),
-    JobState.completed: frozenset(),
+    JobState.failed: frozenset({JobState.aborted, JobState.lost}),
+    JobState.aborted: frozenset({JobState.failed, JobState.lost}),
+    # the destination runs the guest, but in post-copy part of its memory was still
+    # on the source when a QEMU died
+    JobState.completed: frozenset({JobState.lost}),
+    JobState.lost: frozenset(),
 }
-FINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.aborted})
+FINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.aborted,
+                          JobState.lost})
 
 
 MAX_DEFAULT_CHANNELS = 4
@@ -99,6 +107,11 @@ class MigrateOptions(Strict):
     on_timeout: OnTimeout = OnTimeout.pause
     parallel: int = Field(default_factory=default_channels, ge=1, le=MAX_CHANNELS)
     compress: Compression = Compression.none   # (with parallel 1: one compressed channel)
+    # pre-copy only by default: in post-copy the guest's memory is split across two
+    # hosts until the copy ends, so a broken link stops the guest until it is
+    # recovered, and a QEMU that dies loses it; pre-copy with the stepped pause
+    # already ends within the bounds (docs/migration.md)
+    postcopy: Postcopy = Postcopy.never
 
     @classmethod
     def resolve(cls, mode: Mode, *layers: MigrationSettings | None) -> MigrateOptions:
@@ -111,6 +124,13 @@ class MigrateOptions(Strict):
                     values[name] = getattr(layer, name)
                     break
         return cls.model_validate(values)
+
+    @property
+    def postcopy_allowed(self) -> bool:
+        """May this job switch to post-copy (by the policy, the timeout, or
+        ``ferry job complete``)?"""
+        return self.mode == Mode.live and (self.postcopy != Postcopy.never
+                                           or self.on_timeout == OnTimeout.postcopy)
 
     @property
     def multifd(self) -> bool:
@@ -187,6 +207,7 @@ class RelocationRequest(Strict):
     # single classic stream) and their compression
     channels: int = Field(default=0, ge=0, le=MAX_CHANNELS)
     compress: Compression = Compression.none
+    postcopy: bool = False   # the stream may switch to post-copy (both need postcopy-ram)
 
     @model_validator(mode="after")
     def _compressed_channels(self) -> RelocationRequest:
@@ -209,6 +230,9 @@ class PrepareAnswer(Strict):
 class FinishRequest(Strict):
     job_id: str = Field(pattern=JOB_ID)
     resume: bool
+    # the stream is in post-copy: run the guest once its devices are loaded, while
+    # the rest of its memory follows (the source serves it until the stream ends)
+    postcopy: bool = False
     stats: MigrationStats = Field(default_factory=MigrationStats)
     # the console log so far (base64) and the offset of its first byte, so the
     # console's output continues on the destination with the same offsets
@@ -229,7 +253,7 @@ class AbortRequest(Strict):
 
     job_id: str = Field(pattern=JOB_ID)
     reason: str = Field(default="", max_length=4000)
-    outcome: Literal[JobState.failed, JobState.aborted] = JobState.failed
+    outcome: Literal[JobState.failed, JobState.aborted, JobState.lost] = JobState.failed
     phase: Phase | None = None
     host: str | None = Field(default=None, max_length=255)  # where it went wrong
 
@@ -247,6 +271,21 @@ class JobStatus(Strict):
     phase: Phase
     qemu_alive: bool | None = None
     error: dict[str, Any] | None = None
+    # in post-copy, after Finish: the incoming stream's status (None: not in post-copy)
+    stream: MigrationStatus | None = None
+
+
+class RecoverRequest(Strict):
+    """Source → destination: the post-copy stream broke; listen again for it, with
+    fresh TLS credentials (``generation`` counts the recoveries)."""
+
+    job_id: str = Field(pattern=JOB_ID)
+    generation: int = Field(ge=1, le=1000)
+    stream: StreamCreds = Field(repr=False)
+
+
+class RecoverAnswer(Strict):
+    uri: str
 
 
 def check_protocol(theirs: int, who: str, us: str) -> None:
@@ -268,6 +307,10 @@ class SourceFacts(BaseModel):
     stream_started: bool = False   # `migrate` was sent: the stream may complete alone
     finish_sent: bool = False      # Finish was sent: the destination may run the guest
     dest_gone: bool = False        # the destination said its copy is gone
+    postcopy_started: bool = False  # migrate-start-postcopy was sent: the destination
+                                   # may hold the newest state, so ours never resumes
+    dest_resumed: bool = False     # Finish answered: the destination runs the guest
+                                   # (and keeps its definition, whatever follows)
     stale_copy: bool = False       # Confirm failed: a fenced copy is left here, which
                                    # a restarted ferryd removes (then this is cleared)
 

@@ -56,10 +56,11 @@ from ferry.errors import (
     FerryError,
     InvalidInput,
     NotFound,
+    QemuError,
     Refused,
     Unreachable,
 )
-from ferry.failpoints import crash_point
+from ferry.failpoints import crash_point, stream_uri
 from ferry.hostconfig import HostConfig
 from ferry.migration import streamtls
 from ferry.migration.convergence import Action, decide, initial_downtime, progress
@@ -80,6 +81,8 @@ from ferry.migration.models import (
     Mode,
     Phase,
     PrepareAnswer,
+    RecoverAnswer,
+    RecoverRequest,
     RelocationRequest,
     Role,
     SourceFacts,
@@ -90,7 +93,7 @@ from ferry.migration.models import (
 )
 from ferry.models import DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
-from ferry.stats import MigrationStats, MigrationStatus
+from ferry.stats import POSTCOPY, MigrationStats, MigrationStatus
 from ferry.store import Store
 from ferry.tls import client_context
 from ferry.validation import describe
@@ -107,6 +110,10 @@ FINISH_TIMEOUT = 180.0  # s for Finish (the stream's tail, resume, announce)
 VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finish
 RESOLVE_EVERY_S = 10.0  # how often an in-doubt job asks the destination again
 HISTORY = 600           # samples of the stream the policy sees
+RECOVER_TRIES = 5       # post-copy: recoveries ferryd tries by itself after a cut
+RECOVER_EVERY_S = 3.0   # between them (then `ferry migrate NAME --recover`)
+RECOVER_WAIT_S = 10.0   # for a recovered stream to run again
+NOTICE_CUT_S = 3.0      # the destination saw the link break and ours did not: pause
 
 # (peer name, endpoint, timeout) -> a client to that peer's relocation API
 PeerConnector = Callable[[str, tuple[str, int], float | None], FerryClient]
@@ -132,6 +139,13 @@ class InDoubt(Failed):
     code = "in_doubt"
 
 
+class GuestLost(Failed):
+    """In post-copy a QEMU holding part of the guest's memory died: no whole copy
+    is left (``_lose`` has settled the job when this is raised from Confirm)."""
+
+    code = "lost"
+
+
 @dataclass
 class SourceJob:
     record: JobRecord
@@ -147,6 +161,9 @@ class SourceJob:
     failing: bool = False
     cancelled_by_abort: bool = False   # abort() cancelled the task (not a shutdown)
     complete_requested: str | None = None  # `ferry job complete`: finish now, why
+    postcopy_refused: bool = False     # QEMU refused migrate-start-postcopy
+    recover_requested: asyncio.Event = field(default_factory=asyncio.Event)  # --recover
+    stream_status: MigrationStatus | None = None  # in the post-copy tail
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     shutting_down: bool = False
     cleanup_error: str | None = None
@@ -236,7 +253,8 @@ class MigrationService:
                                  running=dom.proc is not None, accel=dom.accel,
                                  arch=platform.machine(),
                                  channels=opts.parallel if opts.multifd else 0,
-                                 compress=opts.compress)
+                                 compress=opts.compress,
+                                 postcopy=opts.postcopy_allowed and dom.proc is not None)
 
     def options(self, dom: Domain, req: MigrateRequest) -> MigrateOptions:
         """The job's options: the request's, then the domain's and this host's
@@ -384,6 +402,11 @@ class MigrationService:
                 self._end(job)
                 return job.record
             who = f"the operator on {self.host.name}"
+            if runs_on == Role.source and job.facts.postcopy_started:
+                raise Refused(f"migration {job_id} had switched to post-copy: the copy "
+                              f"here is stale and never runs again; if host "
+                              f"{job.record.dest} is gone for good, the guest is lost "
+                              "(ferry job resolve --runs-on destination releases it here)")
             if runs_on == Role.destination:
                 await self._conclude(job, JobState.completed, f"by {who}")
             else:
@@ -454,6 +477,8 @@ class MigrationService:
 
     async def _fail(self, job: SourceJob, exc: BaseException) -> None:
         job.failing = True
+        if isinstance(exc, GuestLost) and job.record.state == JobState.lost:
+            return  # settled by _lose
         if isinstance(exc, FerryError):
             message = exc.message
             host = str(exc.details.get("host", self.host.name))
@@ -472,7 +497,11 @@ class MigrationService:
             if verdict == JobState.completed:
                 log.warning("job %s: %s after Finish, but %s runs the guest: completed",
                             job.record.id, message, job.record.dest)
-                await self._confirm(job)
+                job.facts.dest_resumed = True
+                try:
+                    await self._confirm(job)
+                except GuestLost:
+                    return
                 self.records.set_state(job.record, JobState.completed,
                                        decided_by=self.host.name,
                                        cleanup_error=job.cleanup_error)
@@ -482,12 +511,50 @@ class MigrationService:
                 return
             job.facts.dest_gone = True
             self.records.save(job.record)
+        if job.facts.postcopy_started:
+            await self._lose(job, error)
+            return
         job.outcome = JobState.aborted if isinstance(exc, Aborted) else JobState.failed
         job.record.error = error  # the undo tells the destination why
         undo_errors = await undo_steps(job, self.steps)
         if undo_errors:
             error["undo_errors"] = undo_errors
         self.records.set_state(job.record, job.outcome, error=error, decided_by=host)
+
+    async def _lose(self, job: SourceJob, error: dict[str, object]) -> None:
+        """Post-copy had begun and the job cannot end with one whole copy of the
+        guest: say so loudly; stop the stale copy here (never resume it); the
+        definition stays where the guest last ran — the destination if it had
+        resumed it, else here — crashed, to be booted afresh from its disks."""
+        rec, dom = job.record, job.dom
+        where = rec.dest if job.facts.dest_resumed else self.host.name
+        message = (f"{error['message']}; THE GUEST IS LOST: post-copy had begun, so "
+                   "its newest state was split between the two hosts' QEMUs and no "
+                   f"whole copy is left; its definition stays on host {where} "
+                   "(crashed): start it afresh from its disks")
+        error = {**error, "message": message, "kind": "lost"}
+        if dom is not None:
+            try:
+                if job.facts.dest_resumed:
+                    await self.domains.release(dom, event="domain.lost")
+                else:
+                    await self.domains.lose(dom, f"lost in migration {rec.id} to {rec.dest}")
+            except Exception:
+                log.exception("job %s: stopping the stale source copy", rec.id)
+        if job.endpoint is not None:
+            body = AbortRequest(job_id=rec.id, reason=message[:4000],
+                                outcome=JobState.lost, phase=rec.phase,
+                                host=str(error.get("host", self.host.name)))
+            try:
+                await self._send_abort(job, body)
+            except FerryError as exc:
+                log.error("job %s: could not tell %s the guest is lost: %s", rec.id,
+                          rec.dest, exc.message)
+        job.outcome = JobState.lost
+        self.records.set_state(rec, JobState.lost, error=error, decided_by=self.host.name)
+        self.domains.events.publish("migration.lost", job=rec.id, domain=rec.domain,
+                                    message=message)
+        log.error("job %s: %s", rec.id, message)
 
     def _in_doubt(self, job: SourceJob, error: dict[str, object]) -> None:
         self.records.set_state(job.record, JobState.in_doubt, error=error,
@@ -504,6 +571,7 @@ class MigrationService:
         peer, dom = job.client(), job.domain()
         if job.abort_requested:
             raise Aborted(job.abort_requested, host=self.host.name, phase="prepare")
+        await self._fit_stream_to_postcopy(job)
         rel = self._relocation(job.record.id, dom, job.options)
         if rel.running:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
@@ -519,6 +587,23 @@ class MigrationService:
         res = parse_answer(PrepareAnswer, answer, job.record.dest)
         check_protocol(res.protocol, job.record.dest, self.host.name)
         job.uri = _check_uri(res.uri, rel.running, job.record.dest)
+
+    async def _fit_stream_to_postcopy(self, job: SourceJob) -> None:
+        """A job that may switch to post-copy runs one stream where QEMU cannot
+        combine post-copy with multifd channels (QEMU 10.0 cannot): the options
+        and the record say so."""
+        opts, dom = job.options, job.domain()
+        if not (opts.postcopy_allowed and opts.multifd) or dom.proc is None:
+            return
+        if await MigrationQmp(dom.proc.qmp).postcopy_with_multifd():
+            return
+        job.record.options = StoredOptions.model_validate(
+            {**opts.model_dump(), "parallel": 1, "compress": "none"})
+        self._escalate(job, "stream", f"post-copy is allowed (--postcopy "
+                       f"{opts.postcopy.value}, --on-timeout {opts.on_timeout.value}) and "
+                       "this QEMU cannot run it with multifd channels: one stream, "
+                       f"uncompressed (instead of {opts.parallel} channels, "
+                       f"{opts.compress.value})")
 
     async def _undo_prepare(self, job: SourceJob) -> None:
         """Tell the destination to drop its side, and how the job ended."""
@@ -566,9 +651,12 @@ class MigrationService:
         facts.was_running = dom.state == DomainState.running
         self.records.save(job.record)
         live = job.record.mode == Mode.live
-        await mig.set_capabilities(events=True, auto_converge=live)
+        # (post-copy off first: QEMU refuses multifd while it is on)
+        await mig.set_capabilities(events=True, auto_converge=live, postcopy_ram=False)
         channels = opts.parallel if opts.multifd else 0
         await mig.set_stream(channels, opts.compress.value)
+        if opts.postcopy_allowed:
+            await mig.set_capabilities(postcopy_ram=True)
         downtime = initial_downtime(opts)
         await mig.set_limits(downtime, opts.bandwidth_mibps * 1024 * 1024 or None)
         assert job.stream_creds is not None
@@ -584,7 +672,7 @@ class MigrationService:
         facts.stream_started = True
         self.records.save(job.record)
         crash_point("source-before-migrate")
-        await mig.start(str(job.uri))
+        await mig.start(stream_uri(str(job.uri)))
         await self._watch_stream(job, mig, opts)
 
     async def _watch_stream(self, job: SourceJob, mig: MigrationQmp,
@@ -626,6 +714,8 @@ class MigrationService:
             job.history = [*job.history[-(HISTORY - 1):], stats]
             if stats.status == MigrationStatus.completed:
                 return
+            if stats.status in POSTCOPY:  # the destination takes over (Finish)
+                return
             if stats.status in (MigrationStatus.failed, MigrationStatus.cancelled):
                 raise Failed(f"QEMU's migration stream {stats.status.value}: "
                              f"{stats.qemu_error or 'no reason given'}",
@@ -640,7 +730,8 @@ class MigrationService:
             decision = decide(job.history, now - start, opts, paused=paused,
                               abort_requested=job.abort_requested, peer_misses=misses,
                               downtime_ms=job.record.stats.downtime_limit_ms,
-                              complete_requested=job.complete_requested)
+                              complete_requested=job.complete_requested,
+                              postcopy_possible=not job.postcopy_refused)
             if decision.note:
                 self._escalate(job, "throttle", decision.note)
             if decision.downtime_ms is not None:
@@ -655,6 +746,8 @@ class MigrationService:
                 await mig.cancel()
                 raise Failed(f"destination ferryd stopped answering ({decision.reason})",
                              host=job.record.dest, phase="perform")
+            if decision.action == Action.postcopy:
+                await self._start_postcopy(job, mig, decision.reason)
             if decision.action == Action.pause:
                 self._escalate(job, "pause", decision.reason)
                 await self.domains.stop_guest(dom, "paused to finish the migration")
@@ -666,6 +759,25 @@ class MigrationService:
             crash_point("source-streaming")
             if not job.steered.is_set():
                 await mig.wait_change(POLL_S)
+
+    async def _start_postcopy(self, job: SourceJob, mig: MigrationQmp, why: str) -> None:
+        """Switch to post-copy. The fact is saved first: from here on the source
+        guest never resumes (the destination may hold its newest state)."""
+        job.facts.postcopy_started = True
+        self.records.save(job.record)
+        crash_point("source-before-postcopy")
+        try:
+            await mig.start_postcopy()
+        except QemuError as exc:
+            # refused at once: nothing switched, pre-copy goes on (and what would
+            # have been post-copy becomes a pause)
+            job.facts.postcopy_started = False
+            job.postcopy_refused = True
+            self._escalate(job, "postcopy", f"QEMU refused post-copy ({exc.message}); "
+                           "pre-copy goes on")
+            return
+        job.record.stats = job.record.stats.model_copy(update={"postcopy": True})
+        self._escalate(job, "postcopy", why)
 
     async def _apply_steering(self, job: SourceJob, mig: MigrationQmp,
                               old: MigrateOptions) -> MigrateOptions:
@@ -712,6 +824,8 @@ class MigrationService:
         dom, facts = job.dom, job.facts
         if dom is None or dom.proc is None or not dom.proc.alive():
             return
+        if facts.postcopy_started:  # never resumed: `_lose` deals with this copy
+            return
         mig = MigrationQmp(dom.proc.qmp)
         status = await mig.status()
         if status.in_flight:
@@ -730,6 +844,7 @@ class MigrationService:
         peer, dom = job.client(), job.domain()
         base, data = ConsoleLog(self.domains.paths(dom.name).root).export()
         body = FinishRequest(job_id=job.record.id, resume=bool(job.facts.was_running),
+                             postcopy=job.facts.postcopy_started,
                              stats=job.record.stats, console_base=base,
                              console_b64=base64.b64encode(data).decode())
         job.facts.finish_sent = True
@@ -773,6 +888,7 @@ class MigrationService:
                           f"kept paused until host {job.record.dest} answers",
                           host=job.record.dest, phase="finish") from exc
         job.record.phase_times["dest_finish"] = res.finish_s
+        job.facts.dest_resumed = True
         stopped_at = dom.proc.qmp.event_time("STOP") if dom.proc is not None else None
         if res.resumed_at is not None and stopped_at is not None \
                 and res.resumed_at >= stopped_at:
@@ -808,8 +924,17 @@ class MigrationService:
     async def _confirm(self, job: SourceJob) -> None:
         # The commit point: the destination runs the guest (Finish succeeded), so
         # the source lets go. From here on nothing is undone: a failure here is a
-        # cleanup error of a completed migration, not a failed one.
+        # cleanup error of a completed migration, not a failed one. In post-copy
+        # the source first serves the rest of the guest's memory until the stream
+        # ends (GuestLost, settled, if a QEMU dies meanwhile).
         dom = job.domain()
+        if job.facts.postcopy_started:
+            try:
+                await self._postcopy_tail(job)
+            except GuestLost as exc:
+                await self._lose(job, {"phase": Phase.confirm.value, "message": exc.message,
+                                       "host": exc.details.get("host", self.host.name)})
+                raise
         try:
             await self.domains.release(dom)
         except Exception as exc:
@@ -829,6 +954,134 @@ class MigrationService:
                     self.domains.note(dom, f"stale copy: migrated to {job.record.dest} "
                                       f"(job {job.record.id}); cleanup failed, ferryd "
                                       "retries it at its next start")
+
+    # -- the post-copy tail -------------------------------------------------------------
+    async def _postcopy_tail(self, job: SourceJob) -> None:
+        """The guest runs at the destination; our QEMU pushes the rest of its memory
+        and serves the pages it asks for, until the stream completes. A broken link
+        pauses both QEMUs (``postcopy-paused``): ferryd recovers the stream by
+        itself up to RECOVER_TRIES times, then on ``ferry migrate NAME --recover``.
+        Never resumes the guest here; GuestLost if a QEMU with part of it dies."""
+        dom, rec = job.domain(), job.record
+        assert job.endpoint is not None
+        tries, next_try, cut_seen = 0, 0.0, None
+        async with self.connect(rec.dest, job.endpoint, CALL_TIMEOUT) as peer:
+            while True:
+                now = time.monotonic()
+                there = await self._dest_status(job, peer)
+                if dom.proc is None or not dom.proc.alive():
+                    if there is not None and there.stream == MigrationStatus.completed:
+                        return  # (it had sent everything before it went)
+                    raise GuestLost("the source QEMU exited during post-copy, with part "
+                                    "of the guest's memory", host=self.host.name)
+                if there is not None and there.qemu_alive is False:
+                    raise GuestLost("the destination QEMU died during post-copy",
+                                    host=rec.dest)
+                mig = MigrationQmp(dom.proc.qmp)
+                try:
+                    stats = await mig.query(rec.stats)
+                except QemuError:
+                    await asyncio.sleep(0.25)
+                    continue  # (its QMP went: the check above decides next time)
+                pct, eta = progress(stats, stats.progress_pct)
+                rec.stats = stats.model_copy(update={"progress_pct": pct, "eta_s": eta})
+                job.stream_status = stats.status
+                if stats.status == MigrationStatus.completed:
+                    self.records.save(rec)
+                    return
+                if stats.status in (MigrationStatus.failed, MigrationStatus.cancelled):
+                    raise GuestLost(f"the post-copy stream {stats.status.value} "
+                                    f"({stats.qemu_error or 'no reason given'})",
+                                    host=self.host.name)
+                if stats.status == MigrationStatus.postcopy_paused:
+                    if cut_seen is None:
+                        cut_seen = now
+                        self._escalate(job, "postcopy-paused", "the link to "
+                                       f"{rec.dest} broke during post-copy: both QEMUs "
+                                       "wait, the guest is paused at the destination "
+                                       "until the stream is recovered")
+                    manual = job.recover_requested.is_set()
+                    if manual or (tries < RECOVER_TRIES and now >= next_try):
+                        job.recover_requested.clear()
+                        tries = 0 if manual else tries + 1
+                        await self._try_recover(job, mig, peer, "by hand (--recover)"
+                                                if manual else f"try {tries}/"
+                                                f"{RECOVER_TRIES}")
+                        next_try = time.monotonic() + RECOVER_EVERY_S
+                        if job.stream_status != MigrationStatus.postcopy_paused:
+                            cut_seen = None
+                        continue
+                elif stats.status == MigrationStatus.postcopy_active and there is not None \
+                        and there.stream == MigrationStatus.postcopy_paused:
+                    # the destination saw the link break before ours did
+                    cut_seen = cut_seen or now
+                    if now - cut_seen > NOTICE_CUT_S:
+                        with contextlib.suppress(QemuError):
+                            await mig.pause()
+                else:
+                    cut_seen = None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(job.recover_requested.wait(), 0.25)
+
+    async def _dest_status(self, job: SourceJob, peer: FerryClient) -> JobStatus | None:
+        try:
+            return parse_answer(JobStatus, await peer.request(
+                "GET", f"/v1/relocation/jobs/{job.record.id}", timeout=HEARTBEAT_S),
+                job.record.dest)
+        except FerryError:
+            return None
+
+    async def _try_recover(self, job: SourceJob, mig: MigrationQmp, peer: FerryClient,
+                           how: str) -> None:
+        """One recovery of a paused post-copy stream, with fresh TLS credentials:
+        the destination listens again (``migrate-recover``), ours reconnects
+        (``migrate`` with ``resume``). Its outcome lands in the record."""
+        rec = job.record
+        gen = rec.stats.recoveries + 1
+        try:
+            server, client = await asyncio.to_thread(streamtls.make_pair, rec.id)
+            res = parse_answer(RecoverAnswer, await peer.request(
+                "POST", "/v1/relocation/recover",
+                RecoverRequest(job_id=rec.id, generation=gen, stream=server)
+                .model_dump(mode="json"), timeout=PREPARE_TIMEOUT), rec.dest)
+            uri = _check_uri(res.uri, True, rec.dest)
+            assert uri is not None and job.dom is not None and job.dom.proc is not None
+            await streamtls.install(job.dom.proc.qmp, self.domains.paths(rec.domain).root,
+                                    rec.id, False, client, gen)
+            rec.stats = rec.stats.model_copy(update={"recoveries": gen})
+            self.records.save(rec)
+            await mig.resume(stream_uri(uri))
+            deadline = time.monotonic() + RECOVER_WAIT_S
+            while (status := await mig.status()) in (
+                    MigrationStatus.postcopy_paused, MigrationStatus.postcopy_recover_setup,
+                    MigrationStatus.postcopy_recover):
+                if time.monotonic() > deadline:
+                    raise Failed(f"the stream is still {status.value} after "
+                                 f"{RECOVER_WAIT_S:g}s")
+                await asyncio.sleep(0.1)
+            job.stream_status = status
+        except FerryError as exc:
+            self._escalate(job, "recover", f"recovery {how} failed: {exc.message}")
+            return
+        self._escalate(job, "recover", f"post-copy stream recovered ({how}): {status.value}")
+
+    def recover_postcopy(self, name: str) -> JobRecord:
+        """``ferry migrate NAME --recover``: recover the domain's paused post-copy
+        stream now (ferryd's own tries may be used up)."""
+        jobs = [j for j in self.jobs.values() if j.record.domain == name]
+        if not jobs:
+            raise NotFound(f"domain {name} has no migration running from host "
+                           f"{self.host.name} (a post-copy is recovered on its source)")
+        job = jobs[0]
+        if not job.facts.postcopy_started:
+            raise Conflict(f"migration {job.record.id} of {name} is not in post-copy: "
+                           "there is nothing to recover")
+        if job.stream_status != MigrationStatus.postcopy_paused:
+            status = job.stream_status.value if job.stream_status else "not started"
+            raise Conflict(f"migration {job.record.id} of {name} is not paused (its stream "
+                           f"is {status}): there is nothing to recover")
+        job.recover_requested.set()
+        return job.record
 
     # -- after a restart, and for jobs in doubt -----------------------------------------
     async def _settle(self, job: SourceJob) -> JobState | None:
@@ -868,8 +1121,12 @@ class MigrationService:
         """Settle a job from the destination's verdict; False if still in doubt."""
         rec, facts = job.record, job.facts
         if verdict == JobState.completed:
+            facts.dest_resumed = True
             if job.dom is not None:
-                await self._confirm(job)
+                try:
+                    await self._confirm(job)
+                except GuestLost:
+                    return True  # settled by _lose
             self.records.set_state(rec, JobState.completed, decided_by=self.host.name,
                                    cleanup_error=job.cleanup_error)
             log.info("job %s: confirmed %s: %s runs on %s", rec.id, why, rec.domain,
@@ -886,6 +1143,9 @@ class MigrationService:
                        "Finish, so it never ran the guest"
         error: dict[str, object] = {"phase": rec.phase.value, "host": self.host.name,
                                     "message": message, "kind": "failed"}
+        if facts.postcopy_started:
+            await self._lose(job, error)
+            return True
         rec.error = error
         job.outcome = JobState.failed
         undo_errors = await undo_steps(job, self.steps)
@@ -909,6 +1169,24 @@ class MigrationService:
                         return
             except Exception:  # keep asking: the domain stays held until it settles
                 log.exception("job %s: settling the job in doubt failed", job.record.id)
+
+    async def _settle_postcopy(self, job: SourceJob) -> None:
+        """After a restart in post-copy: go on serving the guest's memory (Confirm
+        runs the tail) once the destination says it runs the guest."""
+        try:
+            async with job.settling:
+                verdict = await self._settle(job)
+                settled = await self._conclude(job, verdict, "after a restart")
+            if not settled:
+                self._in_doubt(job, {"phase": job.record.phase.value,
+                                     "host": job.record.dest, "kind": "failed",
+                                     "message": f"ferryd restarted in post-copy and host "
+                                     f"{job.record.dest} does not answer"})
+                return
+        except Exception:
+            log.exception("job %s: settling a post-copy after a restart", job.record.id)
+            return
+        self._end(job)
 
     async def recover(self) -> None:
         """At start: settle every source job an earlier ferryd left unsettled, with
@@ -941,6 +1219,13 @@ class MigrationService:
             job = SourceJob(rec, dom, endpoint)
             if dom is not None:
                 await self.domains.hold_for_job(dom.name, rec.id)
+            if rec.source_facts.postcopy_started and rec.source_facts.finish_sent \
+                    and rec.state == JobState.running:
+                # the tail may still be serving the guest's memory: settle it in the
+                # background (the domain stays held and is never resumed)
+                self.jobs[rec.id] = job
+                job.task = asyncio.create_task(self._settle_postcopy(job))
+                continue
             verdict = await self._settle(job)
             if await self._conclude(job, verdict, "after a restart"):
                 if dom is not None:

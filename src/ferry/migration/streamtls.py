@@ -46,8 +46,10 @@ def tls_hostname(job_id: str) -> str:
     return f"ferry-migration-{job_id}"
 
 
-def object_id(job_id: str) -> str:
-    return f"ferry-tls-{job_id}"
+def object_id(job_id: str, generation: int = 0) -> str:
+    """The credentials object's id; ``generation`` counts post-copy recoveries,
+    each of which gets fresh credentials."""
+    return f"ferry-tls-{job_id}" + (f"-{generation}" if generation else "")
 
 
 def make_pair(job_id: str, days: float = 2) -> tuple[StreamCreds, StreamCreds]:
@@ -96,20 +98,22 @@ async def load(qmp: Qmp, workdir: Path, creds_id: str, server: bool,
 
 
 async def install(qmp: Qmp, workdir: Path, job_id: str, server: bool,
-                  creds: StreamCreds) -> None:
+                  creds: StreamCreds, generation: int = 0) -> None:
     """Load ``creds`` into QEMU and make its migration use them; Failed if QEMU
     does not (then nothing must be sent)."""
-    await load(qmp, workdir, object_id(job_id), server, creds)
+    await load(qmp, workdir, object_id(job_id, generation), server, creds)
     try:
-        await MigrationQmp(qmp).use_tls(object_id(job_id),
+        await MigrationQmp(qmp).use_tls(object_id(job_id, generation),
                                         None if server else tls_hostname(job_id))
     except FerryError as exc:
         raise Failed(f"{exc.message}; refusing to send the guest in plaintext") from exc
 
 
-async def remove(qmp: Qmp, job_id: str) -> None:
-    """Forget the job's credentials (QEMU may already be gone: then so are they)."""
-    try:
-        await MigrationQmp(qmp).drop_tls(object_id(job_id))
-    except FerryError as exc:
-        log.debug("job %s: removing TLS credentials: %s", job_id, exc.message)
+async def remove(qmp: Qmp, job_id: str, generations: int = 0) -> None:
+    """Forget the job's credentials, of every recovery up to ``generations`` too
+    (QEMU may already be gone: then so are they)."""
+    for gen in range(generations + 1):
+        try:
+            await MigrationQmp(qmp).drop_tls(object_id(job_id, gen))
+        except FerryError as exc:
+            log.debug("job %s: removing TLS credentials: %s", job_id, exc.message)

@@ -3,12 +3,15 @@ status, cancel, incoming, the announcement after it. The services call these
 typed methods, never raw command strings, so what Ferry asks of QEMU's
 migration is all on this page.
 
-Post-copy (``migrate-start-postcopy``, ``migrate-pause``, ``migrate-recover``)
-will be added here with the convergence work.
+Post-copy: ``postcopy-ram`` on both QEMUs before the stream starts, then
+``migrate-start-postcopy`` on the source; after a broken link
+``migrate-recover`` on the destination and ``migrate`` with ``resume`` on the
+source.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -50,12 +53,28 @@ class MigrationQmp:
         """Allowed downtime, and bandwidth (None: unlimited)."""
         await self.qmp.execute("migrate-set-parameters", {
             "downtime-limit": downtime_ms,
-            "max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
+            "max-bandwidth": bandwidth_bps or UNLIMITED_BPS,
+            "max-postcopy-bandwidth": bandwidth_bps or 0})  # (0: unlimited there)
 
     async def set_bandwidth(self, bandwidth_bps: int | None) -> None:
-        """QEMU's ``max-bandwidth`` (None: unlimited); takes effect mid-stream."""
-        await self.qmp.execute("migrate-set-parameters",
-                               {"max-bandwidth": bandwidth_bps or UNLIMITED_BPS})
+        """QEMU's ``max-bandwidth`` and ``max-postcopy-bandwidth`` (None:
+        unlimited); takes effect mid-stream."""
+        await self.qmp.execute("migrate-set-parameters", {
+            "max-bandwidth": bandwidth_bps or UNLIMITED_BPS,
+            "max-postcopy-bandwidth": bandwidth_bps or 0})  # (0: unlimited there)
+
+    async def postcopy_with_multifd(self) -> bool:
+        """Can this QEMU run post-copy on multifd channels? (QEMU 10.0 cannot:
+        "Postcopy is not yet compatible with multifd".) Asked by setting both
+        capabilities, then neither, on a QEMU that is not migrating."""
+        try:
+            await self.set_capabilities(multifd=True, postcopy_ram=True)
+        except QemuError:
+            return False
+        finally:
+            with contextlib.suppress(QemuError):
+                await self.set_capabilities(postcopy_ram=False, multifd=False)
+        return True
 
     async def capabilities(self) -> set[str]:
         """The migration capabilities this QEMU has (e.g. ``mapped-ram``)."""
@@ -122,18 +141,48 @@ class MigrationQmp:
     async def start(self, uri: str) -> None:
         await self.qmp.execute("migrate", {"uri": uri})
 
+    async def start_postcopy(self) -> None:
+        """Switch the running stream to post-copy: the source stops the guest,
+        sends its devices, and from then on serves pages the destination asks for
+        while it pushes the rest."""
+        await self.qmp.execute("migrate-start-postcopy")
+
+    async def resume(self, uri: str) -> None:
+        """Reconnect a post-copy stream paused by a broken link (source side)."""
+        await self.qmp.execute("migrate", {"uri": uri, "resume": True})
+
+    async def pause(self) -> None:
+        """Break a post-copy stream's connection on purpose (``migrate-pause``),
+        so it can be recovered: for a side that has not noticed the link is gone."""
+        await self.qmp.execute("migrate-pause")
+
+    async def recover(self, uri: str) -> int:
+        """Listen for a paused post-copy stream's reconnection on ``uri``
+        (``tcp:ADDR:0``, destination side); the port QEMU opened."""
+        await self.qmp.execute("migrate-recover", {"uri": uri})
+        return await self._listening_port()
+
     async def incoming(self, uri: str) -> int:
         """Listen for the stream on ``uri`` (``tcp:ADDR:0``); the port QEMU opened."""
         await self.qmp.execute("migrate-incoming", {"uri": uri})
+        return await self._listening_port()
+
+    async def _listening_port(self) -> int:
         info = await self.qmp.execute("query-migrate")
         addrs = info.get("socket-address") or []
         if not addrs:
             raise QemuError("QEMU opened no incoming migration endpoint")
-        return int(addrs[0]["port"])
+        return int(addrs[-1]["port"])
 
     async def incoming_file(self, uri: str) -> None:
         """Load the stream from a file (``file:PATH,offset=N``)."""
         await self.qmp.execute("migrate-incoming", {"uri": uri})
+
+    async def devices_loaded(self) -> bool:
+        """Destination in post-copy: has QEMU loaded the guest's devices (its run
+        state left ``inmigrate``), so that the guest may run here?"""
+        state = await self.qmp.execute("query-status")
+        return bool(state.get("status") != "inmigrate")
 
     async def query(self, previous: MigrationStats | None = None) -> MigrationStats:
         info = await self.qmp.execute("query-migrate")
