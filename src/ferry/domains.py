@@ -538,10 +538,10 @@ class DomainService:
         ``dom.lock`` held."""
         if dom.proc is not None:
             proc = dom.proc
-            dom.expected_exit = reason
+            dom.expected_exit, dom.guest_powered_off = None, False  # reaped as crashed
             await proc.stop(grace=1.0)
             await self._finish_watch(dom, proc)
-        self._set_state(dom, DomainState.crashed, reason)
+        self.note(dom, reason)
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod

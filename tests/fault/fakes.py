@@ -146,7 +146,9 @@ class FakeQemu:
         self.exited.set()
         self.world.listeners.pop(self.port or -1, None)
         peer = self.peer
-        if peer is not None and peer.mig_status in ("setup", "active"):
+        if peer is not None and peer.mig_status == "postcopy-active":
+            peer.mig_status = "postcopy-paused"  # as QEMU: it waits for a recovery
+        elif peer is not None and peer.mig_status in ("setup", "active"):
             peer.mig_status = "failed"  # the other end of the stream is gone
             if peer.incoming:
                 peer.exit()  # an incoming QEMU whose stream breaks exits
@@ -179,8 +181,25 @@ class FakeQemu:
         return {}
 
     async def cmd_migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
-        for cap in args["capabilities"]:
-            self.caps[cap["capability"]] = cap["state"]
+        caps = {**self.caps, **{c["capability"]: c["state"] for c in args["capabilities"]}}
+        if caps.get("multifd") and caps.get("postcopy-ram"):  # as QEMU 10.0
+            raise QemuError("QEMU refused migrate-set-capabilities: Postcopy is not yet "
+                            "compatible with multifd")
+        self.caps = caps
+        return {}
+
+    async def cmd_migrate_start_postcopy(self, _: dict[str, Any]) -> dict[str, Any]:
+        dest = self.peer
+        if not self.caps.get("postcopy-ram") or dest is None or \
+                not dest.caps.get("postcopy-ram"):
+            raise QemuError("QEMU refused migrate-start-postcopy: postcopy-ram is off")
+        if self.mig_status != "active":
+            raise QemuError("QEMU refused migrate-start-postcopy: not migrating")
+        self.runstate = "finish-migrate"
+        await self.qmp.emit("STOP")
+        self.mig_status = dest.mig_status = "postcopy-active"
+        dest.runstate = "paused"  # its devices are loaded: it may run (cont)
+        self.queries = 0
         return {}
 
     async def cmd_migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +268,14 @@ class FakeQemu:
                                        "port": str(self.port)}]
         if self.mig_status == "failed" and self.error:
             info["error-desc"] = self.error
+        if self.mig_status == "postcopy-active" and not self.incoming:
+            self.queries += 1
+            if self.queries >= self.world.queries_to_converge:  # the rest has arrived
+                self.mig_status = "completed"
+                self.runstate = "postmigrate"
+                if self.peer is not None and self.peer.running_process:
+                    self.peer.mig_status = "completed"
+                    self.peer.incoming = False
         if self.incoming or self.mig_status != "active":
             if self.mig_status == "completed":
                 info.update({"total-time": 500, "downtime": 40, "setup-time": 5})

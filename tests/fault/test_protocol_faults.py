@@ -15,7 +15,7 @@ import pytest
 import ferry.migration.destination as destination
 import ferry.migration.source as source
 from fault.fakes import FakeHost, World, domain
-from ferry.errors import Busy, Conflict, Refused
+from ferry.errors import Busy, Conflict, NotFound, Refused
 from ferry.migration.job import PhaseStep
 from ferry.migration.models import MigrateRequest, Phase
 from ferry.models import DomainConfig, DomainState
@@ -922,3 +922,72 @@ async def test_steering_a_failing_job_or_an_incoming_one_is_refused(world: World
     a.mig.jobs[job_id].failing = False
     a.mig.abort(job_id)
     await settle(world, job_id)
+
+
+# -- post-copy --------------------------------------------------------------------------
+async def test_postcopy_now_completes_and_the_source_never_runs_again(world: World) -> None:
+    await boot(world)
+    src_qemu = world.hosts["a"].qemus()[0]
+    job = await migrate(world, postcopy="now", parallel=2)
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    assert rec["source_facts"]["postcopy_started"] and rec["stats"]["postcopy"]
+    actions = [e["action"] for e in rec["escalations"]]
+    assert actions[:2] == ["stream", "postcopy"], rec["escalations"]  # one stream
+    assert rec["stats"]["channels"] == 0
+    assert src_qemu.runstate == "postmigrate"  # stopped at the switch, never resumed
+    assert_runs_only_on(world, "b")
+    assert_agree(world, job)
+    assert world.hosts["b"].reloc.tails == {}
+
+
+async def test_a_failed_finish_in_postcopy_loses_the_guest_loudly(world: World) -> None:
+    """The destination cannot run the guest after the switch (cont fails): the
+    source copy is stale, so it is stopped, never resumed; its definition stays
+    here, crashed; both records say lost."""
+    await boot(world)
+    world.fail("b", "cont", "error")
+    job = await migrate(world, postcopy="now")
+    rec = await settle(world, job)
+    assert rec["state"] == "lost", rec
+    assert "THE GUEST IS LOST" in rec["error"]["message"]
+    assert state(world.hosts["a"]) == DomainState.crashed
+    assert world.hosts["a"].qemus() == [] and world.hosts["b"].qemus() == []
+    assert "web" not in world.hosts["b"].svc.domains
+    assert_agree(world, job)
+
+
+async def test_destination_qemu_dying_in_the_postcopy_tail_is_lost(world: World) -> None:
+    world.queries_to_converge = 10_000  # the tail never ends by itself
+    await boot(world)
+    job = await migrate(world, postcopy="now")
+    b = world.hosts["b"]
+    for _ in range(500):
+        if b.reloc.tails:
+            break
+        await asyncio.sleep(0.01)
+    assert b.reloc.tails, "the guest should run on b in post-copy"
+    for q in b.qemus():
+        q.exit()
+    rec = await settle(world, job)
+    assert rec["state"] == "lost" and "destination QEMU died" in rec["error"]["message"]
+    assert "web" not in world.hosts["a"].svc.domains and world.hosts["a"].qemus() == []
+    for _ in range(200):
+        if state(b) == DomainState.crashed:
+            break
+        await asyncio.sleep(0.01)
+    assert state(b) == DomainState.crashed  # its definition stays there
+    assert b.record(job)["state"] == "lost"
+
+
+async def test_recover_is_refused_for_a_job_not_in_postcopy(world: World) -> None:
+    world.converges = False
+    await boot(world)
+    job = await migrate(world)
+    a = world.hosts["a"]
+    with pytest.raises(Conflict, match="not in post-copy"):
+        a.mig.recover_postcopy("web")
+    with pytest.raises(NotFound, match="no migration running"):
+        a.mig.recover_postcopy("other")
+    a.mig.abort(job)
+    assert (await settle(world, job))["state"] == "aborted"

@@ -128,3 +128,48 @@ def test_no_eta_while_the_guest_dirties_faster_than_the_stream() -> None:
     s = MigrationStats(status="active", total=1 << 30, transferred=1 << 30,
                        remaining=1 << 28, mbps=800.0, dirty_rate=200 << 20, passes=5)
     assert progress(s, 61.0) == (61.0, None)
+
+
+def test_postcopy_is_the_rung_after_the_stepped_pause_when_allowed() -> None:
+    """--postcopy auto: a guest dirtying faster than the link goes through the
+    pause steps first; once the pause is at its bound and QEMU still expects
+    longer, from POSTCOPY_AFTER_PASSES on, it switches to post-copy. Without
+    --postcopy it never does."""
+    from ferry.migration.convergence import POSTCOPY_AFTER_PASSES
+    auto = MigrateOptions(mode="live", timeout_s=60, postcopy="auto")
+    history, limit, actions = [], 50, []
+    for passes in range(1, POSTCOPY_AFTER_PASSES + 2):
+        history.append(busy(passes, 900))
+        d = decide(history, 5.0, auto, downtime_ms=limit)
+        limit = d.downtime_ms or limit
+        actions.append(d.action)
+    assert actions.index(Action.postcopy) == POSTCOPY_AFTER_PASSES - 1
+    assert limit == auto.max_downtime_ms
+    d = decide(history, 5.0, auto, downtime_ms=limit)
+    assert "not converging" in d.reason and "900 ms" in d.reason
+    assert decide(history, 5.0, LIVE, downtime_ms=limit).action == Action.proceed
+    # converging (QEMU expects to fit the bound) or paused: no post-copy
+    assert decide([busy(9, 200)], 5.0, auto, downtime_ms=300).action == Action.proceed
+    assert decide(history, 5.0, auto, downtime_ms=limit, paused=True).action == \
+        Action.proceed
+
+
+def test_postcopy_now_on_timeout_and_complete() -> None:
+    now = MigrateOptions(mode="live", timeout_s=60, postcopy="now")
+    assert decide([sample(1)], 0.1, now).action == Action.postcopy
+    setup = MigrationStats(status="setup")
+    assert decide([setup], 0.1, now).action == Action.proceed  # not under way yet
+    on_timeout = MigrateOptions(mode="live", timeout_s=60, on_timeout="postcopy")
+    assert on_timeout.postcopy_allowed and not LIVE.postcopy_allowed
+    assert decide(HEAVY, 59.0, on_timeout).action == Action.proceed
+    d = decide(HEAVY, 61.0, on_timeout)
+    assert d.action == Action.postcopy and "on_timeout=postcopy" in d.reason
+    # QEMU refused post-copy: the timeout pauses instead
+    d = decide(HEAVY, 61.0, on_timeout, postcopy_possible=False)
+    assert d.action == Action.pause
+    d = decide(HEAVY, 1.0, on_timeout, complete_requested="asked")
+    assert d.action == Action.postcopy and "asked" in d.reason
+    assert decide(HEAVY, 1.0, LIVE, complete_requested="asked").action == Action.pause
+    offline = MigrateOptions(mode="offline", postcopy="now")
+    assert not offline.postcopy_allowed
+    assert decide([sample(1)], 0.1, offline, paused=True).action == Action.proceed

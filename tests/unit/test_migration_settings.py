@@ -15,6 +15,7 @@ from ferry.models import MigrationSettings
     ({"timeout_s": True}, "timeout_s"), ({"parallel": 2.0}, "parallel"),
     ({"parallel": 0}, "parallel"), ({"compress": "lz4"}, "compress"),
     ({"on_timeout": "explode"}, "on_timeout"), ({"paralel": 2}, "paralel"),
+    ({"postcopy": "sometimes"}, "postcopy"), ({"postcopy": True}, "postcopy"),
 ])
 def test_a_hosts_migration_section_is_strict(bad: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
@@ -32,3 +33,12 @@ def test_each_tunable_comes_from_the_first_layer_that_sets_it() -> None:
     plain = MigrateOptions.resolve(Mode.live, None, None, MigrationSettings())
     assert plain.parallel == default_channels() and plain.compress == "none"
     assert not MigrateOptions.resolve(Mode.live, MigrationSettings(parallel=1)).multifd
+
+
+def test_postcopy_comes_from_the_layers_and_is_off_by_default() -> None:
+    assert MigrateOptions.resolve(Mode.live).postcopy == "never"
+    host = MigrationSettings(postcopy="auto")
+    assert MigrateOptions.resolve(Mode.live, None, None, host).postcopy == "auto"
+    domain = MigrationSettings(postcopy="never")
+    opts = MigrateOptions.resolve(Mode.live, None, domain, host)
+    assert opts.postcopy == "never" and not opts.postcopy_allowed
