@@ -1071,13 +1071,13 @@ def moved_once(sources: list[str | None], src: str, dst: str) -> None:
 
 
 def test_postcopy_now_on_timeout_and_auto_complete_in_postcopy(cluster: Cluster) -> None:
-    """A guest dirtying 32 MiB at 24 MiB/s behind a 12 MiB/s cap: `--postcopy now`,
+    """A guest dirtying 32 MiB at 48 MiB/s behind a 24 MiB/s cap: `--postcopy now`,
     `--on-timeout postcopy` and `--postcopy auto` each finish in post-copy; the
     source copy never answers again once the guest moved, the memory check
     passes and the boot id stays."""
     port = free_port()
     cluster["ma"].create(guest_config("pc", port, bind="",
-                                      cmdline_extra="ferry.mem=32 ferry.dirty=32:24"))
+                                      cmdline_extra="ferry.mem=32 ferry.dirty=32:48"))
     probe = Probe(port, *ADDRS.values())
     try:
         first = probe.wait_up()
@@ -1088,7 +1088,7 @@ def test_postcopy_now_on_timeout_and_auto_complete_in_postcopy(cluster: Cluster)
                  "not converging")]
         for src, dst, flags, why in hops:
             with GapRecorder(port, *ADDRS.values(), interval=0.05) as gaps:
-                job = migrate(cluster[src], "pc", dst, "--live", "--bandwidth", "12",
+                job = migrate(cluster[src], "pc", dst, "--live", "--bandwidth", "24",
                               *flags)
                 time.sleep(0.5)
             assert job["state"] == "completed", job

@@ -496,10 +496,13 @@ def job_set(
 def job_complete(
         job_id: Annotated[str, typer.Argument(help="The job's id (`ferry jobs`).")]
 ) -> None:
-    """Make a live migration finish now: the guest is paused and the rest goes over
-    as an offline copy."""
-    call(lambda c: c.complete_job(job_id))
-    typer.echo(f"completing {job_id}: the guest is paused for the rest of the copy")
+    """Make a live migration finish now: in post-copy if the job allows it
+    (--postcopy auto|now, --on-timeout postcopy), else the guest is paused and the
+    rest goes over as an offline copy."""
+    job = call(lambda c: c.complete_job(job_id))
+    how = "post-copy: the guest runs on at the destination" if job.options is not None \
+        and job.options.postcopy_allowed else "the guest is paused for the rest of the copy"
+    typer.echo(f"completing {job_id}: {how}")
 
 
 @job_app.command("resolve")

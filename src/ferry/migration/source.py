@@ -374,8 +374,8 @@ class MigrationService:
         return job.record
 
     def complete(self, job_id: str) -> JobRecord:
-        """Make a running job finish now: the guest is paused so the rest goes over
-        as an offline copy (post-copy, once Ferry has it, where allowed)."""
+        """Make a running job finish now: in post-copy where the job allows it,
+        else the guest is paused so the rest goes over as an offline copy."""
         job = self._steerable(job_id, "complete it")
         if job.record.mode != Mode.live:
             raise Refused(f"migration {job_id} is offline: the guest is paused already")
