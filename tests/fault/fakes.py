@@ -157,6 +157,7 @@ class FakeQemu:
     async def cmd_cont(self, _: dict[str, Any]) -> dict[str, Any]:
         if self.runstate == "inmigrate":
             raise QemuError("QEMU refused cont: guest expects an incoming migration")
+        self.conts += 1
         self.runstate = "running"
         await self.qmp.emit("RESUME")
         return {}
@@ -260,6 +261,7 @@ class FakeQemu:
         return {}
 
     error = ""
+    conts = 0   # cont commands this QEMU took
 
     async def cmd_query_migrate(self, _: dict[str, Any]) -> dict[str, Any]:
         info: dict[str, Any] = {"status": self.mig_status}

@@ -928,6 +928,7 @@ async def test_steering_a_failing_job_or_an_incoming_one_is_refused(world: World
 async def test_postcopy_now_completes_and_the_source_never_runs_again(world: World) -> None:
     await boot(world)
     src_qemu = world.hosts["a"].qemus()[0]
+    booted = src_qemu.conts  # (the boot's cont)
     job = await migrate(world, postcopy="now", parallel=2)
     rec = await settle(world, job)
     assert rec["state"] == "completed", rec
@@ -935,7 +936,7 @@ async def test_postcopy_now_completes_and_the_source_never_runs_again(world: Wor
     actions = [e["action"] for e in rec["escalations"]]
     assert actions[:2] == ["stream", "postcopy"], rec["escalations"]  # one stream
     assert rec["stats"]["channels"] == 0
-    assert src_qemu.runstate == "postmigrate"  # stopped at the switch, never resumed
+    assert src_qemu.conts == booted  # stopped at the switch, never resumed
     assert_runs_only_on(world, "b")
     assert_agree(world, job)
     assert world.hosts["b"].reloc.tails == {}
@@ -960,6 +961,8 @@ async def test_a_failed_finish_in_postcopy_loses_the_guest_loudly(world: World) 
 async def test_destination_qemu_dying_in_the_postcopy_tail_is_lost(world: World) -> None:
     world.queries_to_converge = 10_000  # the tail never ends by itself
     await boot(world)
+    src_qemu = world.hosts["a"].qemus()[0]
+    booted = src_qemu.conts
     job = await migrate(world, postcopy="now")
     b = world.hosts["b"]
     for _ in range(500):
@@ -972,6 +975,7 @@ async def test_destination_qemu_dying_in_the_postcopy_tail_is_lost(world: World)
     rec = await settle(world, job)
     assert rec["state"] == "lost" and "destination QEMU died" in rec["error"]["message"]
     assert "web" not in world.hosts["a"].svc.domains and world.hosts["a"].qemus() == []
+    assert src_qemu.conts == booted
     for _ in range(200):
         if state(b) == DomainState.crashed:
             break
@@ -991,3 +995,22 @@ async def test_recover_is_refused_for_a_job_not_in_postcopy(world: World) -> Non
         a.mig.recover_postcopy("other")
     a.mig.abort(job)
     assert (await settle(world, job))["state"] == "aborted"
+
+
+async def test_abort_is_refused_once_postcopy_was_asked_for(world: World) -> None:
+    """Between migrate-start-postcopy and QEMU's switch nothing may cancel the
+    stream: the guest would be lost for nothing."""
+    world.queries_to_converge = 10_000
+    await boot(world)
+    job = await migrate(world, postcopy="now")
+    a = world.hosts["a"]
+    for _ in range(500):
+        if a.mig.jobs[job].facts.postcopy_started:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(Refused, match=r"post-copy|too late"):
+        a.mig.abort(job)
+    world.queries_to_converge = 1  # let the tail end
+    rec = await settle(world, job)
+    assert rec["state"] == "completed", rec
+    assert_runs_only_on(world, "b")

@@ -296,10 +296,14 @@ class RelocationService:
         """The commit point of this side is behind: the domain is this host's. (In
         post-copy its memory is still arriving: the tail holds it until then.)"""
         tail = None
-        if req.postcopy and inc.proc is not None and inc.adopted is not None and \
-                await MigrationQmp(inc.proc.qmp).status() != MigrationStatus.completed:
-            tail = Tail(inc.record, inc.adopted, inc.source)
-        elif inc.proc is not None:  # (after cont: not part of the guest's pause)
+        if req.postcopy and inc.proc is not None and inc.adopted is not None:
+            try:
+                done = await MigrationQmp(inc.proc.qmp).status() == MigrationStatus.completed
+            except FerryError:
+                done = False  # (the tail finds out)
+            if not done:
+                tail = Tail(inc.record, inc.adopted, inc.source)
+        if tail is None and inc.proc is not None:  # (after cont: not part of the guest's pause)
             await streamtls.remove(inc.proc.qmp, req.job_id)
         if req.resume and inc.proc is not None:
             await self._announce(inc)
@@ -499,13 +503,20 @@ class RelocationService:
         rec = tail.record if tail is not None else self._stored(req.job_id)
         if rec is None or rec.state not in (JobState.completed, JobState.lost):
             return None  # not resumed here: the usual undo
+        if tail is None and rec.stats.status == MigrationStatus.completed:
+            # its whole memory had arrived: the guest here is whole, it stays
+            return AbortAnswer(aborted=False, state=rec.state)
         if tail is not None and tail.task is not None:
             tail.task.cancel()
         dom = tail.dom if tail is not None else self.domains.domains.get(rec.domain)
         if dom is not None and dom.proc is not None:
             held = tail is not None
             if not held:
-                dom = await self.domains.hold_for_job(dom.name, req.job_id)
+                try:
+                    dom = await self.domains.hold_for_job(dom.name, req.job_id)
+                except FerryError:  # busy with something else: not ours to stop
+                    self._lost(rec, req.reason or "the source says the guest is lost")
+                    return AbortAnswer(aborted=False, state=rec.state)
             try:
                 await self.domains.lose(dom, f"lost in migration {rec.id}: the source "
                                         "said so")
@@ -578,11 +589,10 @@ class RelocationService:
         rec = self._stored(job_id)
         if rec is None:
             raise NotFound(f"no job {job_id} on host {self.host.name}")
-        postcopy = rec.stats.postcopy
+        # (in post-copy the tail saved each status change of the incoming stream)
         return JobStatus(job_id=job_id, state=rec.state, phase=rec.phase, error=rec.error,
                          qemu_alive=False if rec.state == JobState.lost else None,
-                         stream=MigrationStatus.completed
-                         if postcopy and rec.state == JobState.completed else None)
+                         stream=rec.stats.status if rec.stats.postcopy else None)
 
     async def recover(self) -> None:
         """At start: settle incoming jobs of an earlier life from their records.

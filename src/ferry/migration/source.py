@@ -330,6 +330,9 @@ class MigrationService:
         if job.record.phase in (Phase.finish, Phase.confirm):
             raise Refused(f"migration {job_id} is in {job.record.phase.value}: too late to "
                           "abort (the destination is taking over)")
+        if job.facts.postcopy_started:
+            raise Refused(f"migration {job_id} switched to post-copy: too late to abort "
+                          "(the guest goes on at the destination)")
         if job.abort_requested is None:
             job.abort_requested = "aborted by the operator"
             # (in begin the task may not have started: Prepare checks the flag)
@@ -511,9 +514,10 @@ class MigrationService:
                 return
             job.facts.dest_gone = True
             self.records.save(job.record)
-        if job.facts.postcopy_started:
+        if await self._switched(job):
             await self._lose(job, error)
             return
+        job.facts.postcopy_started = False  # asked, but QEMU never switched
         job.outcome = JobState.aborted if isinstance(exc, Aborted) else JobState.failed
         job.record.error = error  # the undo tells the destination why
         undo_errors = await undo_steps(job, self.steps)
@@ -725,6 +729,11 @@ class MigrationService:
                 next_beat = now + HEARTBEAT_S
                 misses = 0 if await self._heartbeat(job, peer) else misses + 1
             job.steered.clear()
+            if job.facts.postcopy_started:
+                # asked to switch: QEMU does at its next pass; nothing may cancel the
+                # stream meanwhile (the guest would be lost for nothing)
+                await mig.wait_change(POLL_S)
+                continue
             if job.options != opts:  # steered (also while Perform was setting up)
                 opts = await self._apply_steering(job, mig, opts)
             decision = decide(job.history, now - start, opts, paused=paused,
@@ -769,6 +778,8 @@ class MigrationService:
         try:
             await mig.start_postcopy()
         except QemuError as exc:
+            if await self._switched(job):  # (its answer was lost, not the switch)
+                return
             # refused at once: nothing switched, pre-copy goes on (and what would
             # have been post-copy becomes a pause)
             job.facts.postcopy_started = False
@@ -778,6 +789,20 @@ class MigrationService:
             return
         job.record.stats = job.record.stats.model_copy(update={"postcopy": True})
         self._escalate(job, "postcopy", why)
+
+    async def _switched(self, job: SourceJob) -> bool:
+        """Has the stream really switched to post-copy (or may it have)? Only the
+        source QEMU can tell before Finish; if it can't say, assume it did."""
+        if not job.facts.postcopy_started:
+            return False
+        dom = job.dom
+        if job.facts.finish_sent or dom is None or dom.proc is None:
+            return True
+        try:
+            status = await MigrationQmp(dom.proc.qmp).status()
+        except FerryError:
+            return True
+        return status in POSTCOPY or status == MigrationStatus.completed
 
     async def _apply_steering(self, job: SourceJob, mig: MigrationQmp,
                               old: MigrateOptions) -> MigrateOptions:
@@ -915,6 +940,8 @@ class MigrationService:
                 continue
             if st.state == JobState.completed:
                 return JobState.completed
+            if st.state == JobState.lost:
+                return JobState.lost
             if st.state in (JobState.failed, JobState.aborted):
                 return JobState.failed
             await asyncio.sleep(1)
@@ -964,7 +991,7 @@ class MigrationService:
         Never resumes the guest here; GuestLost if a QEMU with part of it dies."""
         dom, rec = job.domain(), job.record
         assert job.endpoint is not None
-        tries, next_try, cut_seen = 0, 0.0, None
+        tries, next_try, cut_seen, unanswered = 0, 0.0, None, 0
         async with self.connect(rec.dest, job.endpoint, CALL_TIMEOUT) as peer:
             while True:
                 now = time.monotonic()
@@ -972,6 +999,10 @@ class MigrationService:
                 if dom.proc is None or not dom.proc.alive():
                     if there is not None and there.stream == MigrationStatus.completed:
                         return  # (it had sent everything before it went)
+                    if there is None and unanswered < VERDICT_TRIES:
+                        unanswered += 1  # ask again before calling it lost
+                        await asyncio.sleep(1)
+                        continue
                     raise GuestLost("the source QEMU exited during post-copy, with part "
                                     "of the guest's memory", host=self.host.name)
                 if there is not None and there.qemu_alive is False:
@@ -1020,6 +1051,8 @@ class MigrationService:
                             await mig.pause()
                 else:
                     cut_seen = None
+                if stats.status != MigrationStatus.postcopy_paused:
+                    job.recover_requested.clear()  # (recovered meanwhile)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(job.recover_requested.wait(), 0.25)
 
@@ -1113,6 +1146,8 @@ class MigrationService:
             return None
         if st.state == JobState.completed:
             return JobState.completed
+        if st.state == JobState.lost:
+            return JobState.lost
         if st.state in (JobState.failed, JobState.aborted):
             return JobState.failed
         return None
@@ -1143,9 +1178,10 @@ class MigrationService:
                        "Finish, so it never ran the guest"
         error: dict[str, object] = {"phase": rec.phase.value, "host": self.host.name,
                                     "message": message, "kind": "failed"}
-        if facts.postcopy_started:
+        if verdict == JobState.lost or await self._switched(job):
             await self._lose(job, error)
             return True
+        facts.postcopy_started = False  # asked, but QEMU never switched
         rec.error = error
         job.outcome = JobState.failed
         undo_errors = await undo_steps(job, self.steps)
@@ -1177,6 +1213,9 @@ class MigrationService:
             async with job.settling:
                 verdict = await self._settle(job)
                 settled = await self._conclude(job, verdict, "after a restart")
+            if not settled and job.record.state == JobState.in_doubt:
+                job.resolver = asyncio.create_task(self._resolve(job))
+                return
             if not settled:
                 self._in_doubt(job, {"phase": job.record.phase.value,
                                      "host": job.record.dest, "kind": "failed",
@@ -1219,8 +1258,7 @@ class MigrationService:
             job = SourceJob(rec, dom, endpoint)
             if dom is not None:
                 await self.domains.hold_for_job(dom.name, rec.id)
-            if rec.source_facts.postcopy_started and rec.source_facts.finish_sent \
-                    and rec.state == JobState.running:
+            if rec.source_facts.postcopy_started and rec.source_facts.finish_sent:
                 # the tail may still be serving the guest's memory: settle it in the
                 # background (the domain stays held and is never resumed)
                 self.jobs[rec.id] = job
