@@ -16,6 +16,14 @@
  *     counted in the probe reply;
  *   - on ferry.dirty=<mib>:<mib/s> dirties memory from boot;
  *   - on ferry.marker=STRING fills 1 MiB with STRING (for traffic captures);
+ *   - on ferry.diskwrite=<mib>:<mib/s> writes sequence-numbered, checksummed
+ *     4 KiB blocks over the first <mib> MiB of /dev/vda (O_DIRECT), cyclically:
+ *     write number s goes to block s % blocks, so after S writes every block
+ *     holds the newest s < S that maps to it (a reader of the image outside
+ *     can check that too). "DISKCHECK <seq>" re-reads and verifies every block
+ *     written; "DISKSTOP <seq>" stops writing and flushes; both answer
+ *     "seq=.. disk_seq=S disk_bad=.. disk_errors=.."; ferry.diskmark=STRING
+ *     fills each block's free bytes with STRING (for traffic captures);
  *   - echoes whatever arrives on TCP port ferry.port (up to 4 connections,
  *     non-blocking, in order), so a client outside can stream through the
  *     guest in both directions and check every byte;
@@ -321,6 +329,86 @@ static void do_check(void)
     }
 }
 
+/* -- the disk writer ------------------------------------------------------------ */
+#define DISK_MAGIC 0x314b445952524546ull /* "FERRYDK1" little-endian */
+static int disk_fd = -1;
+static size_t disk_blocks;      /* the written region, in blocks */
+static double disk_rate;        /* blocks per second */
+static uint64_t disk_seq;       /* writes done */
+static uint64_t disk_start_ns, disk_bad, disk_errors;
+static uint8_t *disk_buf, *disk_rbuf;
+static int disk_stopped;
+static char disk_mark[64];
+
+/* block contents of write number seq: magic, block, seq, words from seq (or the
+ * marker), and last the XOR of all words before it */
+static void disk_fill(uint64_t seq, uint64_t *w)
+{
+    uint64_t base = mix(seq);
+    w[0] = DISK_MAGIC;
+    w[1] = seq % disk_blocks;
+    w[2] = seq;
+    for (unsigned j = 3; j < WORDS - 1; j++)
+        w[j] = base + j * 0x2545f4914f6cdd1dull;
+    size_t mlen = strlen(disk_mark);
+    if (mlen)
+        for (size_t off = 24; off + mlen <= PAGE - 8; off += mlen)
+            memcpy((uint8_t *)w + off, disk_mark, mlen);
+    uint64_t x = 0;
+    for (unsigned j = 0; j < WORDS - 1; j++)
+        x ^= w[j];
+    w[WORDS - 1] = x;
+}
+
+static void disk_start(size_t mib, double rate_mib)
+{
+    disk_fd = open("/dev/vda", O_RDWR | O_DIRECT);
+    if (disk_fd < 0 || posix_memalign((void **)&disk_buf, PAGE, PAGE) ||
+        posix_memalign((void **)&disk_rbuf, PAGE, PAGE)) {
+        say("FERRY-AGENT cannot open /dev/vda for writing: %s", strerror(errno));
+        disk_fd = -1;
+        return;
+    }
+    disk_blocks = mib * (1024 * 1024 / PAGE);
+    disk_rate = rate_mib * (1024 * 1024 / PAGE);
+    disk_start_ns = now_ns();
+    say("FERRY-AGENT disk writer: %zu MiB at %.1f MiB/s", mib, rate_mib);
+}
+
+static void do_disk(void)
+{
+    if (disk_fd < 0 || disk_stopped || !disk_blocks)
+        return;
+    uint64_t target = (uint64_t)((double)(now_ns() - disk_start_ns) / 1e9 * disk_rate);
+    for (int k = 0; k < 64 && disk_seq < target; k++) {
+        disk_fill(disk_seq, (uint64_t *)disk_buf);
+        off_t at = (off_t)(disk_seq % disk_blocks) * PAGE;
+        if (pwrite(disk_fd, disk_buf, PAGE, at) != (ssize_t)PAGE) {
+            disk_errors++;
+            return; /* try again next round */
+        }
+        disk_seq++;
+    }
+}
+
+static void disk_check(void)
+{
+    if (disk_fd < 0)
+        return;
+    size_t written = disk_seq < disk_blocks ? (size_t)disk_seq : disk_blocks;
+    for (size_t b = 0; b < written; b++) {
+        /* the newest write that went to block b */
+        uint64_t seq = b + (disk_seq - 1 - b) / disk_blocks * disk_blocks;
+        disk_fill(seq, (uint64_t *)disk_buf);
+        if (pread(disk_fd, disk_rbuf, PAGE, (off_t)b * PAGE) != (ssize_t)PAGE ||
+            memcmp(disk_buf, disk_rbuf, PAGE) != 0) {
+            disk_bad++;
+            say("FERRY-AGENT DISK CORRUPTION block=%zu seq=%llu total=%llu", b,
+                (unsigned long long)seq, (unsigned long long)disk_bad);
+        }
+    }
+}
+
 static void poweroff(void)
 {
     say("FERRY-AGENT poweroff");
@@ -342,6 +430,21 @@ static void handle_probe(int s)
     double rate = 0;
     if (sscanf(buf, "DIRTY %lu %lf", &mib, &rate) == 2) {
         set_dirty(mib, rate);
+    } else if (sscanf(buf, "DISKCHECK %llu", &seq) == 1 ||
+               sscanf(buf, "DISKSTOP %llu", &seq) == 1) {
+        if (buf[4] == 'S') { /* DISKSTOP */
+            disk_stopped = 1;
+            if (disk_fd >= 0)
+                fdatasync(disk_fd);
+        }
+        disk_check();
+        int len = snprintf(out, sizeof out,
+                           "seq=%llu disk_seq=%llu disk_blocks=%zu disk_bad=%llu "
+                           "disk_errors=%llu", seq, (unsigned long long)disk_seq,
+                           disk_blocks, (unsigned long long)disk_bad,
+                           (unsigned long long)disk_errors);
+        sendto(s, out, (size_t)len, 0, (struct sockaddr *)&peer, plen);
+        return;
     } else if (strncmp(buf, "POWEROFF", 8) == 0) {
         poweroff();
     } else if (sscanf(buf, "PROBE %llu", &seq) != 1) {
@@ -435,6 +538,15 @@ int main(void)
             set_dirty(mib, rate);
     }
 
+    if ((v = arg("ferry.diskmark")))
+        snprintf(disk_mark, sizeof disk_mark, "%s", v);
+    if ((v = arg("ferry.diskwrite"))) {
+        unsigned long mib = 0;
+        double rate = 0;
+        if (sscanf(v, "%lu:%lf", &mib, &rate) == 2 && mib)
+            disk_start(mib, rate);
+    }
+
     int ls = tcp_listen(port);
     if (ls < 0)
         say("FERRY-AGENT cannot listen on tcp/%u: %s", port, strerror(errno));
@@ -452,7 +564,7 @@ int main(void)
     say("FERRY-AGENT READY boot_id=%s udp=%u pattern_mib=%zu", boot_id, port, mem_mib);
     uint64_t next_tick = now_ns() + (uint64_t)tick * 1000000000ull, ticks = 0;
     for (;;) {
-        int busy = pattern_pages > 0 || dirty_pages > 0;
+        int busy = pattern_pages > 0 || dirty_pages > 0 || (disk_fd >= 0 && !disk_stopped);
         fds[nbase].fd = ls;
         fds[nbase].events = POLLIN;
         for (int i = 0; i < MAX_CONNS; i++) {
@@ -493,6 +605,7 @@ int main(void)
             }
         }
         do_dirty();
+        do_disk();
         do_check();
         if (tick && now_ns() >= next_tick) {
             ticks++;

@@ -12,6 +12,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -252,11 +253,12 @@ class Probe:
             with contextlib.suppress(OSError):
                 self.sock.sendto(command.encode(), addr)
 
-    def ask(self, timeout: float = 0.5) -> dict[str, str] | None:
-        """One probe; the agent's reply as a dict, or None if none came in time."""
+    def ask(self, timeout: float = 0.5, verb: str = "PROBE") -> dict[str, str] | None:
+        """One probe (or another ``verb`` the agent answers: DISKCHECK, DISKSTOP);
+        the agent's reply as a dict, or None if none came in time."""
         self.seq += 1
         seq = self.seq
-        self.send(f"PROBE {seq}")
+        self.send(f"{verb} {seq}")
         deadline = time.monotonic() + timeout
         self.sock.settimeout(timeout)
         while True:
@@ -282,6 +284,56 @@ class Probe:
             if reply is not None:
                 return reply
         raise AssertionError(f"guest agent at {self.addrs} did not answer in {timeout}s")
+
+
+def disk_check(probe: Probe, verb: str = "DISKCHECK", timeout: float = 30.0
+               ) -> dict[str, str]:
+    """The guest agent re-reads and verifies every block its disk writer wrote."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = probe.ask(5.0, verb)
+        if reply is not None:
+            return reply
+    raise AssertionError(f"the guest agent did not answer {verb} within {timeout}s")
+
+
+_M64 = (1 << 64) - 1
+DISK_MAGIC = 0x314B445952524546
+
+
+def _mix(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def disk_block(seq: int, blocks: int) -> bytes:
+    """What the agent's disk writer puts in a block for write number ``seq``."""
+    base = _mix(seq)
+    words = [DISK_MAGIC, seq % blocks, seq] + [
+        (base + j * 0x2545F4914F6CDD1D) & _M64 for j in range(3, 511)]
+    x = 0
+    for w in words:
+        x ^= w
+    return struct.pack("<512Q", *words, x)
+
+
+def image_holds_writes(image: Path, fmt: str, writes: int, blocks: int) -> list[int]:
+    """Read ``image`` from the host: the blocks that do not hold the newest of
+    ``writes`` writes the agent's disk writer made to them (empty: all do)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image),
+                        str(raw)], check=True, capture_output=True)
+        bad = []
+        with open(raw, "rb") as f:
+            for b in range(min(writes, blocks)):
+                seq = b + (writes - 1 - b) // blocks * blocks
+                f.seek(b * 4096)
+                if f.read(4096) != disk_block(seq, blocks):
+                    bad.append(b)
+        return bad
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -188,13 +188,13 @@ def test_disk_outside_storage_dirs(host: Host, workdir: Path, base: dict[str, An
     with tempfile.NamedTemporaryFile(prefix="fy-outside-", suffix=".raw", dir="/var/tmp") as f:
         err = refuse(host, to_toml(guest_config("outside", 1, disks=[
             {"path": f.name, "format": "raw"}])), workdir)
-        assert "outside the storage directories" in err
+        assert "outside every storage pool" in err
         link = workdir / "sneaky.raw"
         link.symlink_to(f.name)
         try:
             err = refuse(host, to_toml(guest_config("sneaky", 1, disks=[
                 {"path": str(link), "format": "raw"}])), workdir)
-            assert "outside the storage directories" in err
+            assert "outside every storage pool" in err
         finally:
             link.unlink()
 

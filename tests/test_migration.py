@@ -337,7 +337,7 @@ def relocation_request(name: str, **patch: Any) -> dict[str, Any]:
     ({"config": {"disks": [{"path": "/nonexistent/shared/disk.qcow2"}]}},
      "/nonexistent/shared/disk.qcow2"),
     ({"config": {"disks": [{"path": "/etc/shadow", "format": "raw"}]}},
-     "/etc/shadow is outside the storage directories"),
+     "/etc/shadow is outside every storage pool"),
     ({"config": {"memory": 4 * 1024 * 1024}}, "MiB free"),
     ({"protocol": 1}, f"host ma speaks relocation protocol 1, host mb speaks {PROTOCOL_VERSION}"),
     # a newer source's fields this version doesn't know: the versions, not the fields
@@ -1122,9 +1122,11 @@ def start_postcopy(cluster: Cluster, name: str, port: int) -> str:
 def test_a_link_cut_in_postcopy_pauses_both_and_is_recovered(cluster: Cluster,
                                                              workdir: Path) -> None:
     """The stream goes through a relay the test severs mid post-copy: both QEMUs
-    pause (postcopy-paused on both records), ferryd's own recovery tries fail while
-    the link is down and succeed with fresh credentials once it is back; the
-    migration completes and the memory check passes."""
+    pause (postcopy-paused on both records); ferryd's own recovery tries fail
+    while the link is down; once it is back, `ferry migrate NAME --recover`
+    reconnects it with fresh credentials, `ferry job set --bandwidth 0` lifts the
+    cap in the tail, the migration completes and the memory check passes."""
+    from ferry.migration.source import RECOVER_TRIES
     relay_port = free_port(socket.SOCK_STREAM, ADDRS["mc"])
     target = workdir / "relay-target"
     target.write_text("127.0.0.2:1")
@@ -1154,15 +1156,22 @@ def test_a_link_cut_in_postcopy_pauses_both_and_is_recovered(cluster: Cluster,
         wait_for(lambda: cluster["mb"].json("job", "show", job_id)["stats"]["status"]
                  == "postcopy-paused" and ma.json("job", "show", job_id)["stats"]["status"]
                  == "postcopy-paused", 30, "both sides to pause", interval=0.2)
-        wait_for(lambda: any(e["action"] == "recover" and "failed" in e["reason"]
-                             for e in ma.json("job", "show", job_id)["escalations"]),
-                 30, "a recovery try while the link is down", interval=0.3)
+        res = ma.ferry("job", "abort", job_id, check=False)
+        assert res.returncode == 1 and "too late" in res.stderr, res.stderr
+
+        def failed_tries() -> int:
+            return sum(e["action"] == "recover" and "failed" in e["reason"]
+                       for e in ma.json("job", "show", job_id)["escalations"])
+        wait_for(lambda: failed_tries() >= RECOVER_TRIES, 60,
+                 "ferryd's own recovery tries to be used up", interval=0.5)
         link = relay()
-        job = wait_job(ma, job_id)
+        ma.ferry("job", "set", job_id, "--bandwidth", "0")
+        job = json.loads(ma.ferry("migrate", "cut", "--recover", "--json").stdout)
         assert job["state"] == "completed", job
-        assert job["stats"]["recoveries"] >= 2, job["stats"]
-        assert any(e["action"] == "recover" and "recovered" in e["reason"]
-                   for e in job["escalations"]), job["escalations"]
+        assert job["stats"]["recoveries"] > RECOVER_TRIES, job["stats"]
+        reasons = [e["reason"] for e in job["escalations"]]
+        assert any("recovered (by hand" in r for r in reasons), reasons
+        assert any("bandwidth_mibps 3 → 0" in r for r in reasons), reasons
         assert probe.wait_up(10)["corrupt"] == "0"
         assert cluster.has_domain("cut") == ["mb"]
         assert ma.qemu_pids() == []

@@ -74,14 +74,20 @@ def boot_file_blockers(config: DomainConfig, host_name: str) -> list[Blocker]:
 
 
 def disk_blockers(config: DomainConfig, host: HostConfig) -> list[Blocker]:
-    """Disks only inside the host's storage directories, and present there."""
+    """Disks only inside the host's storage pools, and present there (``config``
+    located on this host: ``ferry.storage.localize``)."""
     out = []
     for disk in config.disks:
-        if not host.in_storage(disk.path):
-            dirs = ", ".join(str(d) for d in host.storage_dirs)
+        if disk.path is None or (disk.pool is not None and host.pool(disk.pool) is None):
+            names = ", ".join(p.name for p in host.storage_pools) or "none"
             out.append(Blocker(BlockerCode.disk,
-                               f"disk {disk.path} is outside the storage directories of "
-                               f"host {host.name} ({dirs})"))
+                               f"disk {disk.where}: host {host.name} has no storage pool "
+                               f"{disk.pool!r} (its pools: {names})"))
+        elif not host.in_storage(disk.path):
+            pools = ", ".join(f"{p.name} ({p.path})" for p in host.storage_pools)
+            out.append(Blocker(BlockerCode.disk,
+                               f"disk {disk.path} is outside every storage pool of "
+                               f"host {host.name} ({pools})"))
         elif not disk.path.is_file() and not disk.path.is_block_device():
             out.append(Blocker(BlockerCode.disk,
                                f"disk {disk.path}: no such file on host {host.name}"))

@@ -232,6 +232,19 @@ class FerryClient:
         return self._as(JobRecord, await self.request(
             "POST", f"/v1/domains/{name}/migrate", {**body, "check": False}))
 
+    async def pools(self) -> list[dict[str, Any]]:
+        return list(await self.request("GET", "/v1/pools"))
+
+    async def disks(self, pool: str | None = None) -> list[dict[str, Any]]:
+        return list(await self.request("GET", f"/v1/pools/{pool}/disks" if pool
+                                       else "/v1/disks"))
+
+    async def create_disk(self, pool: str, **body: Any) -> dict[str, Any]:
+        return dict(await self.request("POST", f"/v1/pools/{pool}/disks", body))
+
+    async def delete_disk(self, pool: str, image: str) -> dict[str, Any]:
+        return dict(await self.request("DELETE", f"/v1/pools/{pool}/disks/{image}"))
+
     async def recover_migration(self, name: str) -> JobRecord:
         return self._as(JobRecord, await self.request(
             "POST", f"/v1/domains/{name}/recover"))

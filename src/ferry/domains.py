@@ -40,6 +40,7 @@ from ferry.models import (
 from ferry.net import create_taps, delete_taps
 from ferry.qemu.argv import RuntimePaths, build_argv, taps
 from ferry.qemu.process import QemuProcess, pid_alive, read_pid, remove_runtime_files
+from ferry.storage import localize
 from ferry.store import Store
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ class DomainService:
         doesn't have, and whatever ``typed_blockers`` finds (boot files that are
         missing or not what they claim, disks, a machine type or CPU model this
         host's QEMU doesn't know, bridges); nothing is stored then."""
+        config = localize(config, self.host)
         self.refuse_identity(config)
         total = meminfo()["MemTotal"] // 1024 - self.host.memory_reserve
         if config.memory > total:

@@ -16,7 +16,9 @@ Example (every key optional)::
                                         # (default: address)
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
-    storage_dirs = ["/var/lib/ferry/images"]  # disks must be below one of these
+    storage_dirs = ["/var/lib/ferry/images"]  # directories every host sees at the
+                                        # same path (shared storage): each is a
+                                        # shared pool, "storage", "storage-2", ...
     bridges = ["br0"]                   # bridges domains may use (default: any bridge)
     [announce]                          # after a migration, the destination announces
     rounds = 5                          # the guest's MACs (QEMU announce-self): rounds,
@@ -27,13 +29,19 @@ Example (every key optional)::
     max_downtime_ms = 300               # (a domain's own [migration] table and the
     bandwidth_mibps = 0                 # CLI's flags come first); 0: no cap
     timeout_s = 600                     # pre-copy seconds before on_timeout
-    on_timeout = "pause"                # pause | abort
+    on_timeout = "pause"                # pause | abort | postcopy
+    postcopy = "never"                  # never | auto | now
     parallel = 2                        # TLS channels (default: cores, at most 4)
     compress = "none"                   # none | zstd (of the channels)
     [tls]                               # mutual TLS on the TCP port (ferry pki)
     ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
     cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
     key = "/etc/ferry/pki/host-a.key"
+    [[pools]]                           # storage pools: a disk names a pool and an
+    name = "local"                      # image in it (pool = "local", image =
+    path = "/var/lib/ferry/local"       # "web01.qcow2"), or a path inside one; a
+    shared = false                      # migration copies disks of pools that are
+                                        # not shared (--copy-storage auto)
     [[peers]]                           # other hosts, so they can be named
     name = "host-b"
     address = "192.0.2.2"               # optionally "ADDRESS:PORT"
@@ -57,9 +65,26 @@ from pydantic import (
 
 from ferry import hostsallow
 from ferry.errors import InvalidInput
-from ferry.models import AbsPath, Accel, MigrationSettings, check_name
+from ferry.models import AbsPath, Accel, MigrationSettings, PoolName, check_name
 from ferry.tls import TlsFiles
 from ferry.validation import describe
+
+
+class Pool(BaseModel):
+    """A directory of disk images. ``shared``: every host sees the same files at
+    this pool's path (NFS, a cluster file system), so a migration leaves its
+    disks where they are; otherwise each host has its own, and a migration
+    copies the disks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: PoolName
+    path: AbsPath
+    shared: bool = False
+
+    def holds(self, path: Path) -> bool:
+        real = Path(os.path.realpath(path))
+        return real.is_relative_to(os.path.realpath(self.path))
 
 
 class Peer(BaseModel):
@@ -125,8 +150,10 @@ class HostConfig(BaseModel):
     migration_address: str | None = None
     peers: list[Peer] = Field(default_factory=list)
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
-    # disk images may only live below these directories (requests from peers too)
+    # shared directories (every host sees them at the same path): each is a shared
+    # pool, named storage, storage-2, ... (disks may only live inside a pool)
     storage_dirs: list[AbsPath] = Field(default_factory=lambda: [Path("/var/lib/ferry/images")])
+    pools: list[Pool] = Field(default_factory=list)
     # bridges domains may use; None: any bridge that exists
     bridges: list[str] | None = None
     announce: Announce = Field(default_factory=Announce)
@@ -143,6 +170,31 @@ class HostConfig(BaseModel):
                              "'ferry pki'); set [tls] ca, cert, key, or control_port = 0")
         return self
 
+    @model_validator(mode="after")
+    def _pool_names(self) -> HostConfig:
+        names = [p.name for p in self.storage_pools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two storage pools are named {dup[0]!r} (storage_dirs are the "
+                             "shared pools storage, storage-2, ...)")
+        return self
+
+    @property
+    def storage_pools(self) -> list[Pool]:
+        """The configured pools, then one shared pool per ``storage_dirs`` entry."""
+        implicit = [Pool(name="storage" if i == 0 else f"storage-{i + 1}", path=d,
+                         shared=True) for i, d in enumerate(self.storage_dirs)]
+        return [*self.pools, *implicit]
+
+    def pool(self, name: str) -> Pool | None:
+        return next((p for p in self.storage_pools if p.name == name), None)
+
+    def pool_of(self, path: Path) -> Pool | None:
+        """The pool ``path`` lies in (the deepest, if pools nest)."""
+        found = [p for p in self.storage_pools if p.holds(path)]
+        return max(found, key=lambda p: len(Path(os.path.realpath(p.path)).parts),
+                   default=None)
+
     @field_validator("hosts_allow")
     @classmethod
     def _allow(cls, value: list[str]) -> list[str]:
@@ -157,9 +209,8 @@ class HostConfig(BaseModel):
         return value
 
     def in_storage(self, path: Path) -> bool:
-        """Is ``path`` (symlinks resolved) below one of the storage directories?"""
-        real = Path(os.path.realpath(path))
-        return any(real.is_relative_to(os.path.realpath(d)) for d in self.storage_dirs)
+        """Is ``path`` (symlinks resolved) inside one of the storage pools?"""
+        return self.pool_of(path) is not None
 
     @property
     def migration_ip(self) -> str:

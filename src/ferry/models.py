@@ -61,6 +61,30 @@ def _abs_path(value: Path) -> Path:
 
 AbsPath = Annotated[Path, AfterValidator(_abs_path)]
 
+POOL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def check_pool_name(value: str) -> str:
+    if not isinstance(value, str) or not POOL_RE.fullmatch(value):
+        raise ValueError(f"invalid pool name {value!r}: lowercase letters, digits, '_', "
+                         "'-' (at most 32), starting with a letter")
+    return value
+
+
+def check_image_name(value: str) -> str:
+    """An image inside a pool: a relative path without '..' (``web01.qcow2``,
+    ``base/debian.qcow2``)."""
+    if not isinstance(value, str) or not value or len(value) > 255 or \
+            value.startswith("/") or any(c in value for c in "\0\n\r,") or \
+            any(part in ("", ".", "..") for part in value.split("/")):
+        raise ValueError(f"invalid image name {value!r}: a path inside its pool, without "
+                         "'..', ',' or a leading '/'")
+    return value
+
+
+PoolName = Annotated[str, AfterValidator(check_pool_name)]
+ImageName = Annotated[str, AfterValidator(check_image_name)]
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -78,10 +102,30 @@ class DiskBus(enum.StrEnum):
 
 
 class Disk(Strict):
-    path: AbsPath
+    """A disk: an image in one of the host's storage pools (``pool`` + ``image``),
+    or a ``path`` inside one. Each host resolves the pool to its own directory
+    (``ferry.storage.localize``), so a definition that names pools moves between
+    hosts whose pools live at different paths."""
+
+    path: AbsPath | None = None
+    pool: PoolName | None = None
+    image: ImageName | None = None
     format: DiskFormat = DiskFormat.qcow2
     bus: DiskBus = DiskBus.virtio
     readonly: bool = False
+
+    @model_validator(mode="after")
+    def _where(self) -> Disk:
+        if (self.pool is None) != (self.image is None):
+            raise ValueError("a disk names both 'pool' and 'image' (or a 'path')")
+        if self.path is None and self.pool is None:
+            raise ValueError("a disk needs 'pool' and 'image', or 'path'")
+        return self
+
+    @property
+    def where(self) -> str:
+        """How the operator named it: ``pool:image`` or the path."""
+        return f"{self.pool}:{self.image}" if self.pool else str(self.path)
 
 
 class NicMode(enum.StrEnum):
@@ -251,8 +295,9 @@ class DomainConfig(Strict):
         macs = [nic.mac for nic in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError("two NICs share a MAC address")
-        paths = [d.path for d in self.disks]
-        if len(set(paths)) != len(paths):
+        paths = [d.path for d in self.disks if d.path is not None]
+        images = [(d.pool, d.image) for d in self.disks if d.pool is not None]
+        if len(set(paths)) != len(paths) or len(set(images)) != len(images):
             raise ValueError("two disks share a path")
         return self
 

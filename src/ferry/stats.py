@@ -98,6 +98,8 @@ class MigrationStats(BaseModel):
     postcopy_bytes: int = 0       # sent in post-copy (QEMU's ram.postcopy-bytes)
     postcopy_requests: int = 0    # pages the destination asked for (page faults)
     recoveries: int = 0           # post-copy recoveries after a broken link
+    disk_bytes: int = 0           # disk bytes the mirrors copied (they grow as the
+    disk_total: int = 0           # guest writes) of disk_total
 
     def updated(self, info: dict[str, Any]) -> MigrationStats:
         """These stats with one ``query-migrate`` answer applied: counters QEMU

@@ -24,7 +24,7 @@ CASES: dict[str, dict[str, Any]] = {
     "disk-boot-bridge": {
         "name": "web01", "uuid": UUID, "memory": 2048, "vcpus": 4, "machine": "pc",
         "cpu": "Haswell-noTSX", "accel": "kvm", "serial": False,
-        "disks": [{"path": "/pool/web01.qcow2"},
+        "disks": [{"path": "/pool/web01.qcow2", "pool": "local", "image": "web01.qcow2"},
                   {"path": "/pool/data.raw", "format": "raw", "bus": "scsi", "readonly": True},
                   {"path": "/pool/legacy.raw", "format": "raw", "bus": "ide"}],
         "nics": [{"mac": "52:54:00:aa:bb:cc", "mode": "bridge", "bridge": "br0"},

@@ -118,7 +118,7 @@ def test_disks_inside_storage_and_present(tmp_path: Path) -> None:
     found = disk_blockers(cfg, host)
     assert codes(found) == [BlockerCode.disk] * 2
     assert "gone.qcow2: no such file on host ha" in found[0].message
-    assert "/etc/shadow is outside the storage directories of host ha" in found[1].message
+    assert "/etc/shadow is outside every storage pool of host ha" in found[1].message
 
 
 # -- the domain service classifies by code -------------------------------------------

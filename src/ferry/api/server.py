@@ -10,6 +10,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
 from ferry.migration.savefile import RestoreRequest, SaveRequest, SaveService
 from ferry.migration.source import MigrationService
 from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
+from ferry.storage import DiskCreate, Storage
 from ferry.validation import parse_body
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,44 @@ async def console_ws(request: web.Request) -> web.StreamResponse:
     return await request.app[CONSOLES].serve(request, domain_name(request), relay=True)
 
 
+# -- storage pools and disks ------------------------------------------------------------
+def _storage(request: web.Request) -> Storage:
+    return Storage(request.app[SVC].host)
+
+
+def _users(svc: DomainService, pool: str, path: Path) -> list[str]:
+    """Domains whose definition has this image as a disk."""
+    return [d.name for d in svc.domains.values()
+            if any(disk.path == path or (disk.pool == pool and disk.path is not None
+                                         and disk.path.resolve() == path.resolve())
+                   for disk in d.config.disks)]
+
+
+async def list_pools(request: web.Request) -> web.Response:
+    return ok([p.model_dump() for p in _storage(request).pools()])
+
+
+async def list_disks(request: web.Request) -> web.Response:
+    pool = request.match_info.get("pool")
+    images = await _storage(request).images(pool)
+    return ok([{"pool": p, **i.model_dump()} for p, i in images])
+
+
+async def create_disk(request: web.Request) -> web.Response:
+    req = await body_as(request, DiskCreate)
+    info = await _storage(request).create(request.match_info["pool"], req.name, req.size,
+                                          req.format, req.backing)
+    return ok({"pool": request.match_info["pool"], **info.model_dump()}, status=201)
+
+
+async def delete_disk(request: web.Request) -> web.Response:
+    storage, pool = _storage(request), request.match_info["pool"]
+    image = request.match_info["image"]
+    path = storage.image_path(storage.pool(pool), image)
+    await storage.delete(pool, image, _users(request.app[SVC], pool, path))
+    return ok({"deleted": f"{pool}:{image}"})
+
+
 # -- save and restore -----------------------------------------------------------------
 async def save_domain(request: web.Request) -> web.Response:
     req = await body_as(request, SaveRequest)
@@ -230,6 +270,11 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[MIG] = migrations
     app[SAVES] = SaveService(svc)
     app.router.add_get("/v1/host", get_host)
+    app.router.add_get("/v1/pools", list_pools)
+    app.router.add_get("/v1/disks", list_disks)
+    app.router.add_get("/v1/pools/{pool}/disks", list_disks)
+    app.router.add_post("/v1/pools/{pool}/disks", create_disk)
+    app.router.add_delete("/v1/pools/{pool}/disks/{image:.+}", delete_disk)
     app.router.add_post("/v1/domains/{name}/save", save_domain)
     app.router.add_post("/v1/restore", restore_domain)
     app.router.add_post("/v1/domains/{name}/migrate", migrate_domain)

@@ -21,8 +21,15 @@ from ferry import __version__
 from ferry.cli.target import Target
 from ferry.client import DEFAULT_SOCKET, FerryClient
 from ferry.errors import FerryError, InvalidInput
-from ferry.migration.models import JobRecord, JobState, Mode
-from ferry.models import MAX_CHANNELS, Compression, DomainInfo, OnTimeout, Postcopy
+from ferry.migration.models import CopyStorage, JobRecord, JobState, Mode
+from ferry.models import (
+    MAX_CHANNELS,
+    Compression,
+    DiskFormat,
+    DomainInfo,
+    OnTimeout,
+    Postcopy,
+)
 
 T = TypeVar("T")
 
@@ -164,7 +171,8 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
         rows += [("kernel", str(cfg.kernel)), ("initrd", str(cfg.initrd or "-")),
                  ("cmdline", cfg.cmdline)]
     for i, disk in enumerate(cfg.disks):
-        rows.append((f"disk{i}", f"{disk.path} ({disk.format.value}, {disk.bus.value})"))
+        where = f"{disk.where} ({disk.path})" if disk.pool else str(disk.path)
+        rows.append((f"disk{i}", f"{where} ({disk.format.value}, {disk.bus.value})"))
     for i, nic in enumerate(cfg.nics):
         where = nic.bridge or nic.mode.value
         rows.append((f"nic{i}", f"{nic.mac} {nic.model.value} on {where}"))
@@ -358,6 +366,12 @@ def migrate(
     compress: Annotated[Compression | None, typer.Option(
         help="Compress the channels: none or zstd (costs CPU; pays off only on a slow "
         "link) [default: \\[migration], else none].", show_default=False)] = None,
+    copy_storage: Annotated[CopyStorage, typer.Option(
+        help="Which disks to copy to DEST while the guest runs: 'auto' those in pools "
+        "that are not shared, 'all', or 'none' (DEST has them).")] = CopyStorage.auto,
+    keep_source_disks: Annotated[bool, typer.Option(
+        "--keep-source-disks", help="Keep the copied disks on this host after the "
+        "migration (by default they are deleted once the guest runs on DEST).")] = False,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     recover: Annotated[bool, typer.Option(
@@ -378,6 +392,7 @@ def migrate(
              "timeout_s": timeout, "on_timeout": on_timeout, "postcopy": postcopy,
              "parallel": parallel, "compress": compress}
     body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
+            "copy_storage": copy_storage.value, "keep_source_disks": keep_source_disks,
             **{k: getattr(v, "value", v) for k, v in given.items() if v is not None}}
     if check:
         res = call(lambda c: c.check_migration(name, **body))
@@ -547,6 +562,95 @@ def migrations(as_json: JsonOpt = False) -> None:
         return print_json(data)
     from ferry.cli.progress import records_table
     _console().print(records_table(data))
+
+
+# -- storage pools and disks --------------------------------------------------------------
+pool_app = typer.Typer(help="This host's storage pools ([[pools]], storage_dirs).",
+                       no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+disk_app = typer.Typer(help="Disk images in this host's storage pools (qemu-img).",
+                       no_args_is_help=True)
+app.add_typer(disk_app, name="disk")
+PoolArg = Annotated[str, typer.Argument(help="A storage pool's name (`ferry pool list`).",
+                                        show_default=False)]
+ImageArg = Annotated[str, typer.Argument(help="The image's name inside the pool, e.g. "
+                                         "web01.qcow2.", show_default=False)]
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return str(n)
+
+
+@pool_app.command("list")
+def pool_list(as_json: JsonOpt = False) -> None:
+    """Each pool: its path, shared or not, capacity, free space, images."""
+    from rich.table import Table
+    pools = call(lambda c: c.pools())
+    if as_json:
+        return print_json(pools)
+    table = Table(box=None, header_style="bold")
+    for col in ("POOL", "PATH", "SHARED", "CAPACITY", "FREE", "IMAGES"):
+        table.add_column(col)
+    for p in pools:
+        table.add_row(p["name"], p["path"], "yes" if p["shared"] else "no",
+                      _size(p["capacity"]), _size(p["free"]), str(p["images"]))
+    _console().print(table)
+
+
+@disk_app.command("list")
+def disk_list(pool: Annotated[str | None, typer.Argument(
+        help="Only this pool.", show_default=False)] = None,
+        as_json: JsonOpt = False) -> None:
+    """The images in one pool or in all: format, virtual size, allocated, backing."""
+    from rich.table import Table
+    disks = call(lambda c: c.disks(pool))
+    if as_json:
+        return print_json(disks)
+    table = Table(box=None, header_style="bold")
+    for col in ("POOL", "IMAGE", "FORMAT", "SIZE", "ALLOCATED", "BACKING"):
+        table.add_column(col)
+    for d in disks:
+        table.add_row(d["pool"], d["name"], d["format"], _size(d["virtual_size"]),
+                      _size(d["actual_size"]), d["backing"] or "")
+    _console().print(table)
+
+
+@disk_app.command("create")
+def disk_create(
+        pool: PoolArg, name: ImageArg,
+        size: Annotated[str, typer.Option(help="Virtual size: 10G, 512M, ...",
+                                          show_default=False)],
+        fmt: Annotated[DiskFormat, typer.Option("--format", help="Image format.")] =
+        DiskFormat.qcow2,
+        backing: Annotated[str | None, typer.Option(
+            help="An image of the same pool this one overlays (qcow2 only): reads of "
+            "what was never written come from it.", show_default=False)] = None,
+        as_json: JsonOpt = False) -> None:
+    """Create an empty image in a pool (refused if one of that name exists)."""
+    from ferry.storage import parse_size
+    try:
+        nbytes = parse_size(size)
+    except FerryError as exc:
+        fail(exc.message, 2)
+    body: dict[str, Any] = {"name": name, "size": nbytes, "format": fmt.value}
+    if backing is not None:
+        body["backing"] = backing
+    info = call(lambda c: c.create_disk(pool, **body))
+    if as_json:
+        return print_json(info)
+    typer.echo(f"created {pool}:{info['name']} ({info['format']}, "
+               f"{_size(info['virtual_size'])})")
+
+
+@disk_app.command("delete")
+def disk_delete(pool: PoolArg, name: ImageArg) -> None:
+    """Delete an image (refused while a domain's definition uses it, or another
+    image is backed by it)."""
+    call(lambda c: c.delete_disk(pool, name))
+    typer.echo(f"deleted {pool}:{name}")
 
 
 # -- certificates ----------------------------------------------------------------------

@@ -29,6 +29,8 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
     rec = _record(job)
     s = rec.stats
     parts = [f"phase {rec.phase.value}"]
+    if s.disk_total:
+        parts.append(f"disks {mib(s.disk_bytes)}/{mib(s.disk_total)}")
     if s.progress_pct is not None:
         if s.eta_s is not None:
             eta = f", ETA {s.eta_s:.0f} s"
@@ -79,6 +81,10 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
     if s.transferred:
         lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
                      f"in {s.passes} passes")
+    if s.disk_total:
+        took = times.get("disk_copy")
+        lines.append(f"  disks:      {mib(s.disk_bytes)} copied"
+                     + (f", first pass {took:.1f} s" if took is not None else ""))
     if s.postcopy:
         lines.append(f"  post-copy:  {mib(s.postcopy_bytes)} sent after the guest moved, "
                      f"{s.postcopy_requests} pages it asked for"

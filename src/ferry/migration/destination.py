@@ -30,7 +30,7 @@ from ferry.domains import Domain, DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
-from ferry.migration import streamtls
+from ferry.migration import storagecopy, streamtls
 from ferry.migration.job import JobRecords
 from ferry.migration.models import (
     FINAL_STATES,
@@ -56,6 +56,7 @@ from ferry.models import DomainConfig, DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
 from ferry.qemu.process import QemuProcess, owns, pid_alive, read_pid
 from ferry.stats import POSTCOPY, MigrationStatus
+from ferry.storage import localize
 from ferry.store import Store
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class RelocationService:
     # -- checks -----------------------------------------------------------------------
     def typed_blockers(self, req: RelocationRequest) -> list[Blocker]:
         """Every reason this host can't take the domain; changes nothing."""
-        cfg, out = req.config, []
+        cfg, out = localize(req.config, self.host), []
         if req.protocol != PROTOCOL_VERSION:
             out.append(Blocker(code="protocol", message=(
                 f"host {req.source} speaks relocation protocol {req.protocol}, host "
@@ -131,8 +132,13 @@ class RelocationService:
                 f"domain {cfg.name} is already arriving on host {self.host.name} from "
                 f"{arrival.source} (job {arrival.job_id})")))
         out += [Blocker(code="name", message=m) for m in self.domains.identity_conflicts(cfg)]
+        # (the disks to copy are not here yet: their own checks instead)
+        copied = {c.index for c in req.copies}
+        present = cfg.model_copy(update={"disks": [d for i, d in enumerate(cfg.disks)
+                                                   if i not in copied]})
         out += [Blocker(code=b.code.value, message=b.message)
-                for b in self.domains.typed_blockers(cfg, to_run=req.running)]
+                for b in self.domains.typed_blockers(present, to_run=req.running)]
+        out += storagecopy.blockers(cfg, self.host, req.copies)
         if req.arch != platform.machine():
             out.append(Blocker(code="arch", message=(
                 f"architecture {req.arch} differs from host {self.host.name}'s "
@@ -175,22 +181,25 @@ class RelocationService:
                           "stream; Ferry never migrates a guest in plaintext",
                           host=self.host.name)
         t0 = time.monotonic()
-        cfg = req.config
+        cfg = localize(req.config, self.host)
         memory = cfg.memory if req.running else 0
         record = JobRecord(id=req.job_id, domain=cfg.name, mode=req.mode,
                            role=Role.destination, source=req.source, dest=self.host.name,
                            phase=Phase.prepare, started=time.time(),
-                           dest_facts=DestinationFacts(config=cfg, reserved_mib=memory))
+                           dest_facts=DestinationFacts(config=cfg, reserved_mib=memory,
+                                                       copies=req.copies))
         inc = Incoming(record, req.source)
         self.incoming[req.job_id] = inc
         self.domains.reserve_arrival(req.job_id, cfg, req.source, memory)
         self.records.enter(record, Phase.prepare)
-        port = 0
+        port, nbd_port = 0, None
         # under the job's lock: an abort (or the lease) that arrives meanwhile, say
         # because the source gave up waiting, undoes this side once it is complete
         async with inc.lock:
             if req.running:
                 try:
+                    await storagecopy.create(cfg, req.copies, inc.facts.images_created,
+                                             lambda: self.records.save(record))
                     inc.facts.qemu_started = True
                     self.records.save(record)
                     inc.proc = await self.domains.launch_incoming(cfg)
@@ -203,6 +212,12 @@ class RelocationService:
                     await streamtls.install(inc.proc.qmp,
                                             self.domains.paths(cfg.name).root,
                                             req.job_id, True, req.stream)
+                    if req.copies:
+                        inc.facts.nbd_started = True
+                        self.records.save(record)
+                        nbd_port = await storagecopy.serve(inc.proc.qmp, req.copies,
+                                                           self.host.migration_ip,
+                                                           req.job_id)
                     port = await mig.incoming(f"tcp:{self.host.migration_ip}:0")
                 except Exception as exc:
                     why = exc.message if isinstance(exc, FerryError) else repr(exc)
@@ -219,7 +234,7 @@ class RelocationService:
         log.info("job %s: ready to receive %s on %s:%d", req.job_id, cfg.name,
                  self.host.migration_ip, port)
         return PrepareAnswer(protocol=PROTOCOL_VERSION,
-                             uri=f"tcp:{self.host.migration_ip}:{port}")
+                             uri=f"tcp:{self.host.migration_ip}:{port}", nbd_port=nbd_port)
 
     async def _watch(self, inc: Incoming) -> None:
         """Undo this side at once when its QEMU exits before Finish (the stream broke,
@@ -405,6 +420,8 @@ class RelocationService:
             return
         proc = inc.proc
         await self._wait_incoming(MigrationQmp(proc.qmp), req.postcopy)
+        if inc.facts.copies:  # no export of the guest's disks once it may run
+            await storagecopy.unserve(proc.qmp, inc.facts.copies)
         if inc.watcher is not None:
             inc.watcher.cancel()  # its QEMU is the domain's now: the domain watches it
         # listed (paused) before it may run: a guest never runs unlisted here
@@ -551,6 +568,7 @@ class RelocationService:
         elif facts.qemu_started:
             await self._drop_qemu(inc.config.name, inc.config, inc.proc)
             inc.proc = None
+        storagecopy.delete_created(facts.images_created)
         self.domains.release_arrival(rec.id)
         self.incoming.pop(rec.id, None)
         self.records.set_state(rec, state, error=self._error(rec, reason, phase, host),
@@ -599,7 +617,9 @@ class RelocationService:
 
         A side whose guest was resumed is the newest copy (the source keeps its own
         paused when Finish goes unanswered): it stays, and the job is completed.
-        Anything else never ran here: undone."""
+        Anything else never ran here: undone. A post-copy whose memory was still
+        arriving gets its tail back (or, its QEMU gone, is lost)."""
+        await self._recover_tails()
         for rec in self.records.running(Role.destination.value):
             facts = rec.dest_facts
             if facts.config is None:  # a record of Ferry 0.1
@@ -625,6 +645,29 @@ class RelocationService:
                 await self.domains.hold_for_job(dom.name, rec.id)
                 inc.adopted = dom
             await self._undo(inc, "ferryd restarted during the migration")
+
+    async def _recover_tails(self) -> None:
+        for raw in self.store.migrations(state=JobState.completed.value):
+            if raw.get("role") != Role.destination.value:
+                continue
+            rec = JobRecord.model_validate(raw)
+            if not rec.stats.postcopy or rec.stats.status == MigrationStatus.completed:
+                continue
+            dom = self.domains.domains.get(rec.domain)
+            if dom is None or dom.proc is None or not dom.proc.alive():
+                self._lost(rec, "the destination QEMU was gone at a ferryd restart "
+                           "during post-copy")
+                continue
+            try:
+                await self.domains.hold_for_job(dom.name, rec.id)
+            except FerryError:
+                log.error("job %s: cannot hold %s to watch its post-copy", rec.id, dom.name)
+                continue
+            tail = Tail(rec, dom, rec.source, rec.stats.status)
+            self.tails[rec.id] = tail
+            tail.task = asyncio.create_task(self._tail(tail))
+            log.warning("job %s: watching the post-copy of %s again after a restart",
+                        rec.id, rec.domain)
 
     async def _recover_old(self, rec: JobRecord) -> None:
         """An incoming job of Ferry 0.1 (its request in ``incoming.json``, no facts):

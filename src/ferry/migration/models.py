@@ -16,6 +16,7 @@ from ferry.errors import Refused
 from ferry.models import (
     MAX_CHANNELS,
     Compression,
+    DiskFormat,
     DomainConfig,
     MigrationSettings,
     OnTimeout,
@@ -35,6 +36,14 @@ JOB_ID = r"^[0-9a-f]{12}$"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class CopyStorage(enum.StrEnum):
+    """Which disks a migration copies to the destination."""
+
+    auto = "auto"   # those in pools that are not shared
+    all = "all"     # every disk (also those in shared pools)
+    none = "none"   # none: the destination has them already
 
 
 class Mode(enum.StrEnum):
@@ -112,6 +121,8 @@ class MigrateOptions(Strict):
     # recovered, and a QEMU that dies loses it; pre-copy with the stepped pause
     # already ends within the bounds (docs/migration.md)
     postcopy: Postcopy = Postcopy.never
+    copy_storage: CopyStorage = CopyStorage.auto
+    keep_source_disks: bool = False   # the copied disks stay on the source after Confirm
 
     @classmethod
     def resolve(cls, mode: Mode, *layers: MigrationSettings | None) -> MigrateOptions:
@@ -147,6 +158,8 @@ class MigrateRequest(MigrationSettings):
     mode: Mode = Mode.offline
     dest: str = Field(min_length=1, max_length=255)
     check: bool = False
+    copy_storage: CopyStorage = CopyStorage.auto
+    keep_source_disks: bool = False
 
 
 class MigrationCheck(BaseModel):
@@ -189,6 +202,15 @@ class Blocker(Strict):
 
 
 # -- the relocation protocol -------------------------------------------------------
+class DiskCopy(Strict):
+    """One disk a migration copies: the destination makes an empty image like it."""
+
+    index: int = Field(ge=0, le=63)          # in the domain's disks
+    format: DiskFormat
+    virtual_size: int = Field(gt=0, le=64 << 40)
+    allocated: int = Field(ge=0, le=64 << 40)  # bytes it takes on the source
+
+
 class RelocationRequest(Strict):
     """Source → destination (check, Prepare): the domain and what it needs there."""
 
@@ -208,6 +230,9 @@ class RelocationRequest(Strict):
     channels: int = Field(default=0, ge=0, le=MAX_CHANNELS)
     compress: Compression = Compression.none
     postcopy: bool = False   # the stream may switch to post-copy (both need postcopy-ram)
+    # the disks to copy: the destination creates each in its pool of the same name
+    # and exports it over NBD (TLS, the job's credentials) for the source's mirror
+    copies: list[DiskCopy] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _compressed_channels(self) -> RelocationRequest:
@@ -225,6 +250,8 @@ class CheckAnswer(Strict):
 class PrepareAnswer(Strict):
     protocol: int = 1
     uri: str | None      # where the stream goes (None: a shut-off domain)
+    # the NBD server (TLS) exporting each copied disk as "disk<index>"
+    nbd_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class FinishRequest(Strict):
@@ -307,6 +334,9 @@ class SourceFacts(BaseModel):
     stream_started: bool = False   # `migrate` was sent: the stream may complete alone
     finish_sent: bool = False      # Finish was sent: the destination may run the guest
     dest_gone: bool = False        # the destination said its copy is gone
+    copied_paths: list[str] = Field(default_factory=list)  # source images being copied
+    mirrors: list[int] = Field(default_factory=list)  # disks whose mirror may run
+    disks_copied: bool = False     # every mirror ended in sync before Finish
     postcopy_started: bool = False  # migrate-start-postcopy was sent: the destination
                                    # may hold the newest state, so ours never resumes
     dest_resumed: bool = False     # Finish answered: the destination runs the guest
@@ -321,6 +351,9 @@ class DestinationFacts(BaseModel):
     config: DomainConfig | None = None   # the arriving domain (its name is reserved)
     reserved_mib: int = 0          # memory reserved for it
     qemu_started: bool = False     # an incoming QEMU may run in its directory
+    copies: list[DiskCopy] = Field(default_factory=list)  # the disks copied here
+    images_created: list[str] = Field(default_factory=list)  # paths made for copies
+    nbd_started: bool = False      # its NBD server may export the copies
     resumed: bool = False          # `cont` was sent: the guest may have run here, so
                                    # this side is never undone again
 

@@ -32,6 +32,7 @@ from ferry.domains import Domain, DomainService
 from ferry.errors import Conflict, Failed, FerryError, InvalidInput, QemuError
 from ferry.models import AbsPath, DomainConfig, DomainInfo, DomainState
 from ferry.qemu.migrate import MigrationQmp
+from ferry.storage import localize
 from ferry.validation import describe
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ class SaveService:
 
     def _check_path(self, path: Path) -> Path:
         if not self.host.in_storage(path):
-            raise InvalidInput(f"save file {path} is outside this host's storage_dirs ("
-                               + ", ".join(str(d) for d in self.host.storage_dirs) + ")")
+            raise InvalidInput(f"save file {path} is outside this host's storage pools ("
+                               + ", ".join(str(p.path) for p in self.host.storage_pools)
+                               + ")")
         return path
 
     # -- save -------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class SaveService:
     async def restore(self, path: Path) -> DomainInfo:
         path = self._check_path(path)
         header = read_header(path)
-        cfg = header.config
+        cfg = localize(header.config, self.host)
         self.domains.refuse_identity(cfg)
         found = self.domains.typed_blockers(cfg, to_run=True)
         if found:

@@ -62,8 +62,14 @@ from ferry.errors import (
 )
 from ferry.failpoints import crash_point, stream_uri
 from ferry.hostconfig import HostConfig
-from ferry.migration import streamtls
-from ferry.migration.convergence import Action, decide, initial_downtime, progress
+from ferry.migration import storagecopy, streamtls
+from ferry.migration.convergence import (
+    HEARTBEAT_MISSES,
+    Action,
+    decide,
+    initial_downtime,
+    progress,
+)
 from ferry.migration.job import JobRecords, PhaseStep, run_steps, undo_steps
 from ferry.migration.models import (
     PROTOCOL_VERSION,
@@ -71,6 +77,7 @@ from ferry.migration.models import (
     AbortRequest,
     Blocker,
     CheckAnswer,
+    DiskCopy,
     FinishAnswer,
     FinishRequest,
     JobRecord,
@@ -92,7 +99,7 @@ from ferry.migration.models import (
     check_protocol,
 )
 from ferry.models import DomainState
-from ferry.qemu.migrate import MigrationQmp, guest_running
+from ferry.qemu.migrate import MigrationQmp, Qmp, guest_running
 from ferry.stats import POSTCOPY, MigrationStats, MigrationStatus
 from ferry.store import Store
 from ferry.tls import client_context
@@ -111,7 +118,7 @@ VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finis
 RESOLVE_EVERY_S = 10.0  # how often an in-doubt job asks the destination again
 HISTORY = 600           # samples of the stream the policy sees
 RECOVER_TRIES = 5       # post-copy: recoveries ferryd tries by itself after a cut
-RECOVER_EVERY_S = 3.0   # between them (then `ferry migrate NAME --recover`)
+RECOVER_EVERY_S = 2.0   # between them (then `ferry migrate NAME --recover`)
 RECOVER_WAIT_S = 10.0   # for a recovered stream to run again
 NOTICE_CUT_S = 3.0      # the destination saw the link break and ours did not: pause
 
@@ -164,6 +171,8 @@ class SourceJob:
     postcopy_refused: bool = False     # QEMU refused migrate-start-postcopy
     recover_requested: asyncio.Event = field(default_factory=asyncio.Event)  # --recover
     stream_status: MigrationStatus | None = None  # in the post-copy tail
+    copies: list[DiskCopy] = field(default_factory=list)  # the disks this job copies
+    nbd_port: int | None = None        # the destination's NBD server for them
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     shutting_down: bool = False
     cleanup_error: str | None = None
@@ -246,21 +255,36 @@ class MigrationService:
                           "docs/security.md)")
         client_context(self.host.tls)  # InvalidInput if its files are unreadable
 
-    def _relocation(self, job_id: str, dom: Domain, opts: MigrateOptions
-                    ) -> RelocationRequest:
+    def _relocation(self, job_id: str, dom: Domain, opts: MigrateOptions,
+                    copies: list[DiskCopy] | None = None) -> RelocationRequest:
         return RelocationRequest(protocol=PROTOCOL_VERSION, job_id=job_id,
                                  source=self.host.name, config=dom.config, mode=opts.mode,
                                  running=dom.proc is not None, accel=dom.accel,
                                  arch=platform.machine(),
                                  channels=opts.parallel if opts.multifd else 0,
                                  compress=opts.compress,
-                                 postcopy=opts.postcopy_allowed and dom.proc is not None)
+                                 postcopy=opts.postcopy_allowed and dom.proc is not None,
+                                 copies=copies or [])
 
     def options(self, dom: Domain, req: MigrateRequest) -> MigrateOptions:
         """The job's options: the request's, then the domain's and this host's
         ``[migration]`` defaults, then Ferry's."""
-        return MigrateOptions.resolve(req.mode, req, dom.config.migration,
+        opts = MigrateOptions.resolve(req.mode, req, dom.config.migration,
                                       self.host.migration)
+        return opts.model_copy(update={"copy_storage": req.copy_storage,
+                                       "keep_source_disks": req.keep_source_disks})
+
+    async def _copies(self, dom: Domain, opts: MigrateOptions) -> list[DiskCopy]:
+        """The disks this job copies; Refused for a shut-off domain with disks to
+        copy (not done yet: it needs a QEMU to serve them)."""
+        copies = await storagecopy.plan(dom.config, self.host, opts.copy_storage)
+        if copies and dom.proc is None:
+            raise Refused(f"domain {dom.name} is shut off and has disks to copy "
+                          f"({', '.join(dom.config.disks[c.index].where for c in copies)}); "
+                          "Ferry copies disks only of a running domain so far: start it, "
+                          "or --copy-storage none if the destination has them",
+                          domain=dom.name, blocker="disk")
+        return copies
 
     def _begin_blockers(self, dom: Domain) -> list[Blocker]:
         out = []
@@ -277,7 +301,13 @@ class MigrationService:
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         out = [b.message for b in self._begin_blockers(dom)]
-        rel = self._relocation("0" * 12, dom, self.options(dom, req))
+        opts = self.options(dom, req)
+        try:
+            copies = await self._copies(dom, opts)
+        except FerryError as exc:
+            out.append(exc.message)
+            copies = []
+        rel = self._relocation("0" * 12, dom, opts, copies)
         async with self.connect(dest_name, endpoint, 30) as peer:
             try:
                 res = parse_answer(CheckAnswer, await peer.request(
@@ -342,7 +372,9 @@ class MigrationService:
                 job.task.cancel()  # don't wait for the destination's answer
         return job.record
 
-    def _steerable(self, job_id: str, what: str) -> SourceJob:
+    def _steerable(self, job_id: str, what: str, in_tail: bool = False) -> SourceJob:
+        """The running job ``job_id``, if it may still be steered (``in_tail``: also
+        while it serves a post-copy's memory in Confirm)."""
         job = self.jobs.get(job_id)
         if job is None:
             incoming = [r for r in self.store.migrations() if r["id"] == job_id
@@ -351,8 +383,10 @@ class MigrationService:
                 raise Refused(f"migration {job_id} arrives here from host "
                               f"{incoming[0]['source']}: {what} there, on its source")
             raise NotFound(f"no running migration {job_id} on host {self.host.name}")
-        if job.record.state != JobState.running or job.failing or job.record.phase in (
-                Phase.finish, Phase.confirm):
+        tail = in_tail and job.record.phase == Phase.confirm and job.facts.dest_resumed \
+            and job.facts.postcopy_started
+        if job.record.state != JobState.running or job.failing or (job.record.phase in (
+                Phase.finish, Phase.confirm) and not tail):
             raise Refused(f"migration {job_id} is {job.record.state.value}"
                           f"{' and failing' if job.failing else ''} in "
                           f"{job.record.phase.value}: too late to {what}")
@@ -364,7 +398,7 @@ class MigrationService:
         """New bandwidth cap and/or allowed pause for a running job: they land in
         the job's options (and so in its record) at once, and in QEMU before the
         next sample (at once if the stream runs)."""
-        job = self._steerable(job_id, "change its limits")
+        job = self._steerable(job_id, "change its limits", in_tail=True)
         changes = req.model_dump(exclude_none=True)
         if not changes:
             raise InvalidInput("say what to change: --bandwidth and/or --max-downtime")
@@ -380,6 +414,10 @@ class MigrationService:
         """Make a running job finish now: in post-copy where the job allows it,
         else the guest is paused so the rest goes over as an offline copy."""
         job = self._steerable(job_id, "complete it")
+        if job.facts.postcopy_started:
+            raise Refused(f"migration {job_id} is in post-copy already: it completes as "
+                          "fast as the link lets it (ferry job set --bandwidth 0 lifts "
+                          "the cap)")
         if job.record.mode != Mode.live:
             raise Refused(f"migration {job_id} is offline: the guest is paused already")
         if job.complete_requested is None:
@@ -393,9 +431,14 @@ class MigrationService:
         ``source``: the operator vouches that the destination does not run it; the
         copy here resumes. ``destination``: the copy here is released."""
         job = self.jobs.get(job_id)
+        if job is not None and job.record.state == JobState.running and \
+                job.facts.dest_resumed and job.stream_status == \
+                MigrationStatus.postcopy_paused:
+            return await self._resolve_tail(job, runs_on)
         if job is None or job.record.state != JobState.in_doubt:
             raise Conflict(f"migration {job_id} is not in doubt on host {self.host.name}: "
-                           "only a job in doubt is settled by hand")
+                           "only a job in doubt (or a post-copy whose stream is paused) "
+                           "is settled by hand")
         async with job.settling:  # not while the resolver is settling it
             if job.record.state != JobState.in_doubt:
                 return job.record  # the destination answered meanwhile: that stands
@@ -422,6 +465,26 @@ class MigrationService:
                 job.resolver.cancel()
             self._end(job)
             return job.record
+
+    async def _resolve_tail(self, job: SourceJob, runs_on: Role) -> JobRecord:
+        """The operator gives up a post-copy whose stream is paused (the destination
+        is gone for good): the guest is lost; the stale copy here is stopped."""
+        if runs_on == Role.source:
+            raise Refused(f"migration {job.record.id} had switched to post-copy: the copy "
+                          "here is stale and never runs again (--there gives the guest "
+                          "up as lost)")
+        if job.task is not None:
+            job.shutting_down = True  # (its task ends without settling the job)
+            job.task.cancel()
+            with contextlib.suppress(BaseException):
+                await job.task
+        await self._lose(job, {"phase": job.record.phase.value, "host": job.record.dest,
+                               "message": f"the operator on {self.host.name} gave up the "
+                               f"paused post-copy to {job.record.dest}"})
+        job.record.decided_by = f"the operator on {self.host.name}"
+        self.records.save(job.record)
+        self._end(job)
+        return job.record
 
     def records_json(self) -> list[dict[str, object]]:
         return self.store.migrations()
@@ -576,7 +639,9 @@ class MigrationService:
         if job.abort_requested:
             raise Aborted(job.abort_requested, host=self.host.name, phase="prepare")
         await self._fit_stream_to_postcopy(job)
-        rel = self._relocation(job.record.id, dom, job.options)
+        job.copies = await self._copies(dom, job.options)
+        job.facts.copied_paths = [str(dom.config.disks[c.index].path) for c in job.copies]
+        rel = self._relocation(job.record.id, dom, job.options, job.copies)
         if rel.running:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
                                                                job.record.id)
@@ -591,6 +656,10 @@ class MigrationService:
         res = parse_answer(PrepareAnswer, answer, job.record.dest)
         check_protocol(res.protocol, job.record.dest, self.host.name)
         job.uri = _check_uri(res.uri, rel.running, job.record.dest)
+        if job.copies and res.nbd_port is None:
+            raise Failed(f"destination {job.record.dest} did not export the disks to copy",
+                         host=job.record.dest, phase="prepare")
+        job.nbd_port = res.nbd_port
 
     async def _fit_stream_to_postcopy(self, job: SourceJob) -> None:
         """A job that may switch to post-copy runs one stream where QEMU cannot
@@ -673,11 +742,59 @@ class MigrationService:
             "downtime_limit_ms": downtime})
         if not live and facts.was_running:
             await self.domains.stop_guest(dom, "paused for an offline migration")
+        if job.copies:
+            await self._copy_disks(job, proc.qmp)
         facts.stream_started = True
         self.records.save(job.record)
         crash_point("source-before-migrate")
         await mig.start(stream_uri(str(job.uri)))
         await self._watch_stream(job, mig, opts)
+        if job.copies:  # the guest is stopped: the copies are in sync, end the mirrors
+            await storagecopy.finish(proc.qmp, job.copies)
+            facts.disks_copied = True
+            self.records.save(job.record)
+
+    async def _copy_disks(self, job: SourceJob, qmp: Qmp) -> None:
+        """Mirror each disk to the destination's export until every copy is ready
+        (with progress and heartbeats), then make the mirrors write-blocking so
+        the memory stream can start with the disks in step."""
+        assert job.nbd_port is not None and job.uri is not None
+        host = job.uri.removeprefix("tcp:").rsplit(":", 1)[0]
+        self.records.save(job.record)
+        applied = job.options
+        await storagecopy.start(qmp, job.copies, host, job.nbd_port, job.record.id,
+                                job.facts.mirrors, applied.bandwidth_mibps << 20)
+        self.records.save(job.record)
+        t0, next_beat, misses = time.monotonic(), 0.0, 0
+        while True:
+            if job.options.bandwidth_mibps != applied.bandwidth_mibps:  # job set
+                applied = job.options
+                await storagecopy.set_speed(qmp, job.copies, applied.bandwidth_mibps << 20)
+            done, total, ready = await storagecopy.progress(qmp, job.copies)
+            job.record.stats = job.record.stats.model_copy(
+                update={"disk_bytes": done, "disk_total": total})
+            if ready:
+                break
+            if job.abort_requested:
+                raise Aborted(job.abort_requested, host=self.host.name, phase="perform")
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_S
+                misses = 0 if await self._heartbeat(job, job.client()) else misses + 1
+                if misses >= HEARTBEAT_MISSES:
+                    raise Failed(f"destination ferryd stopped answering during the disk "
+                                 f"copy ({misses} heartbeats missed)", host=job.record.dest,
+                                 phase="perform")
+            if now - t0 > storagecopy.READY_TIMEOUT_S:
+                raise Failed(f"the disk copies did not complete a first pass within "
+                             f"{storagecopy.READY_TIMEOUT_S:g}s ({done} of {total} bytes)",
+                             host=self.host.name, phase="perform")
+            await asyncio.sleep(storagecopy.READY_POLL_S)
+        job.record.phase_times["disk_copy"] = time.monotonic() - t0
+        await storagecopy.write_blocking(qmp, job.copies)
+        self._escalate(job, "disks", f"{len(job.copies)} disk(s) copied once "
+                       f"({total >> 20} MiB in {time.monotonic() - t0:.1f}s); the mirrors "
+                       "now write through to the destination")
 
     async def _watch_stream(self, job: SourceJob, mig: MigrationQmp,
                             applied: MigrateOptions) -> None:
@@ -855,6 +972,8 @@ class MigrationService:
         status = await mig.status()
         if status.in_flight:
             status = await mig.cancel()
+        if facts.mirrors:  # the guest stays on its own disks
+            await storagecopy.undo(dom.proc.qmp, facts.mirrors)
         if status.in_flight:  # QEMU did not wind the stream down in time
             raise Failed(f"the stream is still {status.value} after migrate_cancel: the "
                          "source guest is left as it is", host=self.host.name)
@@ -964,6 +1083,12 @@ class MigrationService:
                 raise
         try:
             await self.domains.release(dom)
+            if job.facts.copied_paths and job.facts.disks_copied \
+                    and not job.options.keep_source_disks:
+                errors = storagecopy.delete_sources(job.facts.copied_paths)
+                if errors:
+                    job.cleanup_error = "the source's copied disks were not all " \
+                                        f"deleted: {'; '.join(errors)}"
         except Exception as exc:
             log.exception("job %s: confirm: releasing the source copy failed",
                           job.record.id)
@@ -992,6 +1117,7 @@ class MigrationService:
         dom, rec = job.domain(), job.record
         assert job.endpoint is not None
         tries, next_try, cut_seen, unanswered = 0, 0.0, None, 0
+        applied = job.options
         async with self.connect(rec.dest, job.endpoint, CALL_TIMEOUT) as peer:
             while True:
                 now = time.monotonic()
@@ -1010,6 +1136,8 @@ class MigrationService:
                                     host=rec.dest)
                 mig = MigrationQmp(dom.proc.qmp)
                 try:
+                    if job.options != applied:  # `ferry job set --bandwidth`
+                        applied = await self._apply_steering(job, mig, applied)
                     stats = await mig.query(rec.stats)
                 except QemuError:
                     await asyncio.sleep(0.25)
@@ -1053,8 +1181,15 @@ class MigrationService:
                     cut_seen = None
                 if stats.status != MigrationStatus.postcopy_paused:
                     job.recover_requested.clear()  # (recovered meanwhile)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(job.recover_requested.wait(), 0.25)
+                job.steered.clear()
+                waits = [asyncio.ensure_future(e.wait())
+                         for e in (job.recover_requested, job.steered)]
+                try:
+                    await asyncio.wait(waits, timeout=0.25,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
 
     async def _dest_status(self, job: SourceJob, peer: FerryClient) -> JobStatus | None:
         try:

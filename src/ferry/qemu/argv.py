@@ -107,6 +107,8 @@ def _disk_args(config: DomainConfig) -> list[str]:
     ide_unit = 0
     for i, disk in enumerate(config.disks):
         node = f"disk{i}"
+        if disk.path is None:  # (every config is located on its host before this)
+            raise ValueError(f"disk {disk.where} has no path on this host")
         ro = "on" if disk.readonly else "off"
         args += [
             "-blockdev",

@@ -81,14 +81,19 @@ class BlockQmp:
         await self.qmp.execute("blockdev-del", {"node-name": node})
 
     async def mirror(self, job_id: str, device: str, target: str,
-                     write_blocking: bool = False) -> None:
+                     write_blocking: bool = False, speed: int = 0) -> None:
         """Copy all of node ``device`` into node ``target`` and keep copying what
         the guest writes (``write_blocking``: a guest write completes only once it
-        is on the target too, so a fast writer can't outrun the copy)."""
+        is on the target too, so a fast writer can't outrun the copy; ``speed``:
+        bytes/s at most, 0: no limit)."""
         await self.qmp.execute("blockdev-mirror", {
             "job-id": job_id, "device": device, "target": target, "sync": "full",
             "copy-mode": "write-blocking" if write_blocking else "background",
-            "auto-dismiss": False})
+            "auto-dismiss": False, "speed": speed})
+
+    async def set_speed(self, job_id: str, speed: int) -> None:
+        """A block job's rate limit, bytes/s (0: none); takes effect at once."""
+        await self.qmp.execute("block-job-set-speed", {"device": job_id, "speed": speed})
 
     async def write_blocking(self, job_id: str) -> None:
         """Switch a running mirror to write-blocking (QEMU 8.2's block-job-change)."""

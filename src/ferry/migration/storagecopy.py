@@ -1,0 +1,265 @@
+"""Copying a domain's disks during its migration (live storage migration).
+
+Disks in pools that are not shared (or every disk, ``--copy-storage all``) are
+copied; the rest stay where both hosts see them.
+
+    source                                        destination
+    plan(): which disks, their sizes ── Prepare ─▶ blockers(): the pool, free space,
+                                                   no image there yet
+                                                   create(): empty images like them
+                                                   (before its QEMU opens them)
+                                                   serve(): NBD server, TLS with the
+    ◀──────────────────────────── nbd_port ─────── job's credentials, one export each
+    start(): an NBD client node per disk,
+    blockdev-mirror (sync full) while the
+    guest runs; ready → write-blocking, so a
+    fast writer cannot outrun the copy; then
+    the memory stream
+    finish(): after the switch-over the
+    mirrors are in sync: cancel (no pivot),   ── Finish ─▶ unserve(): exports and
+    close the nodes                                        server gone before `cont`
+    Confirm: the source's images are deleted
+    (unless --keep-source-disks)
+
+Undo: the source cancels its mirrors (the guest stays on its own disks); the
+destination's undo kills its QEMU and deletes the images it made
+(``images_created``, saved before each is made).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from ferry.errors import Failed, FerryError, QemuError
+from ferry.hostconfig import HostConfig
+from ferry.migration import streamtls
+from ferry.migration.models import Blocker, CopyStorage, DiskCopy
+from ferry.models import DiskFormat, DomainConfig
+from ferry.qemu.block import BlockQmp
+from ferry.qemu.migrate import Qmp
+from ferry.storage import image_info, qemu_img
+
+log = logging.getLogger(__name__)
+
+QCOW2_HEADROOM = 1.10      # a qcow2 copy may take this much more than on the source
+READY_TIMEOUT_S = 3600.0   # for a mirror's first full copy
+READY_POLL_S = 0.1
+
+
+def node(index: int) -> str:
+    """The source QEMU's NBD client node for disk ``index``."""
+    return f"ferry-nbd{index}"
+
+
+def mirror_job(index: int) -> str:
+    return f"ferry-mirror{index}"
+
+
+def export_name(index: int) -> str:
+    return f"disk{index}"
+
+
+# -- the source ----------------------------------------------------------------------
+async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> list[DiskCopy]:
+    """The disks this migration copies, with what the destination needs to make
+    an image like each."""
+    out = []
+    for i, disk in enumerate(config.disks):
+        if disk.path is None or copy == CopyStorage.none:
+            continue
+        pool = host.pool(disk.pool) if disk.pool else host.pool_of(disk.path)
+        if copy == CopyStorage.auto and (pool is None or pool.shared):
+            continue
+        info = await image_info(disk.path)
+        out.append(DiskCopy(index=i, format=disk.format, virtual_size=info.virtual_size,
+                            allocated=info.actual_size))
+    return out
+
+
+async def start(qmp: Qmp, copies: list[DiskCopy], host: str, port: int, job_id: str,
+                started: list[int], speed: int = 0) -> None:
+    """Open each destination export and mirror the disk into it (``started``: the
+    indices whose mirror may run, appended before each starts; ``speed``: the
+    job's bandwidth cap in bytes/s, shared by the mirrors, 0: none)."""
+    block = BlockQmp(qmp)
+    for c in copies:
+        started.append(c.index)
+        await block.open_nbd(node(c.index), host, port, export_name(c.index),
+                             streamtls.object_id(job_id), streamtls.tls_hostname(job_id))
+        await block.mirror(mirror_job(c.index), f"disk{c.index}", node(c.index),
+                           speed=speed // len(copies))
+
+
+async def set_speed(qmp: Qmp, copies: list[DiskCopy], speed: int) -> None:
+    """A new bandwidth cap (bytes/s, 0: none) for the mirrors, shared."""
+    for c in copies:
+        await BlockQmp(qmp).set_speed(mirror_job(c.index), speed // len(copies))
+
+
+async def progress(qmp: Qmp, copies: list[DiskCopy]) -> tuple[int, int, bool]:
+    """(bytes copied, bytes to copy, all ready) over every mirror; QemuError if
+    one failed or is gone."""
+    block = BlockQmp(qmp)
+    jobs = {j.id: j for j in await block.jobs()}
+    done = total = 0
+    ready = True
+    for c in copies:
+        job = jobs.get(mirror_job(c.index))
+        if job is None:
+            raise QemuError(f"the mirror of disk{c.index} is gone")
+        if job.error:
+            raise QemuError(f"the mirror of disk{c.index} failed: {job.error}")
+        done, total, ready = done + job.offset, total + job.length, ready and job.ready
+    return done, total, ready
+
+
+async def write_blocking(qmp: Qmp, copies: list[DiskCopy]) -> None:
+    """From now on each guest write completes only once it is on the copy too."""
+    for c in copies:
+        await BlockQmp(qmp).write_blocking(mirror_job(c.index))
+
+
+async def finish(qmp: Qmp, copies: list[DiskCopy]) -> None:
+    """The guest is stopped and every mirror in sync: end them without pivoting
+    (the copies are complete), close the NBD nodes. Failed if a copy is not
+    complete."""
+    block = BlockQmp(qmp)
+    done, total, ready = await progress(qmp, copies)
+    if not ready or done != total:
+        raise Failed(f"the disk copies are not in sync at the switch-over ({done} of "
+                     f"{total} bytes)")
+    for c in copies:
+        await block.cancel_job(mirror_job(c.index))
+        await block.dismiss(mirror_job(c.index))
+        await block.close_node(node(c.index))
+
+
+async def undo(qmp: Qmp, started: list[int]) -> None:
+    """Stop every mirror that may run and close its node (the guest stays on its
+    own disks); what is already gone is skipped."""
+    block = BlockQmp(qmp)
+    for i in started:
+        with contextlib.suppress(FerryError):
+            await qmp.execute("block-job-cancel", {"device": mirror_job(i), "force": True})
+        with contextlib.suppress(FerryError):
+            await block.dismiss(mirror_job(i), timeout=5.0)
+        with contextlib.suppress(FerryError):
+            await block.close_node(node(i))
+
+
+def delete_sources(paths: list[str]) -> list[str]:
+    """Remove the source's copied images after Confirm; the errors, if any."""
+    errors = []
+    for p in paths:
+        try:
+            Path(p).unlink(missing_ok=True)
+        except OSError as exc:
+            errors.append(f"{p}: {exc.strerror}")
+    return errors
+
+
+# -- the destination -----------------------------------------------------------------
+def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
+             ) -> list[Blocker]:
+    """Why this host can't take the copies (``config`` located here): a missing
+    pool, an image already there, not enough free space (raw: its virtual size;
+    qcow2: what it takes on the source plus 10 %)."""
+    out: list[Blocker] = []
+    need: dict[str, int] = {}
+    for c in copies:
+        if c.index >= len(config.disks):
+            out.append(Blocker(code="disk", message=f"no disk{c.index} to copy"))
+            continue
+        disk = config.disks[c.index]
+        pool = host.pool(disk.pool) if disk.pool else None
+        if pool is None or disk.path is None:
+            names = ", ".join(p.name for p in host.storage_pools) or "none"
+            out.append(Blocker(code="pool", message=(
+                f"disk {disk.where}: host {host.name} has no storage pool "
+                f"{disk.pool!r} to copy it to (its pools: {names})")))
+            continue
+        if disk.path.exists():
+            out.append(Blocker(code="disk", message=(
+                f"disk {disk.where}: image {disk.path} already exists on host "
+                f"{host.name}; Ferry never overwrites one (--copy-storage none uses it)")))
+            continue
+        size = c.virtual_size if c.format == DiskFormat.raw else \
+            int(c.allocated * QCOW2_HEADROOM) + (1 << 20)
+        need[pool.name] = need.get(pool.name, 0) + size
+    for name, size in need.items():
+        pool = host.pool(name)
+        assert pool is not None
+        try:
+            st = os.statvfs(pool.path)
+            free = st.f_bavail * st.f_frsize
+        except OSError as exc:
+            out.append(Blocker(code="pool", message=f"pool {name} on host {host.name}: "
+                               f"{exc.strerror}"))
+            continue
+        if size > free:
+            out.append(Blocker(code="space", message=(
+                f"pool {name} on host {host.name} has {free >> 20} MiB free, the copies "
+                f"need {size >> 20} MiB (raw: the virtual size; qcow2: what it takes on "
+                "the source plus 10 %)")))
+    return out
+
+
+async def create(config: DomainConfig, copies: list[DiskCopy], created: list[str],
+                 save: Callable[[], None]) -> None:
+    """An empty image like each copy's, at its path here (``created``: appended
+    with each path, and ``save``d, before it is made, for the undo)."""
+    for c in copies:
+        path = config.disks[c.index].path
+        assert path is not None
+        if path.exists():  # (appeared since the checks: not ours to remove)
+            raise Failed(f"image {path} already exists; Ferry never overwrites one")
+        created.append(str(path))
+        save()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await qemu_img("create", "-q", "-f", c.format.value, str(path), str(c.virtual_size))
+
+
+def delete_created(paths: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            Path(p).unlink(missing_ok=True)
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (QEMU's NBD server can't pick one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+async def serve(qmp: Qmp, copies: list[DiskCopy], address: str, job_id: str) -> int:
+    """Export each copy's disk node, writable, over QEMU's NBD server (TLS with the
+    job's server credentials); the port."""
+    block = BlockQmp(qmp)
+    for attempt in range(3):
+        port = free_port(address)
+        try:
+            await block.serve_nbd(address, port, streamtls.object_id(job_id))
+            break
+        except QemuError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.1)  # (taken in between: another port)
+    for c in copies:
+        await block.export(f"ferry-export{c.index}", f"disk{c.index}",
+                           export_name(c.index), writable=True)
+    return port
+
+
+async def unserve(qmp: Qmp, copies: list[DiskCopy]) -> None:
+    """No export and no NBD server left (before the guest runs here)."""
+    block = BlockQmp(qmp)
+    for c in copies:
+        with contextlib.suppress(QemuError):
+            await block.remove_export(f"ferry-export{c.index}")
+    await block.stop_nbd()

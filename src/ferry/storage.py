@@ -1,0 +1,215 @@
+"""Storage pools and their images: where a disk lives on this host, and the
+images themselves (``qemu-img``, always with ``--output=json``).
+
+A disk names a pool and an image in it (``pool = "local"``, ``image =
+"web01.qcow2"``) or a path inside a pool. Each host maps the pool's name to
+its own directory (``localize``), so a definition moves between hosts whose
+pools live at different paths. A pool is *shared* when every host sees the same
+files at its path (a migration leaves those disks where they are) and local
+otherwise (a migration copies them).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ferry.errors import Conflict, Failed, InvalidInput, NotFound
+from ferry.hostconfig import HostConfig, Pool
+from ferry.models import DiskFormat, DomainConfig, ImageName
+
+QEMU_IMG_TIMEOUT = 120.0
+
+
+class ImageInfo(BaseModel):
+    """What ``qemu-img info --output=json`` says about an image."""
+
+    name: str                  # inside its pool
+    format: str
+    virtual_size: int          # bytes the guest sees
+    actual_size: int           # bytes it takes on the host
+    backing: str | None = None  # the backing file, as the image names it
+
+
+class DiskCreate(BaseModel):
+    """``POST /v1/pools/POOL/disks``: a new image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ImageName
+    size: int = Field(gt=0, le=64 << 40, description="bytes")
+    format: DiskFormat = DiskFormat.qcow2
+    backing: ImageName | None = None   # an image of the same pool it overlays
+
+
+class PoolInfo(BaseModel):
+    name: str
+    path: str
+    shared: bool
+    capacity: int   # bytes of the file system it lives on
+    free: int       # bytes free there (for this host's root)
+    images: int
+
+
+def localize(config: DomainConfig, host: HostConfig) -> DomainConfig:
+    """``config`` with each disk located on this host: one naming a pool gets its
+    path in this host's pool of that name (none if this host has no such pool);
+    one given by a path inside a pool gets that pool and image too (so it can be
+    located on another host)."""
+    disks = []
+    for disk in config.disks:
+        if disk.pool is not None:
+            assert disk.image is not None
+            pool = host.pool(disk.pool)
+            # (no such pool here: no path, and the disk blocker says so)
+            disks.append(disk.model_copy(update={
+                "path": pool.path / disk.image if pool is not None else None}))
+        elif disk.path is not None and (pool := host.pool_of(disk.path)) is not None:
+            image = Path(os.path.realpath(disk.path)).relative_to(
+                os.path.realpath(pool.path))
+            disks.append(disk.model_copy(update={"pool": pool.name, "image": str(image)}))
+        else:
+            disks.append(disk)  # outside every pool: the disk blocker says so
+    return config.model_copy(update={"disks": disks})
+
+
+async def qemu_img(*args: str) -> str:
+    """Run ``qemu-img ARGS``; its stdout. Failed with its message if it fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise Failed(f"cannot run qemu-img: {exc}") from exc
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT)
+    except TimeoutError as exc:
+        proc.kill()
+        await proc.wait()
+        raise Failed(f"qemu-img {args[0]} took longer than {QEMU_IMG_TIMEOUT:g}s") from exc
+    if proc.returncode != 0:
+        raise Failed(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+async def image_info(path: Path, name: str = "") -> ImageInfo:
+    """The image at ``path`` (``-U``: also while a QEMU has it open)."""
+    data: dict[str, Any] = json.loads(await qemu_img("info", "-U", "--output=json",
+                                                     str(path)))
+    return ImageInfo(name=name or path.name, format=str(data.get("format")),
+                     virtual_size=int(data.get("virtual-size", 0)),
+                     actual_size=int(data.get("actual-size", 0)),
+                     backing=data.get("backing-filename"))
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512M``, ``1T``, ``4096`` (bytes) → bytes; InvalidInput if not."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    number = t[:-1] if unit else t
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        size = 0
+    if size <= 0 or size > 64 << 40:
+        raise InvalidInput(f"invalid size {text!r}: say e.g. 10G, 512M (at most 64T)")
+    return size
+
+
+class Storage:
+    """This host's pools and images."""
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+
+    def pool(self, name: str) -> Pool:
+        pool = self.host.pool(name)
+        if pool is None:
+            names = ", ".join(p.name for p in self.host.storage_pools) or "none"
+            raise NotFound(f"host {self.host.name} has no storage pool {name!r} (its "
+                           f"pools: {names})")
+        return pool
+
+    def image_path(self, pool: Pool, image: str) -> Path:
+        from ferry.models import check_image_name
+        try:
+            check_image_name(image)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        return pool.path / image
+
+    def pools(self) -> list[PoolInfo]:
+        out = []
+        for pool in self.host.storage_pools:
+            try:
+                st = os.statvfs(pool.path)
+                capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+                images = sum(1 for p in pool.path.rglob("*") if p.is_file())
+            except OSError:
+                capacity = free = images = 0
+            out.append(PoolInfo(name=pool.name, path=str(pool.path), shared=pool.shared,
+                                capacity=capacity, free=free, images=images))
+        return out
+
+    def free(self, pool: Pool) -> int:
+        st = os.statvfs(pool.path)
+        return st.f_bavail * st.f_frsize
+
+    async def images(self, pool_name: str | None = None) -> list[tuple[str, ImageInfo]]:
+        """(pool, image) of every image in ``pool_name`` (or every pool)."""
+        pools = [self.pool(pool_name)] if pool_name else self.host.storage_pools
+        out = []
+        for pool in pools:
+            if not pool.path.is_dir():
+                continue
+            for path in sorted(p for p in pool.path.rglob("*") if p.is_file()):
+                name = str(path.relative_to(pool.path))
+                try:
+                    out.append((pool.name, await image_info(path, name)))
+                except Failed:
+                    continue  # not an image qemu-img reads (a save file, a kernel)
+        return out
+
+    async def create(self, pool_name: str, image: str, size: int,
+                     fmt: DiskFormat = DiskFormat.qcow2, backing: str | None = None
+                     ) -> ImageInfo:
+        """A new image ``image`` in ``pool_name`` (``backing``: an image of the same
+        pool it overlays); Conflict if one exists there."""
+        pool = self.pool(pool_name)
+        path = self.image_path(pool, image)
+        if path.exists():
+            raise Conflict(f"image {image} already exists in pool {pool.name} of host "
+                           f"{self.host.name}")
+        args = ["create", "-q", "-f", fmt.value]
+        if backing is not None:
+            if fmt != DiskFormat.qcow2:
+                raise InvalidInput("only a qcow2 image can have a backing image")
+            base = self.image_path(pool, backing)
+            if not base.is_file():
+                raise NotFound(f"no image {backing} in pool {pool.name} to back {image}")
+            info = await image_info(base, backing)
+            args += ["-b", os.path.relpath(base, path.parent), "-F", info.format]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await qemu_img(*args, str(path), str(size))
+        return await image_info(path, image)
+
+    async def delete(self, pool_name: str, image: str, in_use: list[str]) -> None:
+        """Remove ``image``; Conflict while a domain's definition uses it
+        (``in_use``: those domains) or another image is backed by it."""
+        pool = self.pool(pool_name)
+        path = self.image_path(pool, image)
+        if not path.is_file():
+            raise NotFound(f"no image {image} in pool {pool.name} of host {self.host.name}")
+        if in_use:
+            raise Conflict(f"image {pool.name}:{image} is a disk of domain "
+                           f"{', '.join(in_use)}: undefine it or remove the disk first")
+        for _, other in await self.images(pool.name):
+            if other.backing and (path.parent / other.backing).resolve() == path.resolve():
+                raise Conflict(f"image {pool.name}:{image} backs {other.name}: delete that "
+                               "first")
+        path.unlink()
