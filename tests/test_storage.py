@@ -227,3 +227,48 @@ def test_the_disk_copy_is_encrypted(pair: Pair) -> None:
     finally:
         probe.close()
         cleanup(pair, "enc", "enc.qcow2")
+
+
+def test_only_the_top_layer_moves_when_the_base_is_there(pair: Pair) -> None:
+    """The same base image in both hosts' local pools and an overlay the guest
+    writes to: `--check` says only the top layer goes, the record shows the base's
+    bytes not sent, and the destination's overlay reads the base's data."""
+    import shutil
+    import subprocess
+    ma, mb = pair["ma"], pair["mb"]
+    ma.ferry("disk", "create", "local", "base.qcow2", "--size", "64M")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 32M 32M",
+                    str(pair.local["ma"] / "base.qcow2")], check=True, capture_output=True)
+    shutil.copy2(pair.local["ma"] / "base.qcow2", pair.local["mb"] / "base.qcow2")
+    ma.ferry("disk", "create", "local", "inc.qcow2", "--size", "64M", "--backing",
+             "base.qcow2")
+    port = free_port()
+    cfg = guest_config("inc", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
+                       f"{REGION_MIB}:2", disks=[{"pool": "local", "image": "inc.qcow2"}])
+    ma.create(cfg)
+    probe = Probe(port, *ADDRS.values())
+    try:
+        probe.wait_up()
+        check = ma.ferry("migrate", "inc", "mb", "--live", "--check").stdout
+        assert "only its top layer" in check and "base base.qcow2" in check, check
+        job = migrate(ma, "inc", "mb")
+        assert job["state"] == "completed", job
+        (disk,) = job["disks"]
+        assert disk["mode"] == "top" and disk["saved_bytes"] >= 32 << 20, disk
+        assert disk["bytes"] < 24 << 20, disk  # the top layer only, not the 32 MiB base
+        assert disk_check(probe)["disk_bad"] == "0"
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(pair.local["mb"] / "inc.qcow2")],
+            check=True, capture_output=True, text=True).stdout)
+        assert info["backing-filename"] == "base.qcow2", info
+        mb.ferry("destroy", "inc")
+        res = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0xab 32M 32M",
+                              str(pair.local["mb"] / "inc.qcow2")], capture_output=True,
+                             text=True)
+        assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, \
+            res.stdout
+    finally:
+        probe.close()
+        cleanup(pair, "inc", "inc.qcow2")
+        for d in pair.local.values():
+            (d / "base.qcow2").unlink(missing_ok=True)

@@ -121,11 +121,49 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def identity(path: Path, cache_file: Path) -> str:
+    """A base image's identity: the SHA-256 of its file, computed once and cached
+    (in ``cache_file``) by its path, size and modification time, so two hosts can
+    tell they hold the same base without sending it."""
+    st = path.stat()
+    key = os.path.realpath(path)
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    try:
+        cache: dict[str, Any] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp:
+        return str(hit["sha256"])
+    digest = await asyncio.to_thread(_sha256, path)
+    cache[key] = {"stamp": stamp, "sha256": digest}
+    tmp = cache_file.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # (a cache: computed again next time)
+    return digest
+
+
 class Storage:
     """This host's pools and images."""
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host
+
+    @property
+    def identity_cache(self) -> Path:
+        return self.host.state_dir / "image-ids.json"
 
     def pool(self, name: str) -> Pool:
         pool = self.host.pool(name)

@@ -79,8 +79,9 @@ async def check(request: web.Request) -> web.Response:
         return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=[
             Blocker(code="protocol", message=exc.message)]))
     _as_source(request, req.source)
-    return ok(CheckAnswer(protocol=PROTOCOL_VERSION,
-                          blockers=request.app[RELOC].typed_blockers(req)))
+    reloc = request.app[RELOC]
+    return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=reloc.typed_blockers(req),
+                          notes=await reloc.copy_notes(req)))
 
 
 async def prepare(request: web.Request) -> web.Response:

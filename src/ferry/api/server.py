@@ -208,8 +208,8 @@ async def migrate_domain(request: web.Request) -> web.Response:
     req = await body_as(request, MigrateRequest)
     mig = request.app[MIG]
     if req.check:
-        blockers = await mig.check(name, req)
-        return ok({"domain": name, "dest": req.dest, "blockers": blockers})
+        blockers, notes = await mig.check(name, req)
+        return ok({"domain": name, "dest": req.dest, "blockers": blockers, "notes": notes})
     return ok(await mig.start(name, req), status=202)
 
 

@@ -404,6 +404,9 @@ def migrate(
                 typer.echo(f"  - {b}")
         else:
             typer.echo(f"{name} can migrate to {dest}: no blockers")
+        if not as_json:
+            for note in res.notes:
+                typer.echo(f"  {note}")
         if res.blockers:
             raise typer.Exit(1)
         return

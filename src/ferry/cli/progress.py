@@ -81,10 +81,11 @@ def summary(job: dict[str, Any] | JobRecord) -> str:
     if s.transferred:
         lines.append(f"  sent:       {mib(s.transferred)} of {mib(s.total)} "
                      f"in {s.passes} passes")
-    if s.disk_total:
-        took = times.get("disk_copy")
-        lines.append(f"  disks:      {mib(s.disk_bytes)} copied"
-                     + (f", first pass {took:.1f} s" if took is not None else ""))
+    for d in rec.disks:
+        saved = f", {mib(d.get('saved_bytes'))} of its base not sent" \
+            if d.get("saved_bytes") else ""
+        lines.append(f"  disk:       {d.get('disk')}: {mib(d.get('bytes'))} copied "
+                     f"({d.get('mode')}), first pass {d.get('first_pass_s', 0):.1f} s{saved}")
     if s.postcopy:
         lines.append(f"  post-copy:  {mib(s.postcopy_bytes)} sent after the guest moved, "
                      f"{s.postcopy_requests} pages it asked for"

@@ -151,6 +151,17 @@ class RelocationService:
                     f"would use {accel}")))
         return out
 
+    async def copy_notes(self, req: RelocationRequest) -> list[str]:
+        """How each disk of ``req`` would be copied here (``--check``)."""
+        if not req.copies:
+            return []
+        cfg = localize(req.config, self.host)
+        try:
+            tops = await storagecopy.top_only(cfg, self.host, req.copies)
+        except FerryError:
+            tops = []
+        return storagecopy.notes(cfg, self.host, req.copies, tops)
+
     def source_of(self, job_id: str) -> str | None:
         """The host that prepared job ``job_id`` here (open or ended)."""
         inc = self.incoming.get(job_id)
@@ -198,8 +209,11 @@ class RelocationService:
         async with inc.lock:
             if req.running:
                 try:
+                    inc.facts.top_only = await storagecopy.top_only(cfg, self.host,
+                                                                    req.copies)
                     await storagecopy.create(cfg, req.copies, inc.facts.images_created,
-                                             lambda: self.records.save(record))
+                                             lambda: self.records.save(record),
+                                             inc.facts.top_only, self.host)
                     inc.facts.qemu_started = True
                     self.records.save(record)
                     inc.proc = await self.domains.launch_incoming(cfg)
@@ -234,7 +248,8 @@ class RelocationService:
         log.info("job %s: ready to receive %s on %s:%d", req.job_id, cfg.name,
                  self.host.migration_ip, port)
         return PrepareAnswer(protocol=PROTOCOL_VERSION,
-                             uri=f"tcp:{self.host.migration_ip}:{port}", nbd_port=nbd_port)
+                             uri=f"tcp:{self.host.migration_ip}:{port}", nbd_port=nbd_port,
+                             top_only=inc.facts.top_only)
 
     async def _watch(self, inc: Incoming) -> None:
         """Undo this side at once when its QEMU exits before Finish (the stream broke,

@@ -168,6 +168,7 @@ class MigrationCheck(BaseModel):
     domain: str
     dest: str
     blockers: list[str]
+    notes: list[str] = Field(default_factory=list)
 
 
 class SteerRequest(Strict):
@@ -209,6 +210,12 @@ class DiskCopy(Strict):
     format: DiskFormat
     virtual_size: int = Field(gt=0, le=64 << 40)
     allocated: int = Field(ge=0, le=64 << 40)  # bytes it takes on the source
+    # a qcow2 overlay of a base image in the same pool: that base's name and
+    # identity; a destination with the same base gets only the top layer
+    base: str | None = Field(default=None, max_length=255)
+    base_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    base_format: DiskFormat | None = None
+    base_allocated: int = Field(default=0, ge=0, le=64 << 40)
 
 
 class RelocationRequest(Strict):
@@ -245,6 +252,7 @@ class RelocationRequest(Strict):
 class CheckAnswer(Strict):
     protocol: int = 1
     blockers: list[Blocker] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)   # e.g. how each disk is copied
 
 
 class PrepareAnswer(Strict):
@@ -252,6 +260,8 @@ class PrepareAnswer(Strict):
     uri: str | None      # where the stream goes (None: a shut-off domain)
     # the NBD server (TLS) exporting each copied disk as "disk<index>"
     nbd_port: int | None = Field(default=None, ge=1, le=65535)
+    # copied disks whose base image is here already: only their top layer goes
+    top_only: list[int] = Field(default_factory=list)
 
 
 class FinishRequest(Strict):
@@ -352,6 +362,7 @@ class DestinationFacts(BaseModel):
     reserved_mib: int = 0          # memory reserved for it
     qemu_started: bool = False     # an incoming QEMU may run in its directory
     copies: list[DiskCopy] = Field(default_factory=list)  # the disks copied here
+    top_only: list[int] = Field(default_factory=list)   # of them, only their top layer
     images_created: list[str] = Field(default_factory=list)  # paths made for copies
     nbd_started: bool = False      # its NBD server may export the copies
     resumed: bool = False          # `cont` was sent: the guest may have run here, so
@@ -391,6 +402,8 @@ class JobRecord(BaseModel):
     source_facts: SourceFacts = Field(default_factory=SourceFacts)
     dest_facts: DestinationFacts = Field(default_factory=DestinationFacts)
     escalations: list[dict[str, Any]] = Field(default_factory=list)  # time, action, why
+    # each copied disk: index, disk, mode (full | top), bytes, first_pass_s, saved_bytes
+    disks: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any]) -> JobRecord:

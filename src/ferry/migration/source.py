@@ -173,6 +173,7 @@ class SourceJob:
     stream_status: MigrationStatus | None = None  # in the post-copy tail
     copies: list[DiskCopy] = field(default_factory=list)  # the disks this job copies
     nbd_port: int | None = None        # the destination's NBD server for them
+    top_only: list[int] = field(default_factory=list)  # copies of only their top layer
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     shutting_down: bool = False
     cleanup_error: str | None = None
@@ -296,8 +297,10 @@ class MigrationService:
                                message=f"domain {dom.name} is {dom.state.value}"))
         return out
 
-    async def check(self, name: str, req: MigrateRequest) -> list[str]:
-        """Every pre-flight check on both hosts; all blockers at once; no change."""
+    async def check(self, name: str, req: MigrateRequest) -> tuple[list[str], list[str]]:
+        """Every pre-flight check on both hosts; all blockers at once, and notes
+        (how each disk would be copied); no change."""
+        notes: list[str] = []
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         out = [b.message for b in self._begin_blockers(dom)]
@@ -317,7 +320,8 @@ class MigrationService:
                 out.append(f"host {dest_name}: {older_peer(exc, dest_name).message}")
             else:
                 out += [b.message for b in res.blockers]
-        return out
+                notes = res.notes
+        return out, notes
 
     async def start(self, name: str, req: MigrateRequest) -> JobRecord:
         """Begin (synchronously: a busy or unknown domain is refused at once), then run
@@ -660,6 +664,7 @@ class MigrationService:
             raise Failed(f"destination {job.record.dest} did not export the disks to copy",
                          host=job.record.dest, phase="prepare")
         job.nbd_port = res.nbd_port
+        job.top_only = [i for i in res.top_only if i in {c.index for c in job.copies}]
 
     async def _fit_stream_to_postcopy(self, job: SourceJob) -> None:
         """A job that may switch to post-copy runs one stream where QEMU cannot
@@ -750,6 +755,9 @@ class MigrationService:
         await mig.start(stream_uri(str(job.uri)))
         await self._watch_stream(job, mig, opts)
         if job.copies:  # the guest is stopped: the copies are in sync, end the mirrors
+            per = await storagecopy.copied(proc.qmp, job.copies)
+            job.record.disks = [{**d, "bytes": per.get(int(d["index"]), d["bytes"])}
+                                for d in job.record.disks]
             await storagecopy.finish(proc.qmp, job.copies)
             facts.disks_copied = True
             self.records.save(job.record)
@@ -763,7 +771,8 @@ class MigrationService:
         self.records.save(job.record)
         applied = job.options
         await storagecopy.start(qmp, job.copies, host, job.nbd_port, job.record.id,
-                                job.facts.mirrors, applied.bandwidth_mibps << 20)
+                                job.facts.mirrors, applied.bandwidth_mibps << 20,
+                                job.top_only)
         self.records.save(job.record)
         t0, next_beat, misses = time.monotonic(), 0.0, 0
         while True:
@@ -790,7 +799,15 @@ class MigrationService:
                              f"{storagecopy.READY_TIMEOUT_S:g}s ({done} of {total} bytes)",
                              host=self.host.name, phase="perform")
             await asyncio.sleep(storagecopy.READY_POLL_S)
-        job.record.phase_times["disk_copy"] = time.monotonic() - t0
+        took = time.monotonic() - t0
+        job.record.phase_times["disk_copy"] = took
+        per = await storagecopy.copied(qmp, job.copies)
+        job.record.disks = [{
+            "index": c.index, "disk": job.domain().config.disks[c.index].where,
+            "mode": "top" if c.index in job.top_only else "full",
+            "bytes": per.get(c.index, 0), "first_pass_s": round(took, 3),
+            "saved_bytes": c.base_allocated if c.index in job.top_only else 0}
+            for c in job.copies]
         await storagecopy.write_blocking(qmp, job.copies)
         self._escalate(job, "disks", f"{len(job.copies)} disk(s) copied once "
                        f"({total >> 20} MiB in {time.monotonic() - t0:.1f}s); the mirrors "

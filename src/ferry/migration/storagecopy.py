@@ -42,7 +42,7 @@ from ferry.migration.models import Blocker, CopyStorage, DiskCopy
 from ferry.models import DiskFormat, DomainConfig
 from ferry.qemu.block import BlockQmp
 from ferry.qemu.migrate import Qmp
-from ferry.storage import image_info, qemu_img
+from ferry.storage import identity, image_info, qemu_img
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def export_name(index: int) -> str:
 # -- the source ----------------------------------------------------------------------
 async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> list[DiskCopy]:
     """The disks this migration copies, with what the destination needs to make
-    an image like each."""
+    an image like each (and, for an overlay of a base image in the same pool,
+    that base's identity: a destination with the same base gets only the top)."""
     out = []
     for i, disk in enumerate(config.disks):
         if disk.path is None or copy == CopyStorage.none:
@@ -76,13 +77,24 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> lis
         if copy == CopyStorage.auto and (pool is None or pool.shared):
             continue
         info = await image_info(disk.path)
-        out.append(DiskCopy(index=i, format=disk.format, virtual_size=info.virtual_size,
-                            allocated=info.actual_size))
+        copy_ = DiskCopy(index=i, format=disk.format, virtual_size=info.virtual_size,
+                         allocated=info.actual_size)
+        if info.backing and pool is not None and disk.format == DiskFormat.qcow2:
+            base = (disk.path.parent / info.backing).resolve()
+            if pool.holds(base) and base.is_file():
+                base_info = await image_info(base)
+                copy_ = copy_.model_copy(update={
+                    "base": str(base.relative_to(os.path.realpath(pool.path))),
+                    "base_id": await identity(base, host.state_dir / "image-ids.json"),
+                    "base_format": DiskFormat(base_info.format),
+                    "base_allocated": base_info.actual_size})
+        out.append(copy_)
     return out
 
 
 async def start(qmp: Qmp, copies: list[DiskCopy], host: str, port: int, job_id: str,
-                started: list[int], speed: int = 0) -> None:
+                started: list[int], speed: int = 0, top_only: list[int] | None = None
+                ) -> None:
     """Open each destination export and mirror the disk into it (``started``: the
     indices whose mirror may run, appended before each starts; ``speed``: the
     job's bandwidth cap in bytes/s, shared by the mirrors, 0: none)."""
@@ -92,7 +104,7 @@ async def start(qmp: Qmp, copies: list[DiskCopy], host: str, port: int, job_id: 
         await block.open_nbd(node(c.index), host, port, export_name(c.index),
                              streamtls.object_id(job_id), streamtls.tls_hostname(job_id))
         await block.mirror(mirror_job(c.index), f"disk{c.index}", node(c.index),
-                           speed=speed // len(copies))
+                           speed=speed // len(copies), top=c.index in (top_only or []))
 
 
 async def set_speed(qmp: Qmp, copies: list[DiskCopy], speed: int) -> None:
@@ -116,6 +128,13 @@ async def progress(qmp: Qmp, copies: list[DiskCopy]) -> tuple[int, int, bool]:
             raise QemuError(f"the mirror of disk{c.index} failed: {job.error}")
         done, total, ready = done + job.offset, total + job.length, ready and job.ready
     return done, total, ready
+
+
+async def copied(qmp: Qmp, copies: list[DiskCopy]) -> dict[int, int]:
+    """Bytes each disk's mirror has copied so far, by disk index."""
+    jobs = {j.id: j for j in await BlockQmp(qmp).jobs()}
+    return {c.index: jobs[mirror_job(c.index)].offset for c in copies
+            if mirror_job(c.index) in jobs}
 
 
 async def write_blocking(qmp: Qmp, copies: list[DiskCopy]) -> None:
@@ -164,6 +183,50 @@ def delete_sources(paths: list[str]) -> list[str]:
 
 
 # -- the destination -----------------------------------------------------------------
+async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
+                   ) -> list[int]:
+    """The copies whose base image this host has, in the pool of the same name,
+    with the same identity: they get only their top layer."""
+    out = []
+    for c in copies:
+        disk = config.disks[c.index] if c.index < len(config.disks) else None
+        pool = host.pool(disk.pool) if disk is not None and disk.pool else None
+        if c.base is None or c.base_id is None or pool is None:
+            continue
+        base = pool.path / c.base
+        if not base.is_file() or not pool.holds(base):
+            continue
+        try:
+            if await identity(base, host.state_dir / "image-ids.json") == c.base_id:
+                out.append(c.index)
+        except OSError:
+            continue
+    return out
+
+
+def notes(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
+          tops: list[int]) -> list[str]:
+    """How each disk will be copied, for ``ferry migrate --check``."""
+    out = []
+    for c in copies:
+        disk = config.disks[c.index]
+        pool = host.pool(disk.pool) if disk.pool else None
+        free = ""
+        if pool is not None:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(pool.path)
+                free = f"; pool {pool.name} on {host.name} has " \
+                       f"{st.f_bavail * st.f_frsize >> 20} MiB free"
+        if c.index in tops:
+            how = (f"only its top layer ({c.allocated >> 20} MiB; base {c.base} is on "
+                   f"{host.name} already, {c.base_allocated >> 20} MiB not sent)")
+        else:
+            why = f", base {c.base} not on {host.name}" if c.base else ""
+            how = f"in full ({c.virtual_size >> 20} MiB virtual, {c.allocated >> 20} " \
+                  f"MiB allocated{why})"
+        out.append(f"disk {disk.where} copies {how}{free}")
+    return out
+
 def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
              ) -> list[Blocker]:
     """Why this host can't take the copies (``config`` located here): a missing
@@ -188,8 +251,9 @@ def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
                 f"disk {disk.where}: image {disk.path} already exists on host "
                 f"{host.name}; Ferry never overwrites one (--copy-storage none uses it)")))
             continue
+        # (a flattened copy of an overlay takes its base's bytes too, at most)
         size = c.virtual_size if c.format == DiskFormat.raw else \
-            int(c.allocated * QCOW2_HEADROOM) + (1 << 20)
+            int((c.allocated + c.base_allocated) * QCOW2_HEADROOM) + (1 << 20)
         need[pool.name] = need.get(pool.name, 0) + size
     for name, size in need.items():
         pool = host.pool(name)
@@ -210,7 +274,8 @@ def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
 
 
 async def create(config: DomainConfig, copies: list[DiskCopy], created: list[str],
-                 save: Callable[[], None]) -> None:
+                 save: Callable[[], None], tops: list[int] | None = None,
+                 host: HostConfig | None = None) -> None:
     """An empty image like each copy's, at its path here (``created``: appended
     with each path, and ``save``d, before it is made, for the undo)."""
     for c in copies:
@@ -221,7 +286,15 @@ async def create(config: DomainConfig, copies: list[DiskCopy], created: list[str
         created.append(str(path))
         save()
         path.parent.mkdir(parents=True, exist_ok=True)
-        await qemu_img("create", "-q", "-f", c.format.value, str(path), str(c.virtual_size))
+        backing: list[str] = []
+        disk = config.disks[c.index]
+        pool = host.pool(disk.pool) if host is not None and disk.pool else None
+        if c.index in (tops or []) and pool is not None and c.base is not None:
+            base = pool.path / c.base
+            backing = ["-b", os.path.relpath(base, path.parent), "-F",
+                       (c.base_format or DiskFormat.qcow2).value]
+        await qemu_img("create", "-q", "-f", c.format.value, *backing, str(path),
+                       str(c.virtual_size))
 
 
 def delete_created(paths: list[str]) -> None:

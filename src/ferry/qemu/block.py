@@ -81,13 +81,16 @@ class BlockQmp:
         await self.qmp.execute("blockdev-del", {"node-name": node})
 
     async def mirror(self, job_id: str, device: str, target: str,
-                     write_blocking: bool = False, speed: int = 0) -> None:
+                     write_blocking: bool = False, speed: int = 0, top: bool = False
+                     ) -> None:
         """Copy all of node ``device`` into node ``target`` and keep copying what
         the guest writes (``write_blocking``: a guest write completes only once it
         is on the target too, so a fast writer can't outrun the copy; ``speed``:
-        bytes/s at most, 0: no limit)."""
+        bytes/s at most, 0: no limit; ``top``: only the top layer of a backing
+        chain, for a target that has the same backing image)."""
         await self.qmp.execute("blockdev-mirror", {
-            "job-id": job_id, "device": device, "target": target, "sync": "full",
+            "job-id": job_id, "device": device, "target": target,
+            "sync": "top" if top else "full",
             "copy-mode": "write-blocking" if write_blocking else "background",
             "auto-dismiss": False, "speed": speed})
 
