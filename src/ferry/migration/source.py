@@ -1236,14 +1236,21 @@ class MigrationService:
             rec.stats = rec.stats.model_copy(update={"recoveries": gen})
             self.records.save(rec)
             await mig.resume(stream_uri(uri))
-            deadline = time.monotonic() + RECOVER_WAIT_S
+            t0 = time.monotonic()
+            reconnecting = False
             while (status := await mig.status()) in (
                     MigrationStatus.postcopy_paused, MigrationStatus.postcopy_recover_setup,
                     MigrationStatus.postcopy_recover):
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - t0
+                reconnecting = reconnecting or status != MigrationStatus.postcopy_paused
+                if status == MigrationStatus.postcopy_paused and (reconnecting or
+                                                                  waited > 1.0):
+                    raise Failed("the source QEMU could not reconnect (still "
+                                 "postcopy-paused)")
+                if waited > RECOVER_WAIT_S:
                     raise Failed(f"the stream is still {status.value} after "
                                  f"{RECOVER_WAIT_S:g}s")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
             job.stream_status = status
         except FerryError as exc:
             self._escalate(job, "recover", f"recovery {how} failed: {exc.message}")
