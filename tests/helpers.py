@@ -308,18 +308,25 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def disk_block(seq: int, blocks: int) -> bytes:
-    """What the agent's disk writer puts in a block for write number ``seq``."""
+def disk_block(seq: int, blocks: int, mark: str = "") -> bytes:
+    """What the agent's disk writer puts in a block for write number ``seq``
+    (``mark``: its ferry.diskmark)."""
     base = _mix(seq)
     words = [DISK_MAGIC, seq % blocks, seq] + [
         (base + j * 0x2545F4914F6CDD1D) & _M64 for j in range(3, 511)]
+    data = bytearray(struct.pack("<511Q", *words))
+    if mark:
+        m = mark.encode()
+        for off in range(24, 4096 - 8 - len(m) + 1, len(m)):
+            data[off:off + len(m)] = m
     x = 0
-    for w in words:
+    for (w,) in struct.iter_unpack("<Q", bytes(data)):
         x ^= w
-    return struct.pack("<512Q", *words, x)
+    return bytes(data) + struct.pack("<Q", x)
 
 
-def image_holds_writes(image: Path, fmt: str, writes: int, blocks: int) -> list[int]:
+def image_holds_writes(image: Path, fmt: str, writes: int, blocks: int,
+                       mark: str = "") -> list[int]:
     """Read ``image`` from the host: the blocks that do not hold the newest of
     ``writes`` writes the agent's disk writer made to them (empty: all do)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,7 +338,7 @@ def image_holds_writes(image: Path, fmt: str, writes: int, blocks: int) -> list[
             for b in range(min(writes, blocks)):
                 seq = b + (writes - 1 - b) // blocks * blocks
                 f.seek(b * 4096)
-                if f.read(4096) != disk_block(seq, blocks):
+                if f.read(4096) != disk_block(seq, blocks, mark):
                     bad.append(b)
         return bad
 
