@@ -247,3 +247,54 @@ def test_only_the_top_layer_moves_when_the_base_is_there(pair: Pair) -> None:
         cleanup(pair, "inc", "inc.qcow2")
         for d in pair.local.values():
             (d / "base.qcow2").unlink(missing_ok=True)
+
+
+def test_a_ferryd_killed_during_the_mirror_is_settled_at_its_restart(pair: Pair) -> None:
+    """kill -9 of the destination's ferryd mid-mirror: the source gives up (its
+    guest runs on, on its own disk), and the restarted destination removes its
+    QEMU and the image it made. kill -9 of the source's ferryd mid-mirror: its
+    restart stops the mirror and has the destination drop its side. Nothing is
+    orphaned; a retry succeeds."""
+    ma, mb = pair["ma"], pair["mb"]
+    _, probe = disk_guest(pair, "crash", "crash.qcow2", rate=4)
+    image = pair.local["mb"] / "crash.qcow2"
+
+    def mirroring() -> str:
+        job_id = ma.ferry("migrate", "crash", "mb", "--live", "--bandwidth", "1",
+                          "--detach").stdout.strip()
+        wait_for(lambda: ma.json("job", "show", job_id)["stats"]["disk_bytes"] > 0, 30,
+                 "the mirror to copy something", interval=0.2)
+        assert image.is_file()
+        return job_id
+
+    def settled(job_id: str) -> None:
+        job = wait_for(lambda: (j := ma.json("job", "show", job_id))["state"] != "running"
+                       and j, 60, "the job to end")
+        assert job["state"] == "failed", job
+        assert ma.domains()["crash"]["state"] == "running"
+        assert disk_check(probe)["disk_bad"] == "0"
+        wait_for(lambda: mb.json("jobs") == [] and not image.exists()
+                 and mb.qemu_pids() == [], 30, "the destination to drop its side")
+        assert mb.domains() == {}
+
+    try:
+        job_id = mirroring()
+        mb.kill9()
+        wait_for(lambda: ma.json("job", "show", job_id)["state"] != "running", 60,
+                 "the source to give up")
+        mb.start()
+        settled(job_id)
+        job_id = mirroring()
+        ma.kill9()
+        ma.start()
+        settled(job_id)
+        assert ma.json("jobs") == []
+        job = migrate(ma, "crash", "mb")
+        assert job["state"] == "completed", job
+        assert disk_check(probe)["disk_bad"] == "0"
+    finally:
+        probe.close()
+        for h in (ma, mb):
+            if h.proc is None or h.proc.poll() is not None:
+                h.start()
+        cleanup(pair, "crash", "crash.qcow2")
