@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,33 @@ def test_a_ferryd_killed_during_the_mirror_is_settled_at_its_restart(pair: Pair)
             if h.proc is None or h.proc.poll() is not None:
                 h.start()
         cleanup(pair, "crash", "crash.qcow2")
+
+
+def test_a_shut_off_domain_moves_with_its_disk_and_boots_there(pair: Pair) -> None:
+    """A domain that wrote its disk and was shut off: the offline migration
+    copies the disk over the same TLS NBD path (a QEMU with only the disks, on
+    each side), the destination's image holds every block it wrote, and the
+    domain boots there."""
+    ma, mb = pair["ma"], pair["mb"]
+    _, probe = disk_guest(pair, "cold", "cold.qcow2", rate=4)
+    try:
+        time.sleep(1)
+        final = disk_check(probe, "DISKSTOP")
+        ma.ferry("destroy", "cold")
+        assert ma.domains()["cold"]["state"] == "shutoff"
+        res = ma.ferry("migrate", "cold", "mb", "--json")
+        job = json.loads(res.stdout)
+        assert job["state"] == "completed", job
+        assert job["disks"] and job["disks"][0]["bytes"] > 0, job["disks"]
+        assert "cold" not in ma.domains() and not (pair.local["ma"] / "cold.qcow2").exists()
+        assert mb.domains()["cold"]["state"] == "shutoff"
+        assert list((ma.state_dir / "disk-servers").glob("*")) == []
+        assert list((mb.state_dir / "disk-servers").glob("*")) == []
+        assert image_holds_writes(pair.local["mb"] / "cold.qcow2", "qcow2",
+                                  int(final["disk_seq"]), int(final["disk_blocks"])) == []
+        mb.ferry("start", "cold")
+        probe.wait_up()
+        assert disk_check(probe)["disk_bad"] == "0"
+    finally:
+        probe.close()
+        cleanup(pair, "cold", "cold.qcow2")

@@ -38,8 +38,14 @@ from ferry.models import (
     DomainState,
 )
 from ferry.net import create_taps, delete_taps
-from ferry.qemu.argv import RuntimePaths, build_argv, taps
-from ferry.qemu.process import QemuProcess, pid_alive, read_pid, remove_runtime_files
+from ferry.qemu.argv import RuntimePaths, build_argv, disk_server_argv, taps
+from ferry.qemu.process import (
+    QemuProcess,
+    owns,
+    pid_alive,
+    read_pid,
+    remove_runtime_files,
+)
 from ferry.storage import localize
 from ferry.store import Store
 
@@ -498,6 +504,34 @@ class DomainService:
         # its directory is stale, e.g. a console log from an earlier visit
         shutil.rmtree(self.paths(config.name).root, ignore_errors=True)
         return await self._launch(config, self.argv(config, incoming="defer"))
+
+    def disk_server_paths(self, job_id: str) -> RuntimePaths:
+        return RuntimePaths(self.host.state_dir / "disk-servers" / job_id)
+
+    async def launch_disk_server(self, config: DomainConfig, job_id: str) -> QemuProcess:
+        """A QEMU with only the domain's disks (no machine, never run), to copy a
+        shut-off domain's disks during migration ``job_id``."""
+        paths = self.disk_server_paths(job_id)
+        shutil.rmtree(paths.root, ignore_errors=True)
+        paths.root.mkdir(parents=True)
+        argv = disk_server_argv(config, paths, qemu=self.host.qemu)
+        return await self.qemu.launch(f"disks-{config.name}", paths, argv)
+
+    async def stop_disk_server(self, job_id: str, proc: QemuProcess | None = None) -> None:
+        """Stop migration ``job_id``'s disk server, also one an earlier ferryd
+        started (found by its pid file), and remove its directory."""
+        paths = self.disk_server_paths(job_id)
+        if proc is None and paths.root.exists():
+            try:
+                proc = await self.qemu.attach(f"disks-{job_id}", paths)
+            except FerryError:
+                pid = read_pid(paths)
+                if pid is not None and pid_alive(pid) and owns(pid, paths):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        if proc is not None:
+            await proc.stop(grace=1.0)
+        shutil.rmtree(paths.root, ignore_errors=True)
 
     def adopt(self, config: DomainConfig, proc: QemuProcess, state: DomainState,
               reason: str) -> Domain:

@@ -75,6 +75,7 @@ class Incoming:
     adopted: Domain | None = None       # adopted in Finish, not yet resumed
     committed: bool = False             # Finish's cont succeeded: never undone
     last_contact: float = field(default_factory=time.monotonic)
+    disk_server: QemuProcess | None = None  # a shut-off domain's disks, served
 
     @property
     def facts(self) -> DestinationFacts:
@@ -187,9 +188,9 @@ class RelocationService:
         if found:
             raise Refused("; ".join(b.message for b in found),
                           blockers=[b.model_dump() for b in found], host=self.host.name)
-        if req.running and req.stream is None:
+        if (req.running or req.copies) and req.stream is None:
             raise Refused(f"source {req.source} sent no TLS credentials for the migration "
-                          "stream; Ferry never migrates a guest in plaintext",
+                          "stream; Ferry never migrates a guest or a disk in plaintext",
                           host=self.host.name)
         t0 = time.monotonic()
         cfg = localize(req.config, self.host)
@@ -207,6 +208,16 @@ class RelocationService:
         # under the job's lock: an abort (or the lease) that arrives meanwhile, say
         # because the source gave up waiting, undoes this side once it is complete
         async with inc.lock:
+            if not req.running and req.copies:
+                try:
+                    nbd_port = await self._serve_shut_off(inc, req, cfg)
+                except Exception as exc:
+                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
+                    if not isinstance(exc, (FerryError, OSError)):
+                        log.exception("job %s: prepare failed", req.job_id)
+                    await self._undo(inc, f"prepare failed: {why}")
+                    raise Failed(f"prepare on {self.host.name} failed: {why}",
+                                 host=self.host.name, phase="prepare") from exc
             if req.running:
                 try:
                     inc.facts.top_only = await storagecopy.top_only(cfg, self.host,
@@ -244,12 +255,35 @@ class RelocationService:
             self.records.save(record)
             inc.watcher = asyncio.create_task(self._watch(inc))
         if not req.running:
-            return PrepareAnswer(protocol=PROTOCOL_VERSION, uri=None)
+            return PrepareAnswer(protocol=PROTOCOL_VERSION, uri=None, nbd_port=nbd_port,
+                                 nbd_address=self.host.migration_ip if nbd_port else None,
+                                 top_only=inc.facts.top_only)
         log.info("job %s: ready to receive %s on %s:%d", req.job_id, cfg.name,
                  self.host.migration_ip, port)
         return PrepareAnswer(protocol=PROTOCOL_VERSION,
                              uri=f"tcp:{self.host.migration_ip}:{port}", nbd_port=nbd_port,
+                             nbd_address=self.host.migration_ip if nbd_port else None,
                              top_only=inc.facts.top_only)
+
+    async def _serve_shut_off(self, inc: Incoming, req: RelocationRequest,
+                              cfg: DomainConfig) -> int:
+        """A shut-off domain's disks arrive over NBD too: empty images, served by a
+        QEMU with only the disks (never run); its port."""
+        record = inc.record
+        inc.facts.top_only = await storagecopy.top_only(cfg, self.host, req.copies)
+        await storagecopy.create(cfg, req.copies, inc.facts.images_created,
+                                 lambda: self.records.save(record), inc.facts.top_only,
+                                 self.host)
+        inc.facts.disk_server = True
+        self.records.save(record)
+        inc.disk_server = await self.domains.launch_disk_server(cfg, req.job_id)
+        assert req.stream is not None
+        await streamtls.load(inc.disk_server.qmp, inc.disk_server.paths.root,
+                             streamtls.object_id(req.job_id), True, req.stream)
+        inc.facts.nbd_started = True
+        self.records.save(record)
+        return await storagecopy.serve(inc.disk_server.qmp, req.copies,
+                                       self.host.migration_ip, req.job_id)
 
     async def _watch(self, inc: Incoming) -> None:
         """Undo this side at once when its QEMU exits before Finish (the stream broke,
@@ -429,7 +463,10 @@ class RelocationService:
         except ValueError as exc:
             raise InvalidInput("console_b64 is not base64") from exc
         ConsoleLog(self.domains.paths(cfg.name).root).adopt(req.console_base, history)
-        if inc.proc is None:  # a shut-off domain: only the definition moves
+        if inc.proc is None:  # a shut-off domain: the definition (its disks are here)
+            if inc.facts.disk_server:
+                await self.domains.stop_disk_server(inc.record.id, inc.disk_server)
+                inc.disk_server = None
             self.domains.adopt_definition(cfg, f"migrated from {inc.source}")
             inc.committed = True
             return
@@ -583,6 +620,9 @@ class RelocationService:
         elif facts.qemu_started:
             await self._drop_qemu(inc.config.name, inc.config, inc.proc)
             inc.proc = None
+        if facts.disk_server:
+            await self.domains.stop_disk_server(rec.id, inc.disk_server)
+            inc.disk_server = None
         storagecopy.delete_created(facts.images_created)
         self.domains.release_arrival(rec.id)
         self.incoming.pop(rec.id, None)

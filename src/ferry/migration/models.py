@@ -260,6 +260,7 @@ class PrepareAnswer(Strict):
     uri: str | None      # where the stream goes (None: a shut-off domain)
     # the NBD server (TLS) exporting each copied disk as "disk<index>"
     nbd_port: int | None = Field(default=None, ge=1, le=65535)
+    nbd_address: str | None = Field(default=None, max_length=15)
     # copied disks whose base image is here already: only their top layer goes
     top_only: list[int] = Field(default_factory=list)
 
@@ -346,6 +347,7 @@ class SourceFacts(BaseModel):
     dest_gone: bool = False        # the destination said its copy is gone
     copied_paths: list[str] = Field(default_factory=list)  # source images being copied
     mirrors: list[int] = Field(default_factory=list)  # disks whose mirror may run
+    disk_server: bool = False      # a shut-off domain's disk server QEMU may run
     disks_copied: bool = False     # every mirror ended in sync before Finish
     postcopy_started: bool = False  # migrate-start-postcopy was sent: the destination
                                    # may hold the newest state, so ours never resumes
@@ -365,6 +367,7 @@ class DestinationFacts(BaseModel):
     top_only: list[int] = Field(default_factory=list)   # of them, only their top layer
     images_created: list[str] = Field(default_factory=list)  # paths made for copies
     nbd_started: bool = False      # its NBD server may export the copies
+    disk_server: bool = False      # a disk server QEMU (shut-off domain) may run
     resumed: bool = False          # `cont` was sent: the guest may have run here, so
                                    # this side is never undone again
 

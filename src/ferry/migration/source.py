@@ -173,6 +173,7 @@ class SourceJob:
     stream_status: MigrationStatus | None = None  # in the post-copy tail
     copies: list[DiskCopy] = field(default_factory=list)  # the disks this job copies
     nbd_port: int | None = None        # the destination's NBD server for them
+    nbd_address: str | None = None
     top_only: list[int] = field(default_factory=list)  # copies of only their top layer
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     shutting_down: bool = False
@@ -276,16 +277,8 @@ class MigrationService:
                                        "keep_source_disks": req.keep_source_disks})
 
     async def _copies(self, dom: Domain, opts: MigrateOptions) -> list[DiskCopy]:
-        """The disks this job copies; Refused for a shut-off domain with disks to
-        copy (not done yet: it needs a QEMU to serve them)."""
-        copies = await storagecopy.plan(dom.config, self.host, opts.copy_storage)
-        if copies and dom.proc is None:
-            raise Refused(f"domain {dom.name} is shut off and has disks to copy "
-                          f"({', '.join(dom.config.disks[c.index].where for c in copies)}); "
-                          "Ferry copies disks only of a running domain so far: start it, "
-                          "or --copy-storage none if the destination has them",
-                          domain=dom.name, blocker="disk")
-        return copies
+        """The disks this job copies."""
+        return await storagecopy.plan(dom.config, self.host, opts.copy_storage)
 
     def _begin_blockers(self, dom: Domain) -> list[Blocker]:
         out = []
@@ -646,7 +639,7 @@ class MigrationService:
         job.copies = await self._copies(dom, job.options)
         job.facts.copied_paths = [str(dom.config.disks[c.index].path) for c in job.copies]
         rel = self._relocation(job.record.id, dom, job.options, job.copies)
-        if rel.running:
+        if rel.running or job.copies:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
                                                                job.record.id)
             rel = rel.model_copy(update={"stream": server})
@@ -664,6 +657,8 @@ class MigrationService:
             raise Failed(f"destination {job.record.dest} did not export the disks to copy",
                          host=job.record.dest, phase="prepare")
         job.nbd_port = res.nbd_port
+        if job.copies:
+            job.nbd_address = _check_address(res.nbd_address, job.record.dest)
         job.top_only = [i for i in res.top_only if i in {c.index for c in job.copies}]
 
     async def _fit_stream_to_postcopy(self, job: SourceJob) -> None:
@@ -722,8 +717,10 @@ class MigrationService:
     # -- Perform ----------------------------------------------------------------------
     async def _perform(self, job: SourceJob) -> None:
         dom, opts = job.domain(), job.options
-        if dom.proc is None:
-            return  # shut off: nothing to copy
+        if dom.proc is None:  # shut off: only its disks, if any
+            if job.copies:
+                await self._copy_shut_off(job)
+            return
         proc, facts = dom.proc, job.facts
         mig = MigrationQmp(proc.qmp)
         facts.was_running = dom.state == DomainState.running
@@ -762,12 +759,31 @@ class MigrationService:
             facts.disks_copied = True
             self.records.save(job.record)
 
+    async def _copy_shut_off(self, job: SourceJob) -> None:
+        """A shut-off domain's disks go over the same TLS NBD path, mirrored by a
+        QEMU that has only the disks and never runs a guest."""
+        dom, facts = job.domain(), job.facts
+        facts.disk_server = True
+        self.records.save(job.record)
+        proc = await self.domains.launch_disk_server(dom.config, job.record.id)
+        try:
+            assert job.stream_creds is not None
+            await streamtls.load(proc.qmp, proc.paths.root,
+                                 streamtls.object_id(job.record.id), False,
+                                 job.stream_creds)
+            await self._copy_disks(job, proc.qmp)
+            await storagecopy.finish(proc.qmp, job.copies)
+            facts.disks_copied = True
+            self.records.save(job.record)
+        finally:
+            await self.domains.stop_disk_server(job.record.id, proc)
+
     async def _copy_disks(self, job: SourceJob, qmp: Qmp) -> None:
         """Mirror each disk to the destination's export until every copy is ready
         (with progress and heartbeats), then make the mirrors write-blocking so
         the memory stream can start with the disks in step."""
-        assert job.nbd_port is not None and job.uri is not None
-        host = job.uri.removeprefix("tcp:").rsplit(":", 1)[0]
+        assert job.nbd_port is not None and job.nbd_address is not None
+        host = job.nbd_address
         self.records.save(job.record)
         applied = job.options
         await storagecopy.start(qmp, job.copies, host, job.nbd_port, job.record.id,
@@ -981,6 +997,8 @@ class MigrationService:
         """No stream left running; the guest as it was before, unless the
         destination may run it (Finish sent and not known to have failed)."""
         dom, facts = job.dom, job.facts
+        if facts.disk_server:
+            await self.domains.stop_disk_server(job.record.id)
         if dom is None or dom.proc is None or not dom.proc.alive():
             return
         if facts.postcopy_started:  # never resumed: `_lose` deals with this copy
@@ -1440,6 +1458,15 @@ class MigrationService:
 
 
 _URI_RE = re.compile(r"tcp:(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})")
+
+
+def _check_address(address: object, dest: str) -> str:
+    """The destination's NBD server address: an IPv4 address, nothing else."""
+    try:
+        return str(ipaddress.IPv4Address(str(address)))
+    except ValueError as exc:
+        raise Failed(f"destination {dest} answered Prepare with an unusable NBD address "
+                     f"{address!r}", host=dest, phase="prepare") from exc
 
 
 def _check_uri(uri: object, running: bool, dest: str) -> str | None:

@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.models import DiskBus, DomainConfig, NicMode
+from ferry.models import Disk, DiskBus, DomainConfig, NicMode
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,32 @@ def build_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str, accel: s
     return argv
 
 
+def disk_server_argv(config: DomainConfig, paths: RuntimePaths, *, qemu: str) -> list[str]:
+    """A QEMU with only ``config``'s disks as block nodes ``disk0``, ``disk1``, …
+    and no machine, never run: it serves or mirrors the disks of a shut-off
+    domain during its migration (QMP on ``paths.qmp``)."""
+    argv = [qemu, "-name", f"disks-{config.name}", "-machine", "none", "-nodefaults",
+            "-no-user-config", "-display", "none", "-S", "-pidfile", str(paths.pidfile),
+            "-qmp", f"unix:{paths.qmp},server=on,wait=off"]
+    for i, disk in enumerate(config.disks):
+        argv += _blockdev_args(i, disk)
+    return argv
+
+
+def _blockdev_args(i: int, disk: Disk) -> list[str]:
+    node = f"disk{i}"
+    if disk.path is None:  # (every config is located on its host before this)
+        raise ValueError(f"disk {disk.where} has no path on this host")
+    ro = "on" if disk.readonly else "off"
+    return [
+        "-blockdev",
+        f"driver=file,filename={disk.path},node-name={node}-file,read-only={ro},"
+        "cache.direct=off,auto-read-only=on",
+        "-blockdev", f"driver={disk.format.value},file={node}-file,node-name={node},"
+        f"read-only={ro}",
+    ]
+
+
 def _disk_args(config: DomainConfig) -> list[str]:
     args: list[str] = []
     if any(d.bus == DiskBus.scsi for d in config.disks):
@@ -107,16 +133,7 @@ def _disk_args(config: DomainConfig) -> list[str]:
     ide_unit = 0
     for i, disk in enumerate(config.disks):
         node = f"disk{i}"
-        if disk.path is None:  # (every config is located on its host before this)
-            raise ValueError(f"disk {disk.where} has no path on this host")
-        ro = "on" if disk.readonly else "off"
-        args += [
-            "-blockdev",
-            f"driver=file,filename={disk.path},node-name={node}-file,read-only={ro},"
-            "cache.direct=off,auto-read-only=on",
-            "-blockdev", f"driver={disk.format.value},file={node}-file,node-name={node},"
-            f"read-only={ro}",
-        ]
+        args += _blockdev_args(i, disk)
         boot = f",bootindex={i}" if config.kernel is None else ""
         if disk.bus == DiskBus.virtio:
             args += ["-device", f"virtio-blk-pci,drive={node},id={node}-dev{boot}"]
