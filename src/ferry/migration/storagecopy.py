@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 QCOW2_HEADROOM = 1.10      # a qcow2 copy may take this much more than on the source
 READY_TIMEOUT_S = 3600.0   # for a mirror's first full copy
-READY_POLL_S = 0.1
+READY_POLL_S = 0.05
 
 
 def node(index: int) -> str:
