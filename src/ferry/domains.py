@@ -521,10 +521,18 @@ class DomainService:
         """Stop migration ``job_id``'s disk server, also one an earlier ferryd
         started (found by its pid file), and remove its directory."""
         paths = self.disk_server_paths(job_id)
-        if proc is None and paths.root.exists():
+        if proc is not None or paths.root.exists():
+            await self.stop_qemu_at(f"disks-{job_id}", paths, proc)
+
+    async def stop_qemu_at(self, name: str, paths: RuntimePaths,
+                           proc: QemuProcess | None = None) -> None:
+        """Stop the QEMU of ``paths`` (``proc``, or the one its pid file and QMP
+        socket lead to, killed by its pid if it does not answer) and remove the
+        directory."""
+        if proc is None:
             try:
-                proc = await self.qemu.attach(f"disks-{job_id}", paths)
-            except FerryError:
+                proc = await self.qemu.attach(name, paths)
+            except FerryError:  # alive but deaf: by its pid, before its files go
                 pid = read_pid(paths)
                 if pid is not None and pid_alive(pid) and owns(pid, paths):
                     with contextlib.suppress(ProcessLookupError):

@@ -18,10 +18,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 import platform
-import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -54,7 +51,7 @@ from ferry.migration.models import (
 )
 from ferry.models import DomainConfig, DomainState
 from ferry.qemu.migrate import MigrationQmp, guest_running
-from ferry.qemu.process import QemuProcess, owns, pid_alive, read_pid
+from ferry.qemu.process import QemuProcess
 from ferry.stats import POSTCOPY, MigrationStatus
 from ferry.storage import localize
 from ferry.store import Store
@@ -208,49 +205,18 @@ class RelocationService:
         # under the job's lock: an abort (or the lease) that arrives meanwhile, say
         # because the source gave up waiting, undoes this side once it is complete
         async with inc.lock:
-            if not req.running and req.copies:
-                try:
+            try:
+                if req.running:
+                    port, nbd_port = await self._start_incoming(inc, req, cfg)
+                elif req.copies:
                     nbd_port = await self._serve_shut_off(inc, req, cfg)
-                except Exception as exc:
-                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
-                    if not isinstance(exc, (FerryError, OSError)):
-                        log.exception("job %s: prepare failed", req.job_id)
-                    await self._undo(inc, f"prepare failed: {why}")
-                    raise Failed(f"prepare on {self.host.name} failed: {why}",
-                                 host=self.host.name, phase="prepare") from exc
-            if req.running:
-                try:
-                    inc.facts.top_only = await storagecopy.top_only(cfg, self.host,
-                                                                    req.copies)
-                    await storagecopy.create(cfg, req.copies, inc.facts.images_created,
-                                             lambda: self.records.save(record),
-                                             inc.facts.top_only, self.host)
-                    inc.facts.qemu_started = True
-                    self.records.save(record)
-                    inc.proc = await self.domains.launch_incoming(cfg)
-                    mig = MigrationQmp(inc.proc.qmp)
-                    await mig.set_capabilities(events=True)
-                    await mig.set_stream(req.channels, req.compress.value)
-                    if req.postcopy:
-                        await mig.set_capabilities(postcopy_ram=True)
-                    assert req.stream is not None
-                    await streamtls.install(inc.proc.qmp,
-                                            self.domains.paths(cfg.name).root,
-                                            req.job_id, True, req.stream)
-                    if req.copies:
-                        inc.facts.nbd_started = True
-                        self.records.save(record)
-                        nbd_port = await storagecopy.serve(inc.proc.qmp, req.copies,
-                                                           self.host.migration_ip,
-                                                           req.job_id)
-                    port = await mig.incoming(f"tcp:{self.host.migration_ip}:0")
-                except Exception as exc:
-                    why = exc.message if isinstance(exc, FerryError) else repr(exc)
-                    if not isinstance(exc, (FerryError, OSError)):
-                        log.exception("job %s: prepare failed", req.job_id)
-                    await self._undo(inc, f"prepare failed: {why}")
-                    raise Failed(f"prepare on {self.host.name} failed: {why}",
-                                 host=self.host.name, phase="prepare") from exc
+            except Exception as exc:
+                why = exc.message if isinstance(exc, FerryError) else repr(exc)
+                if not isinstance(exc, (FerryError, OSError)):
+                    log.exception("job %s: prepare failed", req.job_id)
+                await self._undo(inc, f"prepare failed: {why}")
+                raise Failed(f"prepare on {self.host.name} failed: {why}",
+                             host=self.host.name, phase="prepare") from exc
             record.phase_times["prepare"] = time.monotonic() - t0
             self.records.save(record)
             inc.watcher = asyncio.create_task(self._watch(inc))
@@ -264,6 +230,33 @@ class RelocationService:
                              uri=f"tcp:{self.host.migration_ip}:{port}", nbd_port=nbd_port,
                              nbd_address=self.host.migration_ip if nbd_port else None,
                              top_only=inc.facts.top_only)
+
+    async def _start_incoming(self, inc: Incoming, req: RelocationRequest,
+                              cfg: DomainConfig) -> tuple[int, int | None]:
+        """The images to copy, the incoming QEMU on them with the stream's shape and
+        TLS, the NBD exports of the copies; (stream port, NBD port or None)."""
+        record, nbd_port = inc.record, None
+        inc.facts.top_only = await storagecopy.top_only(cfg, self.host, req.copies)
+        await storagecopy.create(cfg, req.copies, inc.facts.images_created,
+                                 lambda: self.records.save(record), inc.facts.top_only,
+                                 self.host)
+        inc.facts.qemu_started = True
+        self.records.save(record)
+        inc.proc = await self.domains.launch_incoming(cfg)
+        mig = MigrationQmp(inc.proc.qmp)
+        await mig.set_capabilities(events=True)
+        await mig.set_stream(req.channels, req.compress.value)
+        if req.postcopy:
+            await mig.set_capabilities(postcopy_ram=True)
+        assert req.stream is not None
+        await streamtls.install(inc.proc.qmp, self.domains.paths(cfg.name).root,
+                                req.job_id, True, req.stream)
+        if req.copies:
+            inc.facts.nbd_started = True
+            self.records.save(record)
+            nbd_port = await storagecopy.serve(inc.proc.qmp, req.copies,
+                                               self.host.migration_ip, req.job_id)
+        return await mig.incoming(f"tcp:{self.host.migration_ip}:0"), nbd_port
 
     async def _serve_shut_off(self, inc: Incoming, req: RelocationRequest,
                               cfg: DomainConfig) -> int:
@@ -632,18 +625,7 @@ class RelocationService:
 
     async def _drop_qemu(self, name: str, cfg: DomainConfig | None,
                          proc: QemuProcess | None) -> None:
-        paths = self.domains.paths(name)
-        if proc is None:
-            try:
-                proc = await self.domains.qemu.attach(name, paths)
-            except FerryError:  # alive but deaf: by its pid, before its files go
-                pid = read_pid(paths)
-                if pid is not None and pid_alive(pid) and owns(pid, paths):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        if proc is not None:
-            await proc.stop(grace=1.0)
-        shutil.rmtree(paths.root, ignore_errors=True)
+        await self.domains.stop_qemu_at(name, self.domains.paths(name), proc)
         if cfg is not None:
             await self.domains.remove_taps(cfg)
 
