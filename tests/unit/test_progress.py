@@ -41,3 +41,20 @@ def test_a_failed_job_says_where_and_what_was_left() -> None:
     text = summary(failed)
     assert "in perform on host b: boom" in text and "left over:  prepare:" in text
     assert "downtime" not in text
+
+
+def test_each_disk_shows_apart_from_memory_and_the_last_escalation() -> None:
+    rec = JobRecord.model_validate({
+        "id": "0123456789ab", "domain": "web", "mode": "live", "role": "source",
+        "source": "a", "dest": "b", "started": 0.0, "phase": "perform",
+        "disks": [{"index": 0, "disk": "local:web.qcow2", "mode": "full",
+                   "bytes": 100 << 20, "total": 400 << 20, "rate_mibps": 80.0,
+                   "first_pass_s": 0, "saved_bytes": 0}],
+        "escalations": [{"time": 1.0, "action": "downtime", "reason": "x"}]})
+    line = progress_line(rec)
+    assert "local:web.qcow2 100.0 MiB/400.0 MiB 80 MiB/s" in line, line
+    assert "last escalation: downtime" in line
+    done = JobRecord.model_validate({**rec.model_dump(), "state": "completed",
+                                     "phase": "confirm"})
+    assert "local:web.qcow2" not in progress_line(done)
+    assert "disk:       local:web.qcow2: 100.0 MiB copied (full)" in summary(done)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ferry.cli.target import Target
 from ferry.errors import FerryError
-from ferry.migration.models import JobRecord, JobState
+from ferry.migration.models import JobRecord, JobState, Phase
 
 
 def mib(n: float | None) -> str:
@@ -29,8 +29,10 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
     rec = _record(job)
     s = rec.stats
     parts = [f"phase {rec.phase.value}"]
-    if s.disk_total:
-        parts.append(f"disks {mib(s.disk_bytes)}/{mib(s.disk_total)}")
+    if rec.phase == Phase.perform and rec.disks and any(
+            d.get("total") and d.get("bytes", 0) < d["total"] for d in rec.disks):
+        parts += [f"{d.get('disk')} {mib(d.get('bytes'))}/{mib(d.get('total'))} "
+                  f"{d.get('rate_mibps', 0):.0f} MiB/s" for d in rec.disks]
     if s.progress_pct is not None:
         if s.eta_s is not None:
             eta = f", ETA {s.eta_s:.0f} s"
@@ -50,6 +52,9 @@ def progress_line(job: dict[str, Any] | JobRecord) -> str:
             parts.append(f"expected downtime {s.expected_downtime_ms} ms{limit}")
         if s.throttle_pct:
             parts.append(f"throttle {s.throttle_pct}%")
+    if rec.escalations and rec.state == JobState.running:
+        esc = rec.escalations[-1]
+        parts.append(f"last escalation: {esc.get('action')}")
     if s.postcopy:
         stream = f" {s.status.value}" if s.status.value.startswith("postcopy-p") else ""
         parts.append(f"post-copy{stream}: the guest runs on {rec.dest}, "

@@ -753,8 +753,8 @@ class MigrationService:
         await self._watch_stream(job, mig, opts)
         if job.copies:  # the guest is stopped: the copies are in sync, end the mirrors
             per = await storagecopy.copied(proc.qmp, job.copies)
-            job.record.disks = [{**d, "bytes": per.get(int(d["index"]), d["bytes"])}
-                                for d in job.record.disks]
+            for d in job.record.disks:
+                d["bytes"], d["total"] = per.get(int(d["index"]), (d["bytes"], d["total"]))
             await storagecopy.finish(proc.qmp, job.copies)
             facts.disks_copied = True
             self.records.save(job.record)
@@ -791,6 +791,13 @@ class MigrationService:
                                 job.top_only)
         self.records.save(job.record)
         t0, next_beat, misses = time.monotonic(), 0.0, 0
+        disks = job.domain().config.disks
+        job.record.disks = [{
+            "index": c.index, "disk": disks[c.index].where,
+            "mode": "top" if c.index in job.top_only else "full", "bytes": 0, "total": 0,
+            "rate_mibps": 0.0, "saved_bytes": c.base_allocated
+            if c.index in job.top_only else 0} for c in job.copies]
+        last = (t0, {c.index: 0 for c in job.copies})
         while True:
             if job.options.bandwidth_mibps != applied.bandwidth_mibps:  # job set
                 applied = job.options
@@ -798,6 +805,15 @@ class MigrationService:
             done, total, ready = await storagecopy.progress(qmp, job.copies)
             job.record.stats = job.record.stats.model_copy(
                 update={"disk_bytes": done, "disk_total": total})
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or ready:  # each disk's copy and rate, per second
+                per = await storagecopy.copied(qmp, job.copies)
+                for d in job.record.disks:
+                    got, of = per.get(int(d["index"]), (d["bytes"], d["total"]))
+                    rate = (got - last[1].get(int(d["index"]), 0)) / (now - last[0]) \
+                        if now > last[0] else 0.0
+                    d.update(bytes=got, total=of, rate_mibps=round(rate / (1 << 20), 1))
+                last = (now, {int(d["index"]): int(d["bytes"]) for d in job.record.disks})
             if ready:
                 break
             if job.abort_requested:
@@ -817,13 +833,8 @@ class MigrationService:
             await asyncio.sleep(storagecopy.READY_POLL_S)
         took = time.monotonic() - t0
         job.record.phase_times["disk_copy"] = took
-        per = await storagecopy.copied(qmp, job.copies)
-        job.record.disks = [{
-            "index": c.index, "disk": job.domain().config.disks[c.index].where,
-            "mode": "top" if c.index in job.top_only else "full",
-            "bytes": per.get(c.index, 0), "first_pass_s": round(took, 3),
-            "saved_bytes": c.base_allocated if c.index in job.top_only else 0}
-            for c in job.copies]
+        for d in job.record.disks:
+            d["first_pass_s"] = round(took, 3)
         await storagecopy.write_blocking(qmp, job.copies)
         self._escalate(job, "disks", f"{len(job.copies)} disk(s) copied once "
                        f"({total >> 20} MiB in {time.monotonic() - t0:.1f}s); the mirrors "

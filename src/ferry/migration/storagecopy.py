@@ -130,11 +130,11 @@ async def progress(qmp: Qmp, copies: list[DiskCopy]) -> tuple[int, int, bool]:
     return done, total, ready
 
 
-async def copied(qmp: Qmp, copies: list[DiskCopy]) -> dict[int, int]:
-    """Bytes each disk's mirror has copied so far, by disk index."""
+async def copied(qmp: Qmp, copies: list[DiskCopy]) -> dict[int, tuple[int, int]]:
+    """(bytes copied, bytes to copy) of each disk's mirror so far, by disk index."""
     jobs = {j.id: j for j in await BlockQmp(qmp).jobs()}
-    return {c.index: jobs[mirror_job(c.index)].offset for c in copies
-            if mirror_job(c.index) in jobs}
+    return {c.index: (jobs[mirror_job(c.index)].offset, jobs[mirror_job(c.index)].length)
+            for c in copies if mirror_job(c.index) in jobs}
 
 
 async def write_blocking(qmp: Qmp, copies: list[DiskCopy]) -> None:
