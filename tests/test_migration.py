@@ -1161,7 +1161,9 @@ def test_a_link_cut_in_postcopy_pauses_both_and_is_recovered(cluster: Cluster,
     link = relay()
     port = free_port()
     probe = Probe(port, *ADDRS.values())
+    gaps = GapRecorder(port, *ADDRS.values(), interval=0.1)
     try:
+        gaps.__enter__()
         job_id = start_postcopy(cluster, "cut", port)
         stop(link)
         wait_for(lambda: cluster["mb"].json("job", "show", job_id)["stats"]["status"]
@@ -1184,9 +1186,13 @@ def test_a_link_cut_in_postcopy_pauses_both_and_is_recovered(cluster: Cluster,
         assert any("recovered (by hand" in r for r in reasons), reasons
         assert any("bandwidth_mibps 3 → 0" in r for r in reasons), reasons
         assert probe.wait_up(10)["corrupt"] == "0"
+        gaps.__exit__()
+        moved_once(gaps.sources, "ma", "mb")  # --postcopy now: never resumed on ma
         assert cluster.has_domain("cut") == ["mb"]
         assert stray_qemus(ma) == []
     finally:
+        if gaps._thread.is_alive():
+            gaps.__exit__()
         stop(link)
         probe.close()
         remove(cluster, "cut")

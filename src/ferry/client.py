@@ -243,7 +243,9 @@ class FerryClient:
         return dict(await self.request("POST", f"/v1/pools/{pool}/disks", body))
 
     async def delete_disk(self, pool: str, image: str) -> dict[str, Any]:
-        return dict(await self.request("DELETE", f"/v1/pools/{pool}/disks/{image}"))
+        from urllib.parse import quote
+        return dict(await self.request("DELETE", f"/v1/pools/{quote(pool)}/disks/"
+                                       f"{quote(image, safe='/')}"))
 
     async def recover_migration(self, name: str) -> JobRecord:
         return self._as(JobRecord, await self.request(

@@ -114,7 +114,7 @@ def parse_size(text: str) -> int:
     number = t[:-1] if unit else t
     try:
         size = int(float(number) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):
         size = 0
     if size <= 0 or size > 64 << 40:
         raise InvalidInput(f"invalid size {text!r}: say e.g. 10G, 512M (at most 64T)")
@@ -174,12 +174,17 @@ class Storage:
         return pool
 
     def image_path(self, pool: Pool, image: str) -> Path:
+        """``image`` in ``pool``; InvalidInput for a bad name or one that leads out
+        of the pool (through a symlink)."""
         from ferry.models import check_image_name
         try:
             check_image_name(image)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
-        return pool.path / image
+        path = pool.path / image
+        if not pool.holds(path.parent) or (path.is_symlink() and not pool.holds(path)):
+            raise InvalidInput(f"image {image} leads out of pool {pool.name}")
+        return path
 
     def pools(self) -> list[PoolInfo]:
         out = []
@@ -247,7 +252,8 @@ class Storage:
             raise Conflict(f"image {pool.name}:{image} is a disk of domain "
                            f"{', '.join(in_use)}: undefine it or remove the disk first")
         for _, other in await self.images(pool.name):
-            if other.backing and (path.parent / other.backing).resolve() == path.resolve():
+            if other.backing and ((pool.path / other.name).parent /
+                                  other.backing).resolve() == path.resolve():
                 raise Conflict(f"image {pool.name}:{image} backs {other.name}: delete that "
                                "first")
         path.unlink()

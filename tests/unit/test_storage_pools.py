@@ -81,3 +81,32 @@ def test_sizes() -> None:
     for bad in ("lots", "0", "-1G", "100T"):
         with pytest.raises(Exception, match="invalid size"):
             parse_size(bad)
+
+
+def test_an_image_name_cannot_lead_out_of_its_pool(tmp_path: Path) -> None:
+    from ferry.errors import InvalidInput
+    from ferry.storage import Storage
+    h = host(tmp_path, "a")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "a-local" / "sub").symlink_to(outside)
+    storage = Storage(h)
+    pool = storage.pool("local")
+    assert storage.image_path(pool, "web.qcow2") == tmp_path / "a-local" / "web.qcow2"
+    with pytest.raises(InvalidInput, match="leads out of pool local"):
+        storage.image_path(pool, "sub/x.qcow2")
+    with pytest.raises(Exception, match="invalid size"):
+        parse_size("inf")
+
+
+async def test_delete_sees_an_overlay_in_another_directory(tmp_path: Path) -> None:
+    """An overlay names its base relative to its own directory."""
+    from ferry.errors import Conflict
+    from ferry.storage import Storage
+    storage = Storage(host(tmp_path, "a"))
+    await storage.create("local", "base/deb.qcow2", 1 << 20)
+    await storage.create("local", "web.qcow2", 1 << 20, backing="base/deb.qcow2")
+    with pytest.raises(Conflict, match=r"backs web\.qcow2"):
+        await storage.delete("local", "base/deb.qcow2", [])
+    await storage.delete("local", "web.qcow2", [])
+    await storage.delete("local", "base/deb.qcow2", [])

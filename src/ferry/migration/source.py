@@ -35,6 +35,7 @@ import base64
 import contextlib
 import ipaddress
 import logging
+import os
 import platform
 import re
 import secrets
@@ -635,9 +636,19 @@ class MigrationService:
         peer, dom = job.client(), job.domain()
         if job.abort_requested:
             raise Aborted(job.abort_requested, host=self.host.name, phase="prepare")
-        await self._fit_stream_to_postcopy(job)
         job.copies = await self._copies(dom, job.options)
         job.facts.copied_paths = [str(dom.config.disks[c.index].path) for c in job.copies]
+        if job.copies and job.options.postcopy_allowed:
+            # the mirrors must end in sync with the guest stopped at the source:
+            # never with part of the guest already running elsewhere
+            opts = job.options
+            job.record.options = StoredOptions.model_validate(
+                {**opts.model_dump(), "postcopy": "never",
+                 "on_timeout": "pause" if opts.on_timeout == "postcopy"
+                 else opts.on_timeout.value})
+            self._escalate(job, "stream", "no post-copy: the job copies disks, which "
+                           "must be in sync when the guest stops at the source")
+        await self._fit_stream_to_postcopy(job)
         rel = self._relocation(job.record.id, dom, job.options, job.copies)
         if rel.running or job.copies:
             server, job.stream_creds = await asyncio.to_thread(streamtls.make_pair,
@@ -787,8 +798,8 @@ class MigrationService:
         self.records.save(job.record)
         applied = job.options
         await storagecopy.start(qmp, job.copies, host, job.nbd_port, job.record.id,
-                                job.facts.mirrors, applied.bandwidth_mibps << 20,
-                                job.top_only)
+                                job.facts.mirrors, lambda: self.records.save(job.record),
+                                applied.bandwidth_mibps << 20, job.top_only)
         self.records.save(job.record)
         t0, next_beat, misses = time.monotonic(), 0.0, 0
         disks = job.domain().config.disks
@@ -1131,7 +1142,9 @@ class MigrationService:
             await self.domains.release(dom)
             if job.facts.copied_paths and job.facts.disks_copied \
                     and not job.options.keep_source_disks:
-                errors = storagecopy.delete_sources(job.facts.copied_paths)
+                in_use = {os.path.realpath(d.path) for other in self.domains.domains.values()
+                          for d in other.config.disks if d.path is not None}
+                errors = storagecopy.delete_sources(job.facts.copied_paths, in_use)
                 if errors:
                     job.cleanup_error = "the source's copied disks were not all " \
                                         f"deleted: {'; '.join(errors)}"

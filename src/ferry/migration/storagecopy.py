@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 QCOW2_HEADROOM = 1.10      # a qcow2 copy may take this much more than on the source
 READY_TIMEOUT_S = 3600.0   # for a mirror's first full copy
 READY_POLL_S = 0.05
+SYNC_TIMEOUT_S = 60.0      # for the mirrors to drain and end at the switch-over
 
 
 def node(index: int) -> str:
@@ -81,8 +82,11 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> lis
                          allocated=info.actual_size)
         if info.backing and pool is not None and disk.format == DiskFormat.qcow2:
             base = (disk.path.parent / info.backing).resolve()
-            if pool.holds(base) and base.is_file():
-                base_info = await image_info(base)
+            base_info = await image_info(base) if pool.holds(base) and base.is_file() \
+                else None
+            # (only a base without a backing of its own: its hash then covers
+            # everything the overlay reads through)
+            if base_info is not None and not base_info.backing:
                 copy_ = copy_.model_copy(update={
                     "base": str(base.relative_to(os.path.realpath(pool.path))),
                     "base_id": await identity(base, host.state_dir / "image-ids.json"),
@@ -93,14 +97,15 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> lis
 
 
 async def start(qmp: Qmp, copies: list[DiskCopy], host: str, port: int, job_id: str,
-                started: list[int], speed: int = 0, top_only: list[int] | None = None
-                ) -> None:
+                started: list[int], save: Callable[[], None], speed: int = 0,
+                top_only: list[int] | None = None) -> None:
     """Open each destination export and mirror the disk into it (``started``: the
     indices whose mirror may run, appended before each starts; ``speed``: the
     job's bandwidth cap in bytes/s, shared by the mirrors, 0: none)."""
     block = BlockQmp(qmp)
     for c in copies:
         started.append(c.index)
+        save()
         await block.open_nbd(node(c.index), host, port, export_name(c.index),
                              streamtls.object_id(job_id), streamtls.tls_hostname(job_id))
         await block.mirror(mirror_job(c.index), f"disk{c.index}", node(c.index),
@@ -148,13 +153,27 @@ async def finish(qmp: Qmp, copies: list[DiskCopy]) -> None:
     (the copies are complete), close the NBD nodes. Failed if a copy is not
     complete."""
     block = BlockQmp(qmp)
-    done, total, ready = await progress(qmp, copies)
-    if not ready or done != total:
-        raise Failed(f"the disk copies are not in sync at the switch-over ({done} of "
-                     f"{total} bytes)")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SYNC_TIMEOUT_S
+    while True:  # (what was dirty before write-blocking may still be in flight)
+        done, total, ready = await progress(qmp, copies)
+        if ready and done == total:
+            break
+        if loop.time() > deadline:
+            raise Failed(f"the disk copies are not in sync at the switch-over ({done} of "
+                         f"{total} bytes after {SYNC_TIMEOUT_S:g}s)")
+        await asyncio.sleep(READY_POLL_S)
     for c in copies:
-        await block.cancel_job(mirror_job(c.index))
-        await block.dismiss(mirror_job(c.index))
+        job_id = mirror_job(c.index)
+        await block.cancel_job(job_id)
+        while (job := await block.job(job_id)) is not None and job.status != "concluded":
+            if loop.time() > deadline + SYNC_TIMEOUT_S:
+                raise Failed(f"the mirror of disk{c.index} did not end ({job.status})")
+            await asyncio.sleep(READY_POLL_S)
+        if job is None or job.error:
+            raise Failed(f"the mirror of disk{c.index} failed at its end: "
+                         f"{job.error if job else 'it is gone'}")
+        await block.dismiss(job_id)
         await block.close_node(node(c.index))
 
 
@@ -171,10 +190,13 @@ async def undo(qmp: Qmp, started: list[int]) -> None:
             await block.close_node(node(i))
 
 
-def delete_sources(paths: list[str]) -> list[str]:
-    """Remove the source's copied images after Confirm; the errors, if any."""
+def delete_sources(paths: list[str], in_use: set[str]) -> list[str]:
+    """Remove the source's copied images after Confirm, but none that another
+    definition here still uses (``in_use``: real paths); the errors, if any."""
     errors = []
     for p in paths:
+        if os.path.realpath(p) in in_use:
+            continue
         try:
             Path(p).unlink(missing_ok=True)
         except OSError as exc:
@@ -279,16 +301,23 @@ async def create(config: DomainConfig, copies: list[DiskCopy], created: list[str
     """An empty image like each copy's, at its path here (``created``: appended
     with each path, and ``save``d, before it is made, for the undo)."""
     for c in copies:
-        path = config.disks[c.index].path
+        disk = config.disks[c.index]
+        path = disk.path
+        pool = host.pool(disk.pool) if host is not None and disk.pool else None
         assert path is not None
-        if path.exists():  # (appeared since the checks: not ours to remove)
-            raise Failed(f"image {path} already exists; Ferry never overwrites one")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if pool is not None and not pool.holds(path.parent):
+            raise Failed(f"image {path} would lie outside pool {pool.name} (a symlink?)")
         created.append(str(path))
         save()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # ours from here: nobody else's image is ever truncated
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                             0o600))
+        except FileExistsError as exc:
+            created.remove(str(path))
+            save()
+            raise Failed(f"image {path} already exists; Ferry never overwrites one") from exc
         backing: list[str] = []
-        disk = config.disks[c.index]
-        pool = host.pool(disk.pool) if host is not None and disk.pool else None
         if c.index in (tops or []) and pool is not None and c.base is not None:
             base = pool.path / c.base
             backing = ["-b", os.path.relpath(base, path.parent), "-F",
