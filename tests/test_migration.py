@@ -1227,3 +1227,35 @@ def test_destination_qemu_killed_in_postcopy_is_reported_lost(cluster: Cluster) 
     finally:
         probe.close()
         remove(cluster, "doomed")
+
+
+def test_the_cluster_view_from_any_host_with_one_stopped(cluster: Cluster,
+                                                         resident: Probe) -> None:
+    """`ferry cluster hosts` / `cluster list` from each host show all three and
+    where each domain runs; a stopped host is reported unreachable, with why,
+    within the bound, and the rest is shown all the same."""
+    from ferry.fleet.cluster import ASK_TIMEOUT
+    for name in ("ma", "mb", "mc"):
+        hosts = {h["name"]: h for h in cluster[name].json("cluster", "hosts")}
+        assert set(hosts) == {"ma", "mb", "mc"}, hosts
+        assert all(h["reachable"] and h["info"]["qemu_version"] for h in hosts.values())
+        assert hosts["ma"]["info"]["running"] >= 1 and hosts["ma"]["jobs"] == 0
+        listed = cluster[name].json("cluster", "list")
+        assert {(d["host"], d["domain"]["state"]) for d in listed["domains"]
+                if d["domain"]["name"] == "resident"} == {("ma", "running")}
+        assert listed["unreachable"] == []
+    mc = cluster["mc"]
+    mc.stop()
+    try:
+        t0 = time.monotonic()
+        hosts = {h["name"]: h for h in cluster["ma"].json("cluster", "hosts")}
+        assert time.monotonic() - t0 < ASK_TIMEOUT + 5
+        assert not hosts["mc"]["reachable"] and hosts["mc"]["error"], hosts["mc"]
+        assert hosts["mb"]["reachable"]
+        listed = cluster["mb"].json("cluster", "list")
+        assert [h["name"] for h in listed["unreachable"]] == ["mc"]
+        assert any(d["domain"]["name"] == "resident" for d in listed["domains"])
+        table = cluster["ma"].ferry("cluster", "hosts").stdout
+        assert "unreachable" in table and "mb" in table, table
+    finally:
+        mc.start()

@@ -232,6 +232,12 @@ class FerryClient:
         return self._as(JobRecord, await self.request(
             "POST", f"/v1/domains/{name}/migrate", {**body, "check": False}))
 
+    async def cluster_hosts(self) -> list[dict[str, Any]]:
+        return list(await self.request("GET", "/v1/cluster/hosts"))
+
+    async def cluster_domains(self) -> dict[str, Any]:
+        return dict(await self.request("GET", "/v1/cluster/domains"))
+
     async def pools(self) -> list[dict[str, Any]]:
         return list(await self.request("GET", "/v1/pools"))
 

@@ -114,7 +114,10 @@ class Daemon:
         cfg = self.config
         assert cfg.tls is not None and self.svc is not None  # HostConfig insists
         assert self.migrations is not None
-        self._reloc_runner = web.AppRunner(make_relocation_app(self.relocation, self.consoles),
+        migrations = self.migrations
+        self._reloc_runner = web.AppRunner(make_relocation_app(
+            self.relocation, self.consoles, self.host_info,
+            lambda: len(migrations.running())),
                                            handle_signals=False, access_log=None,
                                            shutdown_timeout=2.0)
         self._remote_runner = web.AppRunner(

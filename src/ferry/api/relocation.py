@@ -6,12 +6,14 @@ API (define, start, migrate, ...) is never served on this listener.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiohttp import web
 
 from ferry.api.consoles import Consoles
 from ferry.api.server import (
     CONSOLES,
+    HOSTINFO,
     body_as,
     console_log,
     domain_name,
@@ -31,10 +33,14 @@ from ferry.migration.models import (
     RelocationRequest,
     check_protocol,
 )
+from ferry.models import HostInfo
 from ferry.tls import identity
 from ferry.validation import parse_body
 
 RELOC: web.AppKey[RelocationService] = web.AppKey("reloc", RelocationService)
+
+
+JOBS: web.AppKey[Callable[[], int]] = web.AppKey("jobs")
 
 
 def peer_host(request: web.Request) -> str | None:
@@ -131,10 +137,28 @@ async def whereabouts(request: web.Request) -> web.Response:
     return ok(request.app[CONSOLES].locator.whereabouts(domain_name(request)))
 
 
-def make_relocation_app(reloc: RelocationService, consoles: Consoles) -> web.Application:
+async def host_view(request: web.Request) -> web.Response:
+    """What this host says of itself to a peer's cluster view."""
+    return ok({"info": request.app[HOSTINFO]().model_dump(mode="json"),
+               "jobs": request.app[JOBS]()})
+
+
+async def domains_view(request: web.Request) -> web.Response:
+    return ok([d.model_dump(mode="json", exclude={"config"})
+               for d in request.app[RELOC].domains.infos()])
+
+
+def make_relocation_app(reloc: RelocationService, consoles: Consoles,
+                        hostinfo: Callable[[], HostInfo] | None = None,
+                        jobs: Callable[[], int] | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
     app[RELOC] = reloc
     app[CONSOLES] = consoles
+    if hostinfo is not None:
+        app[HOSTINFO] = hostinfo
+        app[JOBS] = jobs or (lambda: 0)
+        app.router.add_get("/v1/relocation/host", host_view)
+        app.router.add_get("/v1/relocation/domains", domains_view)
     app.router.add_get("/v1/relocation/consoles/{name}", console)
     app.router.add_get("/v1/relocation/consoles/{name}/log", local_console_log)
     app.router.add_get("/v1/relocation/whereabouts/{name}", whereabouts)

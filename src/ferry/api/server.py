@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
+from ferry.fleet.cluster import ClusterView
 from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
 from ferry.migration.savefile import RestoreRequest, SaveRequest, SaveService
 from ferry.migration.source import MigrationService
@@ -36,6 +37,7 @@ MIG: web.AppKey[MigrationService] = web.AppKey("mig", MigrationService)
 SAVES: web.AppKey[SaveService] = web.AppKey("saves", SaveService)
 JOB_RE = re.compile(r"^[0-9a-f]{12}$")
 CONSOLES: web.AppKey[Consoles] = web.AppKey("consoles", Consoles)
+CLUSTER: web.AppKey[ClusterView] = web.AppKey("cluster", ClusterView)
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -151,6 +153,17 @@ async def console_log(request: web.Request, relay: bool = True) -> web.Response:
 async def console_ws(request: web.Request) -> web.StreamResponse:
     """Attach to a domain's console, on this host or wherever it runs now."""
     return await request.app[CONSOLES].serve(request, domain_name(request), relay=True)
+
+
+# -- the cluster view ---------------------------------------------------------------------
+async def cluster_hosts(request: web.Request) -> web.Response:
+    return ok([h.model_dump(mode="json") for h in await request.app[CLUSTER].hosts()])
+
+
+async def cluster_domains(request: web.Request) -> web.Response:
+    found, missing = await request.app[CLUSTER].domains()
+    return ok({"domains": [d.model_dump(mode="json") for d in found],
+               "unreachable": [h.model_dump(mode="json") for h in missing]})
 
 
 # -- storage pools and disks ------------------------------------------------------------
@@ -269,7 +282,10 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[CONSOLES] = consoles
     app[MIG] = migrations
     app[SAVES] = SaveService(svc)
+    app[CLUSTER] = ClusterView(svc.host, svc, hostinfo, lambda: len(migrations.running()))
     app.router.add_get("/v1/host", get_host)
+    app.router.add_get("/v1/cluster/hosts", cluster_hosts)
+    app.router.add_get("/v1/cluster/domains", cluster_domains)
     app.router.add_get("/v1/pools", list_pools)
     app.router.add_get("/v1/disks", list_disks)
     app.router.add_get("/v1/pools/{pool}/disks", list_disks)

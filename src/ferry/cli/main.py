@@ -567,6 +567,58 @@ def migrations(as_json: JsonOpt = False) -> None:
     _console().print(records_table(data))
 
 
+# -- the cluster --------------------------------------------------------------------------
+cluster_app = typer.Typer(help="Every host of the cluster: this one and its [[peers]].",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("hosts")
+def cluster_hosts(as_json: JsonOpt = False) -> None:
+    """Each host: reachable or not (within 3 s), Ferry and QEMU versions,
+    accelerator, memory, domains, running migrations."""
+    from rich.table import Table
+    hosts = call(lambda c: c.cluster_hosts())
+    if as_json:
+        return print_json(hosts)
+    table = Table(box=None, header_style="bold")
+    for col in ("HOST", "ADDRESS", "STATE", "FERRY", "QEMU", "ACCEL", "MEMORY FREE/TOTAL",
+                "DOMAINS", "RUNNING", "JOBS"):
+        table.add_column(col)
+    for h in hosts:
+        info = h.get("info") or {}
+        if not h["reachable"]:
+            table.add_row(h["name"], h["address"], f"unreachable: {h.get('error')}",
+                          *[""] * 7)
+            continue
+        table.add_row(h["name"], h["address"], "up", info.get("version", "?"),
+                      info.get("qemu_version", "?"), info.get("accel", "?"),
+                      f"{info.get('memory_free')}/{info.get('memory_total')} MiB",
+                      str(info.get("domains")), str(info.get("running")), str(h["jobs"]))
+    _console().print(table)
+
+
+@cluster_app.command("list")
+def cluster_list(as_json: JsonOpt = False) -> None:
+    """Every domain on every host that answers, with its state; the hosts that
+    did not answer."""
+    from rich.table import Table
+    data = call(lambda c: c.cluster_domains())
+    if as_json:
+        return print_json(data)
+    table = Table(box=None, header_style="bold")
+    for col in ("HOST", "NAME", "STATE", "MEMORY", "VCPUS", "REASON"):
+        table.add_column(col)
+    for d in data["domains"]:
+        dom = d["domain"]
+        table.add_row(d["host"], dom["name"], dom["state"], f"{dom.get('memory')} MiB",
+                      str(dom.get("vcpus")), dom.get("state_reason") or "")
+    _console().print(table)
+    for h in data["unreachable"]:
+        typer.echo(f"host {h['name']} ({h['address']}) did not answer: {h['error']}",
+                   err=True)
+
+
 # -- storage pools and disks --------------------------------------------------------------
 pool_app = typer.Typer(help="This host's storage pools ([[pools]], storage_dirs).",
                        no_args_is_help=True)
