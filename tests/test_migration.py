@@ -1259,3 +1259,31 @@ def test_the_cluster_view_from_any_host_with_one_stopped(cluster: Cluster,
         assert "unreachable" in table and "mb" in table, table
     finally:
         mc.start()
+
+
+def test_maintenance_mode_refuses_new_domains_and_incoming_migrations(
+        cluster: Cluster, resident: Probe, workdir: Path) -> None:
+    """`ferry host maintenance on` on mb: a migration to it is refused naming
+    the mode and nothing changes; defining a domain there is refused; the cluster
+    view shows it; after `off` mb takes domains again."""
+    mb = cluster["mb"]
+    mb.ferry("host", "maintenance", "on")
+    try:
+        assert mb.json("host")["maintenance"] is True
+        hosts = {h["name"]: h for h in cluster["ma"].json("cluster", "hosts")}
+        assert hosts["mb"]["info"]["maintenance"] is True
+        before = snapshot(cluster)
+        job = migrate(cluster["ma"], "resident", "mb", "--live", check=False)
+        assert job["_rc"] == 1 and "maintenance mode" in job["_stderr"], job
+        check = cluster["ma"].ferry("migrate", "resident", "mb", "--check", check=False)
+        assert check.returncode == 1 and "maintenance mode" in check.stdout, check.stdout
+        cfg = workdir / "newcomer.toml"
+        cfg.write_text(to_toml(guest_config("newcomer", free_port())))
+        res = mb.ferry("define", str(cfg), check=False)
+        assert res.returncode == 1 and "maintenance mode" in res.stderr, res.stderr
+        assert snapshot(cluster) == before
+    finally:
+        mb.ferry("host", "maintenance", "off")
+    assert mb.json("host")["maintenance"] is False
+    res = mb.ferry("define", str(workdir / "newcomer.toml"))
+    mb.ferry("undefine", "newcomer")

@@ -173,6 +173,10 @@ class FerryClient:
     async def host(self) -> HostInfo:
         return self._as(HostInfo, await self.request("GET", "/v1/host"))
 
+    async def set_maintenance(self, on: bool) -> HostInfo:
+        return self._as(HostInfo, await self.request("POST", "/v1/host/maintenance",
+                                                     {"on": on}))
+
     async def domains(self) -> list[DomainInfo]:
         return self._as_list(DomainInfo, await self.request("GET", "/v1/domains"))
 

@@ -163,7 +163,8 @@ class Daemon:
                         memory_total=mem["MemTotal"] // 1024,
                         memory_free=self.svc.memory_free(), domains=len(domains),
                         running=sum(1 for d in domains if d.pid),
-                        state_dir=str(self.config.state_dir), tcp_api=self._tcp_api())
+                        state_dir=str(self.config.state_dir), tcp_api=self._tcp_api(),
+                        maintenance=self.svc.maintenance)
 
     def _tcp_api(self) -> str:
         cfg = self.config

@@ -26,6 +26,7 @@ from ferry.errors import (
     InvalidInput,
     NotFound,
     QemuError,
+    Refused,
 )
 from ferry.events import EventBus
 from ferry.hostconfig import HostConfig
@@ -312,6 +313,7 @@ class DomainService:
         doesn't have, and whatever ``typed_blockers`` finds (boot files that are
         missing or not what they claim, disks, a machine type or CPU model this
         host's QEMU doesn't know, bridges); nothing is stored then."""
+        self.refuse_in_maintenance("new domains")
         config = localize(config, self.host)
         self.refuse_identity(config)
         total = meminfo()["MemTotal"] // 1024 - self.host.memory_reserve
@@ -504,6 +506,23 @@ class DomainService:
         # its directory is stale, e.g. a console log from an earlier visit
         shutil.rmtree(self.paths(config.name).root, ignore_errors=True)
         return await self._launch(config, self.argv(config, incoming="defer"))
+
+    # -- maintenance mode ---------------------------------------------------------------
+    @property
+    def maintenance(self) -> bool:
+        """While on, this host takes no new domains and no incoming migrations."""
+        return self.store.setting("maintenance") is not None
+
+    def set_maintenance(self, on: bool) -> None:
+        self.store.set_setting("maintenance", "on" if on else None)
+        self.events.publish("host.maintenance", host=self.host.name, on=on)
+        log.info("host %s: maintenance mode %s", self.host.name, "on" if on else "off")
+
+    def refuse_in_maintenance(self, what: str) -> None:
+        if self.maintenance:
+            raise Refused(f"host {self.host.name} is in maintenance mode: it takes no "
+                          f"{what} (ferry host maintenance off ends it)",
+                          host=self.host.name, blocker="maintenance")
 
     def disk_server_paths(self, job_id: str) -> RuntimePaths:
         return RuntimePaths(self.host.state_dir / "disk-servers" / job_id)

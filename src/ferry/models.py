@@ -359,6 +359,11 @@ class HostInfo(BaseModel):
     state_dir: str
     # "ADDRESS:PORT (mutual TLS, hosts_allow ...)" or "closed"
     tcp_api: str = "closed"
+    maintenance: bool = False   # takes no new domains, no incoming migrations
+
+
+class MaintenanceRequest(Strict):
+    on: bool
 
 
 class DefineRequest(Strict):

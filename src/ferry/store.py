@@ -52,10 +52,18 @@ def _to_v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _to_v2(db: sqlite3.Connection) -> None:
+    """Version 2: host-wide settings (maintenance mode)."""
+    db.execute("""CREATE TABLE IF NOT EXISTS host_settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""")
+
+
 # UPGRADES[n] takes a database from version n to n + 1. A new database is
 # version 0 with no tables and takes every step, like an old one. To change the
 # schema, append a step.
-UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1,)
+UPGRADES: tuple[Callable[[sqlite3.Connection], None], ...] = (_to_v1, _to_v2)
 
 SCHEMA_VERSION = len(UPGRADES)
 """The schema this ferryd writes, kept in the database's ``PRAGMA user_version``."""
@@ -156,6 +164,20 @@ class Store:
         self._db.execute("DELETE FROM domains WHERE name=?", (name,))
 
     # -- migration records: the job as JSON, with the columns we query by ---------------
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM host_settings WHERE key=?",
+                               (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Set (or, with None, clear) a host-wide setting."""
+        if value is None:
+            self._db.execute("DELETE FROM host_settings WHERE key=?", (key,))
+        else:
+            self._db.execute("INSERT INTO host_settings (key, value) VALUES (?, ?) ON "
+                             "CONFLICT(key) DO UPDATE SET value=excluded.value",
+                             (key, value))
+
     def save_migration(self, record: dict[str, Any]) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO migrations (id, role, domain, state, started, record) "

@@ -43,8 +43,8 @@ def user_version(path: Path) -> int:
         return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def test_current_schema_is_1() -> None:
-    assert SCHEMA_VERSION == 1
+def test_current_schema_is_2() -> None:
+    assert SCHEMA_VERSION == 2
 
 
 def test_new_db_gets_the_current_version(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_new_db_gets_the_current_version(tmp_path: Path) -> None:
     st.insert(CONFIG, DomainState.shutoff)
     st.close()
     assert user_version(path) == SCHEMA_VERSION
-    assert tables(path) == {"domains", "migrations"}
+    assert tables(path) == {"domains", "migrations", "host_settings"}
     again = Store(path)  # opening a current db changes nothing
     rec = again.get("a")
     assert rec is not None and rec.config == CONFIG
@@ -70,12 +70,12 @@ def test_unversioned_db_of_an_older_ferryd_is_upgraded(tmp_path: Path,
             "INSERT INTO domains (name, uuid, config, state, state_since) VALUES "
             f"('a', '{CONFIG.uuid}', '{CONFIG.model_dump_json()}', 'shutoff', 1.0)")
     st = Store(path)
-    assert st.schema_version == 1
+    assert st.schema_version == SCHEMA_VERSION
     rec = st.get("a")
     assert rec is not None and rec.config == CONFIG and rec.state_since == 1.0
     assert st.migrations() == []
     st.close()
-    assert tables(path) == {"domains", "migrations"}
+    assert tables(path) == {"domains", "migrations", "host_settings"}
 
 
 def test_newer_schema_is_refused_without_touching_the_file(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_newer_schema_is_refused_without_touching_the_file(tmp_path: Path) -> No
         Store(path)
     assert exc.value.message == (
         f"ferry.db at {path} has schema version 7; this ferryd ({__version__}) knows up "
-        "to 1: upgrade ferryd")
+        "to 2: upgrade ferryd")
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == listing
     assert user_version(path) == 7
 
@@ -100,20 +100,20 @@ def test_not_a_database_is_refused(tmp_path: Path) -> None:
 
 def test_steps_run_in_order_from_the_stored_version(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """How a later schema change goes: a second step runs on a version-1 db only."""
+    """How a later schema change goes: a next step runs on a current db only."""
     ran: list[str] = []
 
-    def to_v2(db: sqlite3.Connection) -> None:
-        ran.append("v2")
+    def to_v3(db: sqlite3.Connection) -> None:
+        ran.append("v3")
         db.execute("ALTER TABLE domains ADD COLUMN host TEXT")
 
     path = tmp_path / "ferry.db"
-    Store(path).close()  # version 1
-    monkeypatch.setattr(store, "UPGRADES", (*store.UPGRADES, to_v2))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    Store(path).close()  # the current version
+    monkeypatch.setattr(store, "UPGRADES", (*store.UPGRADES, to_v3))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 3)
     Store(path).close()
     Store(path).close()
-    assert ran == ["v2"] and user_version(path) == 2
+    assert ran == ["v3"] and user_version(path) == 3
 
 
 def test_a_failed_step_leaves_the_db_as_it_was(tmp_path: Path,
@@ -125,7 +125,7 @@ def test_a_failed_step_leaves_the_db_as_it_was(tmp_path: Path,
     path = tmp_path / "ferry.db"
     make_db(path, DOMAINS_V0)
     monkeypatch.setattr(store, "UPGRADES", (*store.UPGRADES, broken))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 3)
     with pytest.raises(RuntimeError, match="step failed"):
         Store(path)
     assert user_version(path) == 0 and tables(path) == {"domains"}
@@ -139,5 +139,17 @@ def test_ferryd_exits_on_a_newer_schema(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as exc:
         daemon.main(["--state-dir", str(tmp_path), "--name", "h", "--accel", "tcg"])
     assert exc.value.code == (f"ferryd: ferry.db at {path} has schema version 7; this "
-                              f"ferryd ({__version__}) knows up to 1: upgrade ferryd")
+                              f"ferryd ({__version__}) knows up to 2: upgrade ferryd")
     assert path.read_bytes() == before
+
+
+def test_host_settings_persist(tmp_path: Path) -> None:
+    st = Store(tmp_path / "ferry.db")
+    assert st.setting("maintenance") is None
+    st.set_setting("maintenance", "on")
+    st.close()
+    st = Store(tmp_path / "ferry.db")
+    assert st.setting("maintenance") == "on"
+    st.set_setting("maintenance", None)
+    assert st.setting("maintenance") is None
+    st.close()

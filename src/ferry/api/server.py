@@ -23,7 +23,13 @@ from ferry.fleet.cluster import ClusterView
 from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
 from ferry.migration.savefile import RestoreRequest, SaveRequest, SaveService
 from ferry.migration.source import MigrationService
-from ferry.models import DefineRequest, HostInfo, ShutdownRequest, check_name
+from ferry.models import (
+    DefineRequest,
+    HostInfo,
+    MaintenanceRequest,
+    ShutdownRequest,
+    check_name,
+)
 from ferry.storage import DiskCreate, Storage
 from ferry.validation import parse_body
 
@@ -100,6 +106,12 @@ def domain_name(request: web.Request) -> str:
 
 # -- handlers --------------------------------------------------------------------------
 async def get_host(request: web.Request) -> web.Response:
+    return ok(request.app[HOSTINFO]())
+
+
+async def set_maintenance(request: web.Request) -> web.Response:
+    req = await body_as(request, MaintenanceRequest)
+    request.app[SVC].set_maintenance(req.on)
     return ok(request.app[HOSTINFO]())
 
 
@@ -284,6 +296,7 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[SAVES] = SaveService(svc)
     app[CLUSTER] = ClusterView(svc.host, svc, hostinfo, lambda: len(migrations.running()))
     app.router.add_get("/v1/host", get_host)
+    app.router.add_post("/v1/host/maintenance", set_maintenance)
     app.router.add_get("/v1/cluster/hosts", cluster_hosts)
     app.router.add_get("/v1/cluster/domains", cluster_domains)
     app.router.add_get("/v1/pools", list_pools)

@@ -185,9 +185,27 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
     _console().print(table)
 
 
-@app.command()
-def host(as_json: JsonOpt = False) -> None:
+host_app = typer.Typer(help="This host: `ferry host` shows it; `ferry host maintenance`.",
+                       invoke_without_command=True)
+app.add_typer(host_app, name="host")
+
+
+@host_app.command("maintenance")
+def host_maintenance(state: Annotated[str, typer.Argument(
+        help="on: take no new domains and no incoming migrations; off: take them again.",
+        show_default=False)]) -> None:
+    """Turn this host's maintenance mode on or off (domains already here run on)."""
+    if state not in ("on", "off"):
+        fail(f"say on or off, not {state!r}", 2)
+    info = call(lambda c: c.set_maintenance(state == "on"))
+    typer.echo(f"host {info.name}: maintenance {'on' if info.maintenance else 'off'}")
+
+
+@host_app.callback()
+def host(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Show this host: name, accelerator, QEMU, memory, its TCP API."""
+    if ctx.invoked_subcommand is not None:
+        return
     info = call(lambda c: c.host())
     if as_json:
         return print_json(info)
@@ -197,7 +215,8 @@ def host(as_json: JsonOpt = False) -> None:
                            "allocated to domains, at most what is available now)")
     data["memory_total"] = f"{data['memory_total']} MiB"
     for key in ("name", "version", "arch", "accel", "qemu_version", "memory_total",
-                "memory_free", "domains", "running", "state_dir", "tcp_api"):
+                "memory_free", "domains", "running", "state_dir", "tcp_api",
+                "maintenance"):
         typer.echo(f"{key:<13} {data[key]}")
 
 

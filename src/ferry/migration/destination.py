@@ -124,6 +124,10 @@ class RelocationService:
                 f"host {req.source} speaks relocation protocol {req.protocol}, host "
                 f"{self.host.name} speaks {PROTOCOL_VERSION}: upgrade both to the same "
                 "Ferry")))
+        if self.domains.maintenance:
+            out.append(Blocker(code="maintenance", message=(
+                f"host {self.host.name} is in maintenance mode: it takes no incoming "
+                "migrations")))
         arrival = self.domains.arriving(cfg)
         if arrival is not None:
             out.append(Blocker(code="arriving", message=(

@@ -219,6 +219,7 @@ class SaveService:
     async def restore(self, path: Path) -> DomainInfo:
         path = self._check_path(path)
         header = read_header(path)
+        self.domains.refuse_in_maintenance("new domains (a restore is one)")
         cfg = localize(header.config, self.host)
         self.domains.refuse_identity(cfg)
         found = self.domains.typed_blockers(cfg, to_run=True)
