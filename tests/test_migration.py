@@ -1277,6 +1277,8 @@ def test_maintenance_mode_refuses_new_domains_and_incoming_migrations(
         assert job["_rc"] == 1 and "maintenance mode" in job["_stderr"], job
         check = cluster["ma"].ferry("migrate", "resident", "mb", "--check", check=False)
         assert check.returncode == 1 and "maintenance mode" in check.stdout, check.stdout
+        auto = cluster["ma"].ferry("migrate", "resident", "--auto", "--check").stdout
+        assert "can migrate to mc: no blockers" in auto, auto  # (mb: maintenance)
         cfg = workdir / "newcomer.toml"
         cfg.write_text(to_toml(guest_config("newcomer", free_port())))
         res = mb.ferry("define", str(cfg), check=False)

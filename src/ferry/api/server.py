@@ -232,6 +232,10 @@ async def migrate_domain(request: web.Request) -> web.Response:
     name = domain_name(request)
     req = await body_as(request, MigrateRequest)
     mig = request.app[MIG]
+    if req.auto:
+        from ferry.fleet.auto import choose_destination
+        dest = await choose_destination(request.app[CLUSTER], mig, name, req)
+        req = req.model_copy(update={"dest": dest, "auto": False})
     if req.check:
         blockers, notes = await mig.check(name, req)
         return ok({"domain": name, "dest": req.dest, "blockers": blockers, "notes": notes})

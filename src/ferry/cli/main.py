@@ -393,6 +393,9 @@ def migrate(
         "migration (by default they are deleted once the guest runs on DEST).")] = False,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
+    auto: Annotated[bool, typer.Option(
+        "--auto", help="Pick DEST: the peer that passes the pre-flight check and has "
+        "the most memory free (give no DEST).")] = False,
     recover: Annotated[bool, typer.Option(
         "--recover", help="Reconnect NAME's post-copy stream that a broken link paused "
         "(ferryd tries a few times by itself), then follow the job.")] = False,
@@ -404,13 +407,16 @@ def migrate(
             fail("--recover takes only the domain's name (on its source host)")
         job = call(lambda c: c.recover_migration(name))
         return _follow_job(job, detach, as_json)
-    if dest is None:
-        fail("say where to: ferry migrate NAME DEST (or --recover)")
+    if dest is None and not auto:
+        fail("say where to: ferry migrate NAME DEST (or --auto, or --recover)")
         return
+    if dest is not None and auto:
+        fail("--auto picks DEST itself: give one or the other")
     given = {"max_downtime_ms": max_downtime, "bandwidth_mibps": bandwidth,
              "timeout_s": timeout, "on_timeout": on_timeout, "postcopy": postcopy,
              "parallel": parallel, "compress": compress}
-    body = {"dest": dest, "mode": (Mode.live if live else Mode.offline).value,
+    body = {"mode": (Mode.live if live else Mode.offline).value,
+            **({"auto": True} if auto else {"dest": dest}),
             "copy_storage": copy_storage.value, "keep_source_disks": keep_source_disks,
             **{k: getattr(v, "value", v) for k, v in given.items() if v is not None}}
     if check:
@@ -418,11 +424,11 @@ def migrate(
         if as_json:
             print_json(res)
         elif res.blockers:
-            typer.echo(f"{name} cannot migrate to {dest}:")
+            typer.echo(f"{name} cannot migrate to {res.dest}:")
             for b in res.blockers:
                 typer.echo(f"  - {b}")
         else:
-            typer.echo(f"{name} can migrate to {dest}: no blockers")
+            typer.echo(f"{name} can migrate to {res.dest}: no blockers")
         if not as_json:
             for note in res.notes:
                 typer.echo(f"  {note}")

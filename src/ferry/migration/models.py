@@ -156,10 +156,22 @@ class MigrateRequest(MigrationSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Mode = Mode.offline
-    dest: str = Field(min_length=1, max_length=255)
+    dest: str = Field(default="", max_length=255)
+    # pick the destination: the peer that passes the pre-flight check and has the
+    # most memory free (ferry.fleet.placement)
+    auto: bool = False
     check: bool = False
     copy_storage: CopyStorage = CopyStorage.auto
     keep_source_disks: bool = False
+
+    @model_validator(mode="after")
+    def _where(self) -> MigrateRequest:
+        if not self.auto and not self.dest:
+            raise ValueError("dest: say where to (a peer's name or ADDRESS[:PORT]), or "
+                             "auto: true")
+        if self.auto and self.dest:
+            raise ValueError("dest: leave it out with auto: true (Ferry picks it)")
+        return self
 
 
 class MigrationCheck(BaseModel):
