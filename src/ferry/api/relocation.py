@@ -137,14 +137,26 @@ async def whereabouts(request: web.Request) -> web.Response:
     return ok(request.app[CONSOLES].locator.whereabouts(domain_name(request)))
 
 
+def _a_peer(request: web.Request) -> None:
+    """The cluster view is for this host's configured peers only."""
+    who = peer_host(request)
+    if who is not None and who not in {p.name for p in request.app[RELOC].host.peers}:
+        raise Forbidden(f"host {who} is not a peer of this host ([[peers]]): the cluster "
+                        "view is for peers")
+
+
 async def host_view(request: web.Request) -> web.Response:
-    """What this host says of itself to a peer's cluster view."""
-    return ok({"info": request.app[HOSTINFO]().model_dump(mode="json"),
-               "jobs": request.app[JOBS]()})
+    """What this host says of itself to a peer's cluster view (not its paths,
+    QEMU binary or TCP settings)."""
+    _a_peer(request)
+    info = request.app[HOSTINFO]().model_dump(mode="json")
+    info.update(state_dir="", qemu="", tcp_api="")
+    return ok({"info": info, "jobs": request.app[JOBS]()})
 
 
 async def domains_view(request: web.Request) -> web.Response:
-    return ok([d.model_dump(mode="json", exclude={"config"})
+    _a_peer(request)
+    return ok([d.model_dump(mode="json", exclude={"config", "pid"})
                for d in request.app[RELOC].domains.infos()])
 
 

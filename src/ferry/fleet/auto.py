@@ -14,6 +14,9 @@ async def choose_destination(cluster: ClusterView, mig: MigrationService, name: 
                              req: MigrateRequest) -> str:
     """The peer ``name`` should go to; Refused, with every host's reason, if none."""
     dom = mig.domains.get(name)
+    own = [b.message for b in mig.begin_blockers(dom)]
+    if own:  # (this host's own reasons, not every peer's)
+        raise Refused("; ".join(own), domain=name)
     candidates, refused = [], {}
     for view in (await cluster.hosts())[1:]:  # (the first is this host)
         if not view.reachable or view.info is None:

@@ -85,6 +85,8 @@ class ClusterView:
                 why = exc.message
             except (KeyError, TypeError, ValueError) as exc:
                 why = f"an answer this host does not understand ({exc})"
+            except Exception as exc:  # (TLS files, the socket: it is still one host)
+                why = repr(exc)
             return HostView(name=name, address=where, reachable=False, error=why)
 
         return [me, *await asyncio.gather(*(one(n, e) for n, e in self._peers()))]
@@ -98,8 +100,9 @@ class ClusterView:
             where = f"{endpoint[0]}:{endpoint[1]}"
             try:
                 data, _ = await self._ask(name, endpoint, "/v1/relocation/domains")
-                out.extend(DomainView(host=name, domain=DomainInfo.model_validate(d))
-                           for d in data)
+                views = [DomainView(host=name, domain=DomainInfo.model_validate(d))
+                         for d in data]
+                out.extend(views)  # (all of a host's, or none)
                 return
             except TimeoutError:
                 why = f"no answer within {ASK_TIMEOUT:g}s"
@@ -107,6 +110,8 @@ class ClusterView:
                 why = exc.message
             except (TypeError, ValueError) as exc:
                 why = f"an answer this host does not understand ({exc})"
+            except Exception as exc:
+                why = repr(exc)
             missing.append(HostView(name=name, address=where, reachable=False, error=why))
 
         await asyncio.gather(*(one(n, e) for n, e in self._peers()))

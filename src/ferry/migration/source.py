@@ -281,7 +281,7 @@ class MigrationService:
         """The disks this job copies."""
         return await storagecopy.plan(dom.config, self.host, opts.copy_storage)
 
-    def _begin_blockers(self, dom: Domain) -> list[Blocker]:
+    def begin_blockers(self, dom: Domain) -> list[Blocker]:
         out = []
         if dom.lock.locked():
             what = f"migration {dom.job}" if dom.job else "another operation"
@@ -297,7 +297,7 @@ class MigrationService:
         notes: list[str] = []
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
-        out = [b.message for b in self._begin_blockers(dom)]
+        out = [b.message for b in self.begin_blockers(dom)]
         opts = self.options(dom, req)
         try:
             copies = await self._copies(dom, opts)
@@ -323,7 +323,7 @@ class MigrationService:
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         self._check_tls()
-        blockers = [b for b in self._begin_blockers(dom) if b.code != "busy"]
+        blockers = [b for b in self.begin_blockers(dom) if b.code != "busy"]
         t0 = time.monotonic()
         job_id = secrets.token_hex(6)
         dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
