@@ -177,6 +177,14 @@ class FerryClient:
         return self._as(HostInfo, await self.request("POST", "/v1/host/maintenance",
                                                      {"on": on}))
 
+    async def evacuate(self, body: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("POST", "/v1/host/evacuate", body)
+        return out
+
+    async def evacuation(self) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("GET", "/v1/host/evacuation")
+        return out
+
     async def domains(self) -> list[DomainInfo]:
         return self._as_list(DomainInfo, await self.request("GET", "/v1/domains"))
 

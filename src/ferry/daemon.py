@@ -32,6 +32,8 @@ from ferry.api.server import make_app
 from ferry.domains import DomainService
 from ferry.errors import FerryError
 from ferry.events import EventBus
+from ferry.fleet.cluster import ClusterView
+from ferry.fleet.evacuate import Evacuator
 from ferry.hostconfig import HostConfig, load_host_config
 from ferry.hostres import meminfo
 from ferry.hostsallow import AllowGate, HostsAllow, Target
@@ -55,6 +57,7 @@ class Daemon:
         self.svc: DomainService | None = None
         self.migrations: MigrationService | None = None
         self.store: Store | None = None
+        self.evacuator: Evacuator | None = None
 
     def _take_lock(self) -> None:
         path = self.config.state_dir / "ferryd.lock"
@@ -91,7 +94,12 @@ class Daemon:
         await self.migrations.recover()
         await self.relocation.recover()
         self.consoles = Consoles(cfg, self.svc, self.store)
-        app = make_app(self.svc, self.host_info, self.migrations, self.consoles)
+        migrations = self.migrations
+        self.cluster = ClusterView(cfg, self.svc, self.host_info,
+                                   lambda: len(migrations.running()))
+        self.evacuator = Evacuator(self.cluster, self.migrations)
+        app = make_app(self.svc, self.host_info, self.migrations, self.consoles,
+                       cluster=self.cluster, evacuator=self.evacuator)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=2.0)
         await self._runner.setup()
@@ -121,7 +129,8 @@ class Daemon:
                                            handle_signals=False, access_log=None,
                                            shutdown_timeout=2.0)
         self._remote_runner = web.AppRunner(
-            make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True),
+            make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True,
+                     cluster=self.cluster, evacuator=self.evacuator),
             handle_signals=False, access_log=None, shutdown_timeout=2.0)
         for runner in (self._reloc_runner, self._remote_runner):
             await runner.setup()
@@ -181,6 +190,8 @@ class Daemon:
                 await runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.evacuator is not None:
+            await self.evacuator.close()
         if self.migrations is not None:
             await self.migrations.close()
             await self.relocation.close()

@@ -20,6 +20,7 @@ from ferry.api.consoles import Consoles
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
 from ferry.fleet.cluster import ClusterView
+from ferry.fleet.evacuate import EvacuateRequest, Evacuator
 from ferry.migration.models import MigrateRequest, ResolveRequest, SteerRequest
 from ferry.migration.savefile import RestoreRequest, SaveRequest, SaveService
 from ferry.migration.source import MigrationService
@@ -44,6 +45,7 @@ SAVES: web.AppKey[SaveService] = web.AppKey("saves", SaveService)
 JOB_RE = re.compile(r"^[0-9a-f]{12}$")
 CONSOLES: web.AppKey[Consoles] = web.AppKey("consoles", Consoles)
 CLUSTER: web.AppKey[ClusterView] = web.AppKey("cluster", ClusterView)
+EVACUATOR: web.AppKey[Evacuator] = web.AppKey("evacuator", Evacuator)
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -113,6 +115,16 @@ async def set_maintenance(request: web.Request) -> web.Response:
     req = await body_as(request, MaintenanceRequest)
     request.app[SVC].set_maintenance(req.on)
     return ok(request.app[HOSTINFO]())
+
+
+async def evacuate_host(request: web.Request) -> web.Response:
+    req = await body_as(request, EvacuateRequest)
+    evac = await request.app[EVACUATOR].start(req)
+    return ok(evac, status=200 if req.dry_run else 202)
+
+
+async def get_evacuation(request: web.Request) -> web.Response:
+    return ok(request.app[EVACUATOR].status())
 
 
 async def list_domains(request: web.Request) -> web.Response:
@@ -290,7 +302,8 @@ async def not_for_operators(request: web.Request) -> web.Response:
 
 def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
              migrations: MigrationService, consoles: Consoles,
-             remote: bool = False) -> web.Application:
+             remote: bool = False, cluster: ClusterView | None = None,
+             evacuator: Evacuator | None = None) -> web.Application:
     """The management API; ``remote``: the copy served over TLS to operators."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
     app[SVC] = svc
@@ -298,9 +311,13 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[CONSOLES] = consoles
     app[MIG] = migrations
     app[SAVES] = SaveService(svc)
-    app[CLUSTER] = ClusterView(svc.host, svc, hostinfo, lambda: len(migrations.running()))
+    app[CLUSTER] = cluster or ClusterView(svc.host, svc, hostinfo,
+                                          lambda: len(migrations.running()))
+    app[EVACUATOR] = evacuator or Evacuator(app[CLUSTER], migrations)
     app.router.add_get("/v1/host", get_host)
     app.router.add_post("/v1/host/maintenance", set_maintenance)
+    app.router.add_post("/v1/host/evacuate", evacuate_host)
+    app.router.add_get("/v1/host/evacuation", get_evacuation)
     app.router.add_get("/v1/cluster/hosts", cluster_hosts)
     app.router.add_get("/v1/cluster/domains", cluster_domains)
     app.router.add_get("/v1/pools", list_pools)

@@ -201,6 +201,49 @@ def host_maintenance(state: Annotated[str, typer.Argument(
     typer.echo(f"host {info.name}: maintenance {'on' if info.maintenance else 'off'}")
 
 
+@host_app.command("evacuate")
+def host_evacuate(
+    to: Annotated[list[str] | None, typer.Option(
+        "--to", help="Only to this peer (give it again for more); default: every peer "
+        "that answers and is not in maintenance.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option(
+        help="Migrations at a time (the host's [limits] outgoing applies as well).",
+        min=1, max=16)] = 2,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Pause running domains while they move (default: live).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show where each domain would go and why some can't; change "
+        "nothing (not even maintenance mode).")] = False,
+    status: Annotated[bool, typer.Option(
+        "--status", help="Show the evacuation under way (or the last one) and follow it.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move every domain off this host: maintenance mode on first, then each
+    domain to the peer that passes its pre-flight check and has the most memory
+    free after the moves already planned (largest domain first). Running domains
+    move live, shut-off ones move their definition. A domain that fits nowhere
+    stays, with the reason. Exits 1 if any domain is left here."""
+    from ferry.cli.evacuation import follow_evacuation, plan_table
+    if status:
+        evac = call(lambda c: c.evacuation())
+    else:
+        body = {"to": to or [], "parallel": parallel, "offline": offline,
+                "dry_run": dry_run}
+        evac = call(lambda c: c.evacuate(body))
+    if evac["state"] == "running":
+        if not as_json:
+            _console().print(plan_table(evac))
+        evac = asyncio.run(follow_evacuation(_state["target"], evac, quiet=as_json))
+    if as_json:
+        print_json(evac)
+    else:
+        _console().print(plan_table(evac))
+    if not evac["dry_run"] and any(m["state"] != "completed" for m in evac["moves"]):
+        raise typer.Exit(1)
+
+
 @host_app.callback()
 def host(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Show this host: name, accelerator, QEMU, memory, its TCP API."""
