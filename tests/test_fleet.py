@@ -1,4 +1,4 @@
-"""The fleet, for real: three ferryd hosts on 127.0.0.1–3 with real guests —
+"""The fleet, for real: three ferryd hosts on 127.0.0.1-3 with real guests —
 host evacuation as placement plans it, and the limits on migrations a host runs."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Host, Probe, free_port, guest_config
+from helpers import Host, Probe, free_port, guest_config, wait_for
 
 ADDRS = {"ea": "127.0.0.1", "eb": "127.0.0.2", "ec": "127.0.0.3"}
 # memory each host offers its domains: ferryd's memory_free is at most
@@ -133,3 +133,71 @@ def test_evacuate_refuses_an_unknown_destination_and_changes_nothing(fleet: Flee
     res = ea.ferry("host", "evacuate", "--parallel", "0", check=False)
     assert res.returncode == 2, res.stderr
     assert ea.json("host")["maintenance"] is False
+
+
+def test_the_pinned_machine_type_survives_three_hops(fleet: Fleet) -> None:
+    """Defined as `q35`, the domain is pinned at its first start to the
+    versioned type this QEMU resolves q35 to, and keeps it across three live
+    hops (each destination's QEMU runs that very type)."""
+    from ferry.qemu.probe import machine_aliases
+    pinned = machine_aliases("qemu-system-x86_64")["q35"]
+    assert pinned.startswith("pc-q35-")
+    probe = boot(fleet, "ea", "pinned", 128, 16)
+    try:
+        first = probe.wait_up()
+        assert fleet["ea"].json("info", "pinned")["config"]["machine"] == pinned
+        for src, dst in (("ea", "eb"), ("eb", "ec"), ("ec", "ea")):
+            res = fleet[src].ferry("migrate", "pinned", dst, "--live", "--json")
+            assert json.loads(res.stdout)["state"] == "completed"
+            assert fleet[dst].json("info", "pinned")["config"]["machine"] == pinned
+            pid = fleet[dst].json("info", "pinned")["pid"]
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert cmd[cmd.index(b"-machine") + 1].split(b",")[0] == pinned.encode()
+        reply = probe.wait_up(10)
+        assert reply["boot_id"] == first["boot_id"] and reply["corrupt"] == "0"
+    finally:
+        probe.close()
+        remove(fleet, "pinned")
+
+
+def test_a_migration_beyond_the_hosts_limit_queues_and_starts_when_one_ends(
+        fleet: Fleet) -> None:
+    """eb runs at most one outgoing migration ([limits] outgoing = 1): of two
+    started at once, the second shows as queued until the first has ended,
+    then runs and completes; both guests intact."""
+    eb = fleet["eb"]
+    eb.settings["limits"] = {"outgoing": 1}
+    eb.stop()
+    eb.start()
+    probes = {n: boot(fleet, "eb", n, 128, 48) for n in ("first", "second")}
+    try:
+        before = {n: p.wait_up() for n, p in probes.items()}
+        # a cap keeps the first one going for a few seconds
+        one = json.loads(eb.ferry("migrate", "first", "ec", "--live", "--bandwidth", "16",
+                                  "--detach", "--json").stdout)
+        two = json.loads(eb.ferry("migrate", "second", "ec", "--live", "--detach",
+                                  "--json").stdout)
+        queued = eb.json("job", "show", two["id"])
+        assert queued["queued"] and "at most 1 outgoing" in queued["queued"], queued
+        assert queued["phase"] == "begin"
+        assert "queued" in eb.ferry("jobs").stdout
+        assert eb.json("job", "show", one["id"])["state"] == "running"
+        done = wait_for(lambda: (r := eb.json("job", "show", two["id"]))["state"] != "running"
+                        and r, 300, "the second job to end")
+        first = eb.json("job", "show", one["id"])
+        assert first["state"] == "completed" and done["state"] == "completed", (first, done)
+        # it went on only once the first had ended
+        assert done["escalations"][0]["action"] == "queued"
+        assert done["started"] + done["phase_times"]["queued"] >= first["ended"] - 0.5, \
+            (first, done)
+        for name, p in probes.items():
+            assert fleet.where(name) == ["ec"]
+            reply = p.wait_up(10)
+            assert reply["boot_id"] == before[name]["boot_id"] and reply["corrupt"] == "0"
+    finally:
+        for p in probes.values():
+            p.close()
+        remove(fleet, *probes)
+        eb.settings.pop("limits", None)
+        eb.stop()
+        eb.start()

@@ -40,6 +40,7 @@ from ferry.models import (
 )
 from ferry.net import create_taps, delete_taps
 from ferry.qemu.argv import RuntimePaths, build_argv, disk_server_argv, taps
+from ferry.qemu.probe import machine_aliases
 from ferry.qemu.process import (
     QemuProcess,
     owns,
@@ -354,6 +355,7 @@ class DomainService:
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
             self._check(dom.config, to_run=True)
+            self._pin_machine(dom, machine_aliases(self.host.qemu).get(dom.config.machine))
             argv = self.argv(dom.config)
             dom.expected_exit, dom.guest_powered_off = None, False
             proc = await self._launch(dom.config, argv, self._event_handler(dom))
@@ -428,6 +430,30 @@ class DomainService:
             dom.expected_exit = reason
             await proc.stop()
             await self._finish_watch(dom, proc)
+
+    def _pin_machine(self, dom: Domain, versioned: str | None) -> None:
+        """Keep the versioned machine type an alias (``q35``) stands for: the
+        guest's device model then stays the same wherever it goes, whichever
+        QEMU version each host runs."""
+        if not versioned or versioned == dom.config.machine:
+            return
+        log.info("domain %s: machine type %s pinned to %s", dom.name, dom.config.machine,
+                 versioned)
+        dom.config = dom.config.model_copy(update={"machine": versioned})
+        self.store.set_config(dom.config)
+
+    async def pin_running_machine(self, dom: Domain) -> None:
+        """A running domain still named by an alias (started before Ferry pinned
+        machine types): pin it to the type its QEMU really runs (QOM's /machine)."""
+        if dom.proc is None or dom.config.machine not in machine_aliases(self.host.qemu):
+            return
+        try:
+            qom = await dom.proc.qmp.execute("qom-get", {"path": "/machine",
+                                                         "property": "type"})
+        except QemuError:
+            return  # (the destination checks the alias then, as before)
+        if isinstance(qom, str) and qom.endswith("-machine"):
+            self._pin_machine(dom, qom.removesuffix("-machine"))
 
     # -- for migrations ---------------------------------------------------------------
     async def hold_for_job(self, name: str, job_id: str) -> Domain:

@@ -33,6 +33,10 @@ Example (every key optional)::
     postcopy = "never"                  # never | auto | now
     parallel = 2                        # TLS channels (default: cores, at most 4)
     compress = "none"                   # none | zstd (of the channels)
+    [limits]                            # migrations this host runs at once; more
+    outgoing = 2                        # wait (queued) until one ends
+    incoming = 2
+    bandwidth_mibps = 0                 # shared by its outgoing migrations (0: none)
     [tls]                               # mutual TLS on the TCP port (ferry pki)
     ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
     cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
@@ -135,6 +139,19 @@ class Announce(BaseModel):
                 "step": self.step_ms}
 
 
+class Limits(BaseModel):
+    """How much migrating a host does at once: jobs beyond ``outgoing`` (as
+    source) or ``incoming`` (as destination) wait, queued, until one ends;
+    ``bandwidth_mibps`` (0: no budget) is shared evenly by the outgoing
+    migrations that are copying, each also within its own cap."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    outgoing: int = Field(default=2, ge=1, le=64)
+    incoming: int = Field(default=2, ge=1, le=64)
+    bandwidth_mibps: int = Field(default=0, ge=0, le=1_000_000)
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -160,6 +177,7 @@ class HostConfig(BaseModel):
     # this host's migration defaults (a request's flags and a domain's own
     # [migration] table come first)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
+    limits: Limits = Field(default_factory=Limits)
     tls: TlsFiles | None = None
 
     @model_validator(mode="after")

@@ -153,6 +153,11 @@ class Store:
             "INSERT INTO domains (name, uuid, config, state, state_since) VALUES (?,?,?,?,?)",
             (config.name, str(config.uuid), config.model_dump_json(), state.value, time.time()))
 
+    def set_config(self, config: DomainConfig) -> None:
+        """A defined domain's new configuration (same name and UUID)."""
+        self._db.execute("UPDATE domains SET config=? WHERE name=?",
+                         (config.model_dump_json(), config.name))
+
     def set_state(self, name: str, state: DomainState, reason: str,
                   accel: str | None = None) -> None:
         self._db.execute(

@@ -14,7 +14,10 @@ from fault.fakes import INITRD_BYTES, KERNEL_BYTES, World
 async def world(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     # the probes of the host's QEMU binary: this tier runs without QEMU
     import ferry.blockers as blockers
-    monkeypatch.setattr(blockers, "machine_types", lambda _q: frozenset({"q35", "pc"}))
+    import ferry.domains as domains
+    monkeypatch.setattr(blockers, "machine_types",
+                        lambda _q: frozenset({"q35", "pc", "pc-q35-9.9"}))
+    monkeypatch.setattr(domains, "machine_aliases", lambda _q: {"q35": "pc-q35-9.9"})
     monkeypatch.setattr(blockers, "cpu_models", lambda _q: frozenset({"max", "qemu64"}))
     root = Path(tempfile.mkdtemp(prefix="fyf", dir="/tmp"))  # short: Unix socket paths
     (root / "vmlinuz").write_bytes(KERNEL_BYTES)

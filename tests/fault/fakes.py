@@ -30,7 +30,7 @@ from ferry.client import FerryClient
 from ferry.domains import DomainService, QemuLauncher
 from ferry.errors import QemuError
 from ferry.events import EventBus
-from ferry.hostconfig import HostConfig, Peer
+from ferry.hostconfig import HostConfig, Limits, Peer
 from ferry.migration.destination import RelocationService
 from ferry.migration.source import MigrationService
 from ferry.qemu.argv import RuntimePaths
@@ -352,7 +352,8 @@ class FakeHost:
                  for h in self.world.hosts.values() if h is not self]
         return HostConfig(name=self.name, state_dir=self.root, address=self.address,
                           memory_reserve=0, peers=peers, tls=self.world.tls(self),
-                          storage_dirs=[self.world.root], accel="tcg")
+                          storage_dirs=[self.world.root], accel="tcg",
+                          limits=Limits(**self.world.limits.get(self.name, {})))
 
     async def start(self) -> None:
         cfg = self.config()
@@ -419,6 +420,7 @@ class World:
     expected_downtime_ms: int = 30  # what QEMU says the pause would take now
     _next_port: int = 40000
     pki: Path | None = None
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)  # host: [limits]
 
     def add(self, name: str) -> FakeHost:
         host = FakeHost(self, name, len(self.hosts) + 1)

@@ -28,6 +28,8 @@ def _record(job: dict[str, Any] | JobRecord) -> JobRecord:
 def progress_line(job: dict[str, Any] | JobRecord) -> str:
     rec = _record(job)
     s = rec.stats
+    if rec.queued and rec.state == JobState.running:
+        return f"queued ({rec.queued})"
     parts = [f"phase {rec.phase.value}"]
     if rec.phase == Phase.perform and rec.disks and any(
             d.get("total") and d.get("bytes", 0) < d["total"] for d in rec.disks):
@@ -170,7 +172,8 @@ def jobs_table(jobs: Sequence[dict[str, Any] | JobRecord]) -> Table:
     for j in jobs:
         rec = _record(j)
         table.add_row(rec.id, rec.domain, rec.role.value, rec.mode.value, rec.source,
-                      rec.dest, rec.state.value, progress_line(rec))
+                      rec.dest, "queued" if rec.queued else rec.state.value,
+                      progress_line(rec))
     return table
 
 

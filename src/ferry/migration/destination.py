@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ferry.console import ConsoleLog
 from ferry.domains import Domain, DomainService
-from ferry.errors import Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
+from ferry.errors import Busy, Conflict, Failed, FerryError, InvalidInput, NotFound, Refused
 from ferry.failpoints import crash_point
 from ferry.hostconfig import HostConfig
 from ferry.migration import storagecopy, streamtls
@@ -193,6 +193,12 @@ class RelocationService:
             raise Refused(f"source {req.source} sent no TLS credentials for the migration "
                           "stream; Ferry never migrates a guest or a disk in plaintext",
                           host=self.host.name)
+        limit = self.host.limits.incoming
+        if len(self.incoming) >= limit:  # (no await since: the count holds)
+            raise Busy(f"host {self.host.name} takes at most {limit} incoming "
+                       f"migration(s) at a time ([limits] incoming); "
+                       f"{len(self.incoming)} arriving now", limit="incoming",
+                       host=self.host.name)
         t0 = time.monotonic()
         cfg = localize(req.config, self.host)
         memory = cfg.memory if req.running else 0

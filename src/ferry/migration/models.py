@@ -419,6 +419,8 @@ class JobRecord(BaseModel):
     escalations: list[dict[str, Any]] = Field(default_factory=list)  # time, action, why
     # each copied disk: index, disk, mode (full | top), bytes, first_pass_s, saved_bytes
     disks: list[dict[str, Any]] = Field(default_factory=list)
+    # why the job waits before it goes on (a host's [limits]); None: it is not queued
+    queued: str | None = None
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any]) -> JobRecord:

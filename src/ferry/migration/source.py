@@ -113,6 +113,7 @@ ABORT_TRIES = 3         # an abort refused at once is sent again (a restarting
 ABORT_RETRY_S = 0.5     # destination), this long after
 HEARTBEAT_S = 1.0       # how often the source asks the destination if it's alive
 PREPARE_TIMEOUT = 30.0  # s for the destination to answer Prepare (it starts a QEMU)
+QUEUE_RETRY_S = 1.0     # a destination at its [limits] incoming is asked again this often
 CALL_TIMEOUT = 5.0      # s for the small calls: status, abort
 FINISH_TIMEOUT = 180.0  # s for Finish (the stream's tail, resume, announce)
 VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finish
@@ -177,6 +178,8 @@ class SourceJob:
     nbd_address: str | None = None
     top_only: list[int] = field(default_factory=list)  # copies of only their top layer
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
+    bandwidth_applied: int = 0         # MiB/s QEMU was given (bandwidth_cap), 0: none
+    queued_since: float | None = None  # monotonic time it began to wait
     shutting_down: bool = False
     cleanup_error: str | None = None
     keep_held: bool = False            # a stale copy Confirm could not remove
@@ -221,6 +224,9 @@ class MigrationService:
         self.connect: PeerConnector = connect or (
             lambda name, endpoint, timeout: peer_client(host, name, endpoint, timeout))
         self.jobs: dict[str, SourceJob] = {}
+        # outgoing slots ([limits] outgoing): the jobs holding one, those waiting
+        self._slots: set[str] = set()
+        self._slot_waiters: list[asyncio.Future[None]] = []
         self.steps: list[PhaseStep[SourceJob]] = [
             PhaseStep(Phase.prepare, self._prepare, self._undo_prepare),
             PhaseStep(Phase.perform, self._perform, self._undo_perform),
@@ -327,6 +333,7 @@ class MigrationService:
         t0 = time.monotonic()
         job_id = secrets.token_hex(6)
         dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
+        await self.domains.pin_running_machine(dom)
         if blockers:
             self.domains.let_go(dom)
             raise Refused("; ".join(b.message for b in blockers), domain=name,
@@ -364,8 +371,8 @@ class MigrationService:
         if job.abort_requested is None:
             job.abort_requested = "aborted by the operator"
             # (in begin the task may not have started: Prepare checks the flag)
-            if job.record.phase == Phase.prepare and not job.failing \
-                    and job.task is not None:
+            if (job.record.phase == Phase.prepare or job.record.queued) and \
+                    not job.failing and job.task is not None:
                 job.cancelled_by_abort = True
                 job.task.cancel()  # don't wait for the destination's answer
         return job.record
@@ -511,6 +518,7 @@ class MigrationService:
             async with self.connect(job.record.dest, job.endpoint, 60) as peer:
                 job.peer = peer  # open until the undo (which may need it) has run
                 try:
+                    await self._take_slot(job)
                     await run_steps(job, self.steps, self.records)
                 except asyncio.CancelledError:
                     if not job.cancelled_by_abort or job.shutting_down:
@@ -531,8 +539,61 @@ class MigrationService:
             await self._fail(job, exc)
         finally:
             job.peer = None  # closed with the `async with`
+            self._give_slot(job)
             if job.record.state != JobState.in_doubt:
                 self._end(job)
+
+    # -- limits -----------------------------------------------------------------------
+    def _queue(self, job: SourceJob, why: str | None) -> None:
+        """The job waits (``why``) or goes on (None): in its record (the time it
+        waited in all, as phase time ``queued``) and as an event."""
+        if job.record.queued == why:
+            return
+        now = time.monotonic()
+        if job.queued_since is not None:
+            times = job.record.phase_times
+            times["queued"] = times.get("queued", 0.0) + now - job.queued_since
+        job.queued_since = None if why is None else now
+        job.record.queued = why
+        self.records.save(job.record)
+        if why is not None:
+            self._escalate(job, "queued", why)
+
+    async def _take_slot(self, job: SourceJob) -> None:
+        """One of this host's outgoing slots for the job, waiting (queued) in the
+        order jobs asked while ``[limits] outgoing`` jobs hold one."""
+        limit = self.host.limits.outgoing
+        while len(self._slots) >= limit:
+            self._queue(job, f"waiting: host {self.host.name} runs at most {limit} "
+                        "outgoing migration(s) at a time ([limits] outgoing)")
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
+        self._slots.add(job.record.id)
+        self._queue(job, None)
+
+    def _give_slot(self, job: SourceJob) -> None:
+        if job.record.id not in self._slots:
+            return
+        self._slots.discard(job.record.id)
+        for waiter in self._slot_waiters:  # (each looks again, first come first)
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def bandwidth_cap(self, job: SourceJob) -> int:
+        """MiB/s the job may use now (0: no cap): its own cap, within its share of
+        the host's ``[limits] bandwidth_mibps`` among the jobs that are copying."""
+        own, budget = job.options.bandwidth_mibps, self.host.limits.bandwidth_mibps
+        if not budget:
+            return own
+        copying = sum(1 for j in self.jobs.values() if j.record.phase == Phase.perform
+                      and j.record.state == JobState.running) or 1
+        share = max(1, budget // copying)
+        return min(own, share) if own else share
 
     def _end(self, job: SourceJob) -> None:
         if job.dom is not None and not job.keep_held:
@@ -656,11 +717,22 @@ class MigrationService:
             rel = rel.model_copy(update={"stream": server})
         job.facts.dest_contacted = True
         self.records.save(job.record)
-        try:
-            answer = await peer.request("POST", "/v1/relocation/prepare",
-                                        rel.model_dump(mode="json"), timeout=PREPARE_TIMEOUT)
-        except FerryError as exc:
-            raise older_peer(exc, job.record.dest) from exc
+        while True:
+            try:
+                answer = await peer.request("POST", "/v1/relocation/prepare",
+                                            rel.model_dump(mode="json"),
+                                            timeout=PREPARE_TIMEOUT)
+                break
+            except FerryError as exc:
+                if exc.details.get("limit") != "incoming":
+                    raise older_peer(exc, job.record.dest) from exc
+                # the destination took nothing: ask again when one of its slots frees
+                self._queue(job, f"waiting: {exc.message}")
+                await asyncio.sleep(QUEUE_RETRY_S)
+                if job.abort_requested:
+                    raise Aborted(job.abort_requested, host=self.host.name,
+                                  phase="prepare") from None
+        self._queue(job, None)
         res = parse_answer(PrepareAnswer, answer, job.record.dest)
         check_protocol(res.protocol, job.record.dest, self.host.name)
         job.uri = _check_uri(res.uri, rel.running, job.record.dest)
@@ -744,7 +816,8 @@ class MigrationService:
         if opts.postcopy_allowed:
             await mig.set_capabilities(postcopy_ram=True)
         downtime = initial_downtime(opts)
-        await mig.set_limits(downtime, opts.bandwidth_mibps * 1024 * 1024 or None)
+        job.bandwidth_applied = self.bandwidth_cap(job)
+        await mig.set_limits(downtime, job.bandwidth_applied * 1024 * 1024 or None)
         assert job.stream_creds is not None
         facts.tls_installed = True
         self.records.save(job.record)
@@ -796,10 +869,10 @@ class MigrationService:
         assert job.nbd_port is not None and job.nbd_address is not None
         host = job.nbd_address
         self.records.save(job.record)
-        applied = job.options
+        speed = self.bandwidth_cap(job)
         await storagecopy.start(qmp, job.copies, host, job.nbd_port, job.record.id,
                                 job.facts.mirrors, lambda: self.records.save(job.record),
-                                applied.bandwidth_mibps << 20, job.top_only)
+                                speed << 20, job.top_only)
         self.records.save(job.record)
         t0, next_beat, misses = time.monotonic(), 0.0, 0
         disks = job.domain().config.disks
@@ -810,9 +883,9 @@ class MigrationService:
             if c.index in job.top_only else 0} for c in job.copies]
         last = (t0, {c.index: 0 for c in job.copies})
         while True:
-            if job.options.bandwidth_mibps != applied.bandwidth_mibps:  # job set
-                applied = job.options
-                await storagecopy.set_speed(qmp, job.copies, applied.bandwidth_mibps << 20)
+            if self.bandwidth_cap(job) != speed:  # job set, or the host's budget
+                speed = self.bandwidth_cap(job)
+                await storagecopy.set_speed(qmp, job.copies, speed << 20)
             done, total, ready = await storagecopy.progress(qmp, job.copies)
             job.record.stats = job.record.stats.model_copy(
                 update={"disk_bytes": done, "disk_total": total})
@@ -908,6 +981,7 @@ class MigrationService:
                 continue
             if job.options != opts:  # steered (also while Perform was setting up)
                 opts = await self._apply_steering(job, mig, opts)
+            await self._sync_bandwidth(job, mig)
             decision = decide(job.history, now - start, opts, paused=paused,
                               abort_requested=job.abort_requested, peer_misses=misses,
                               downtime_ms=job.record.stats.downtime_limit_ms,
@@ -979,15 +1053,26 @@ class MigrationService:
     async def _apply_steering(self, job: SourceJob, mig: MigrationQmp,
                               old: MigrateOptions) -> MigrateOptions:
         """Give QEMU the job's (changed) options; the options the stream now runs with."""
-        new = job.options
-        if new.bandwidth_mibps != old.bandwidth_mibps:
-            await mig.set_bandwidth(new.bandwidth_mibps * 1024 * 1024 or None)
+        new = job.options  # (the bandwidth: bandwidth_cap, in the sample loop)
         limit = job.record.stats.downtime_limit_ms
         if limit is not None and limit > new.max_downtime_ms:
             await mig.set_downtime(new.max_downtime_ms)
             job.record.stats = job.record.stats.model_copy(
                 update={"downtime_limit_ms": new.max_downtime_ms})
         return new
+
+    async def _sync_bandwidth(self, job: SourceJob, mig: MigrationQmp) -> None:
+        """Give QEMU the job's bandwidth cap where it changed (``ferry job set``,
+        or its share of the host's budget as other jobs start and end)."""
+        cap = self.bandwidth_cap(job)
+        if cap == job.bandwidth_applied:
+            return
+        job.bandwidth_applied = cap
+        await mig.set_bandwidth(cap * 1024 * 1024 or None)
+        if self.host.limits.bandwidth_mibps:
+            self._escalate(job, "bandwidth", f"{cap} MiB/s: within its share of host "
+                           f"{self.host.name}'s budget of "
+                           f"{self.host.limits.bandwidth_mibps} MiB/s ([limits])")
 
     async def _heartbeat(self, job: SourceJob, peer: FerryClient) -> bool:
         """Is the destination there and still on the job? False: no answer; Failed
@@ -1195,8 +1280,9 @@ class MigrationService:
                                     host=rec.dest)
                 mig = MigrationQmp(dom.proc.qmp)
                 try:
-                    if job.options != applied:  # `ferry job set --bandwidth`
+                    if job.options != applied:  # `ferry job set`
                         applied = await self._apply_steering(job, mig, applied)
+                    await self._sync_bandwidth(job, mig)
                     stats = await mig.query(rec.stats)
                 except QemuError:
                     await asyncio.sleep(0.25)

@@ -52,6 +52,19 @@ def machine_types(qemu: str) -> frozenset[str]:
 
 
 @functools.cache
+def machine_aliases(qemu: str) -> dict[str, str]:
+    """Each alias ``qemu -machine help`` lists, to the versioned machine type it
+    stands for on this QEMU (``q35`` -> ``pc-q35-9.2``)."""
+    out = _ask(qemu, "-machine", "help")
+    aliases = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if parts and "(alias of" in line:
+            aliases[parts[0]] = line.split("(alias of", 1)[1].strip(" )")
+    return aliases
+
+
+@functools.cache
 def cpu_models(qemu: str) -> frozenset[str]:
     """CPU model names that ``qemu -cpu help`` lists (empty if it can't tell)."""
     out = _ask(qemu, "-cpu", "help")

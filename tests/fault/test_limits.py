@@ -1,0 +1,125 @@
+"""A host's [limits] under the fault tier's fake QEMU: migrations beyond a
+host's outgoing or incoming limit wait, queued, and go on when one ends; an
+abort of a queued job changes nothing; the bandwidth budget is shared."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fault.fakes import FakeHost, World
+from fault.test_protocol_faults import assert_runs_only_on, boot, migrate, restart, settle
+from ferry.models import DomainState
+
+
+async def with_limits(world: World, host: str, **limits: int) -> FakeHost:
+    world.limits[host] = limits
+    await restart(world.hosts[host])
+    return world.hosts[host]
+
+
+async def until(predicate: Any, what: str, timeout: float = 5.0) -> Any:
+    for _ in range(int(timeout / 0.01)):
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_a_migration_beyond_the_outgoing_limit_waits_until_one_ends(
+        world: World) -> None:
+    a = await with_limits(world, "a", outgoing=1)
+    await boot(world, "a", "web")
+    await boot(world, "a", "app")
+    world.converges = False      # the first job streams until the test lets it end
+    first = await migrate(world, "web")
+    await until(lambda: any(q.name == "web" and q.mig_status == "active"
+                            for q in a.qemus()), "the first stream runs")
+    second = await migrate(world, "app")
+    rec = await until(lambda: a.mig.jobs[second].record.queued and a.mig.jobs[second].record,
+                      "the second job queued")
+    assert "at most 1 outgoing" in str(rec.queued) and rec.phase.value == "begin"
+    assert world.hosts["b"].record(second) is None        # b has heard nothing of it
+    assert a.mig.jobs[first].record.queued is None
+    world.converges = True
+    assert (await settle(world, first))["state"] == "completed"
+    done = await settle(world, second)
+    assert done["state"] == "completed" and done["queued"] is None, done
+    assert [e["action"] for e in done["escalations"]][:1] == ["queued"]
+    assert_runs_only_on(world, "b", "web")
+    assert_runs_only_on(world, "b", "app")
+
+
+async def test_a_destination_at_its_incoming_limit_is_asked_again(world: World) -> None:
+    b = await with_limits(world, "b", incoming=1)
+    a = world.hosts["a"]
+    await boot(world, "a", "web")
+    await boot(world, "a", "app")
+    world.converges = False
+    first = await migrate(world, "web")
+    await until(lambda: any(q.name == "web" and q.mig_status == "active"
+                            for q in a.qemus()), "the first stream runs")
+    second = await migrate(world, "app")
+    rec = await until(lambda: a.mig.jobs[second].record.queued and a.mig.jobs[second].record,
+                      "the second job waits for b")
+    assert "at most 1 incoming" in str(rec.queued) and rec.phase.value == "prepare", rec
+    assert b.record(second) is None and "app" not in b.svc.domains
+    world.converges = True
+    assert (await settle(world, first))["state"] == "completed"
+    assert (await settle(world, second))["state"] == "completed"
+    assert_runs_only_on(world, "b", "app")
+
+
+async def test_aborting_a_queued_job_changes_nothing(world: World) -> None:
+    a = await with_limits(world, "a", outgoing=1)
+    await boot(world, "a", "web")
+    await boot(world, "a", "app")
+    world.converges = False
+    first = await migrate(world, "web")
+    second = await migrate(world, "app")
+    await until(lambda: a.mig.jobs[second].record.queued, "the second job queued")
+    a.mig.abort(second)
+    rec = await settle(world, second)
+    assert rec["state"] == "aborted" and rec["error"]["phase"] == "begin", rec
+    assert a.svc.domains["app"].state == DomainState.running
+    assert world.hosts["b"].record(second) is None and "app" not in world.hosts["b"].svc.domains
+    a.mig.abort(first)
+    assert (await settle(world, first))["state"] == "aborted"
+    assert_runs_only_on(world, "a", "web")
+
+
+async def test_the_bandwidth_budget_is_shared_by_the_jobs_copying(world: World) -> None:
+    a = await with_limits(world, "a", bandwidth_mibps=100)
+    await boot(world, "a", "web")
+    await boot(world, "a", "app")
+    world.converges = False
+    first = await migrate(world, "web", bandwidth_mibps=80)
+
+    def cap(name: str) -> int | None:
+        q = [q for q in a.qemus() if q.name == name and not q.incoming]
+        return q[0].params.get("max-bandwidth") if q else None
+
+    await until(lambda: cap("web") == 80 << 20, "web at its own cap (within the budget)")
+    second = await migrate(world, "app")
+    await until(lambda: cap("app") == 50 << 20 and cap("web") == 50 << 20,
+                "both at half the budget")
+    a.mig.abort(first)
+    assert (await settle(world, first))["state"] == "aborted"
+    await until(lambda: cap("app") == 100 << 20, "app takes the whole budget")
+    shares = [e for e in a.mig.jobs[second].record.escalations if e["action"] == "bandwidth"]
+    assert shares and "budget of 100 MiB/s" in shares[-1]["reason"], shares
+    a.mig.abort(second)
+    assert (await settle(world, second))["state"] == "aborted"
+
+
+async def test_the_machine_type_is_pinned_at_first_start_and_travels(world: World) -> None:
+    """`q35` becomes the versioned type this host's QEMU stands it for, in the
+    stored definition too, and the destination keeps it."""
+    a = world.hosts["a"]
+    await boot(world, "a", "web")
+    assert a.svc.domains["web"].config.machine == "pc-q35-9.9"
+    assert a.store.get("web").config.machine == "pc-q35-9.9"
+    assert "pc-q35-9.9" in a.qemus()[0].argv[a.qemus()[0].argv.index("-machine") + 1]
+    job = await migrate(world, "web")
+    assert (await settle(world, job))["state"] == "completed"
+    assert world.hosts["b"].svc.domains["web"].config.machine == "pc-q35-9.9"
