@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev iproute2 iputils-ping python3 python3-venv
-      ca-certificates)
+      ca-certificates
+      etcd-server)   # the [cluster] etcd backend's tests start their own etcd on loopback
 # QEMU 7.2, what Debian 12 ships, loses about one guest in ten in a live migration
 # under TCG while the guest dirties memory (bench/plain_qemu_early_migration.py);
 # QEMU >= 8 does not. On bookworm, take QEMU from Debian's bookworm-backports.

@@ -34,6 +34,7 @@ from ferry.errors import FerryError
 from ferry.events import EventBus
 from ferry.fleet.cluster import ClusterView
 from ferry.fleet.evacuate import Evacuator
+from ferry.fleet.registry import Registry, make_registry
 from ferry.hostconfig import HostConfig, load_host_config
 from ferry.hostres import meminfo
 from ferry.hostsallow import AllowGate, HostsAllow, Target
@@ -58,6 +59,7 @@ class Daemon:
         self.migrations: MigrationService | None = None
         self.store: Store | None = None
         self.evacuator: Evacuator | None = None
+        self.registry: Registry | None = None
 
     def _take_lock(self) -> None:
         path = self.config.state_dir / "ferryd.lock"
@@ -98,6 +100,9 @@ class Daemon:
         self.cluster = ClusterView(cfg, self.svc, self.host_info,
                                    lambda: len(migrations.running()))
         self.evacuator = Evacuator(self.cluster, self.migrations)
+        self.svc.owners = self.registry = make_registry(cfg, self.svc, self.cluster)
+        if cfg.cluster.backend == "etcd":
+            await self.svc.reconcile()
         app = make_app(self.svc, self.host_info, self.migrations, self.consoles,
                        cluster=self.cluster, evacuator=self.evacuator)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -170,10 +175,14 @@ class Daemon:
                         qemu=self.config.qemu,
                         qemu_version=qemu_version(self.config.qemu), arch=platform.machine(),
                         memory_total=mem["MemTotal"] // 1024,
-                        memory_free=self.svc.memory_free(), domains=len(domains),
+                        memory_free=self.svc.memory_free(),
+                        memory_reserved=self.config.memory_reserve
+                        + sum(self.svc.reservations.values()),
+                        domains=len(domains),
                         running=sum(1 for d in domains if d.pid),
                         state_dir=str(self.config.state_dir), tcp_api=self._tcp_api(),
-                        maintenance=self.svc.maintenance)
+                        maintenance=self.svc.maintenance,
+                        registry=self.config.cluster.backend)
 
     def _tcp_api(self) -> str:
         cfg = self.config
@@ -192,6 +201,8 @@ class Daemon:
             await self._runner.cleanup()
         if self.evacuator is not None:
             await self.evacuator.close()
+        if self.registry is not None:
+            await self.registry.close()
         if self.migrations is not None:
             await self.migrations.close()
             await self.relocation.close()

@@ -39,6 +39,7 @@ from ferry.models import (
     DomainState,
 )
 from ferry.net import create_taps, delete_taps
+from ferry.ownership import LocalOnly, Owners
 from ferry.qemu.argv import RuntimePaths, build_argv, disk_server_argv, taps
 from ferry.qemu.probe import machine_aliases
 from ferry.qemu.process import (
@@ -72,6 +73,7 @@ class Domain:
     pending_reason: str | None = None
     watcher: asyncio.Task[None] | None = None
     job: str | None = None  # the migration holding this domain
+    fenced: str | None = None  # why it must not run here (the registry names another owner)
 
     @property
     def name(self) -> str:
@@ -111,8 +113,10 @@ class QemuLauncher:
 
 class DomainService:
     def __init__(self, host: HostConfig, store: Store, accel: str, events: EventBus,
-                 qemu: QemuLauncher | None = None) -> None:
+                 qemu: QemuLauncher | None = None, owners: Owners | None = None) -> None:
         self.host = host
+        # the cluster's record of who owns each domain (the daemon sets the real one)
+        self.owners: Owners = owners or LocalOnly(host.name)
         self.store = store
         self.accel = accel
         self.events = events
@@ -323,7 +327,12 @@ class DomainService:
                 f"domain {config.name} wants {config.memory} MiB but host {self.host.name} "
                 f"has only {total} MiB for domains", domain=config.name)
         self._check(config, to_run=start)
-        self.store.insert(config, DomainState.shutoff)
+        await self.owners.claim(config.name, str(config.uuid))
+        try:
+            self.store.insert(config, DomainState.shutoff)
+        except BaseException:
+            await self.owners.release(config.name)
+            raise
         dom = Domain(config, DomainState.shutoff, "defined", time.time())
         self.domains[config.name] = dom
         self.events.publish("domain.defined", domain=config.name)
@@ -343,6 +352,7 @@ class DomainService:
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is {dom.state.value}: destroy or shut it "
                                "down first", domain=name)
+            await self.owners.release(name)  # (the registry first: refused, nothing changed)
             self.store.delete(name)
             del self.domains[name]
             shutil.rmtree(self.paths(name).root, ignore_errors=True)
@@ -354,6 +364,7 @@ class DomainService:
         async with self._locked(dom):
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
+            self._refuse_fenced(dom)
             self._check(dom.config, to_run=True)
             self._pin_machine(dom, machine_aliases(self.host.qemu).get(dom.config.machine))
             argv = self.argv(dom.config)
@@ -383,6 +394,7 @@ class DomainService:
         dom = self.get(name)
         async with self._locked(dom):
             proc = self._running(dom, {DomainState.paused})
+            self._refuse_fenced(dom)
             await self._qmp_with_reason(dom, proc, "cont", "unpaused by the operator")
             self._set_state(dom, DomainState.running, "unpaused by the operator")
             return dom.info()
@@ -430,6 +442,35 @@ class DomainService:
             dom.expected_exit = reason
             await proc.stop()
             await self._finish_watch(dom, proc)
+
+    def _refuse_fenced(self, dom: Domain) -> None:
+        if dom.fenced:
+            raise Conflict(f"domain {dom.name} is not run here: {dom.fenced}", domain=dom.name)
+
+    async def reconcile(self) -> None:
+        """At start, with the cluster registry: a domain here the registry does not
+        know is claimed; one it says another host owns is fenced — kept paused if it
+        runs, never resumed or started here — and reported."""
+        for dom in list(self.domains.values()):
+            try:
+                owner = await self.owners.owner(dom.name)
+                if owner is None:
+                    await self.owners.claim(dom.name, str(dom.config.uuid))
+                    continue
+            except FerryError as exc:
+                log.error("domain %s: cannot reconcile with the registry: %s", dom.name,
+                          exc.message)
+                continue
+            if owner == self.host.name:
+                continue
+            dom.fenced = (f"the cluster registry says host {owner} owns it; kept here "
+                          "paused and never resumed (undefine it here once that host "
+                          "runs it)")
+            log.error("domain %s: %s", dom.name, dom.fenced)
+            if dom.proc is not None and dom.state == DomainState.running:
+                with contextlib.suppress(FerryError):
+                    await self.stop_guest(dom, dom.fenced)
+            self.note(dom, dom.fenced)
 
     def _pin_machine(self, dom: Domain, versioned: str | None) -> None:
         """Keep the versioned machine type an alias (``q35``) stands for: the

@@ -37,6 +37,10 @@ Example (every key optional)::
     outgoing = 2                        # wait (queued) until one ends
     incoming = 2
     bandwidth_mibps = 0                 # shared by its outgoing migrations (0: none)
+    [cluster]                           # who owns each domain (docs/cluster.md):
+    backend = "embedded"                # embedded | etcd
+    endpoints = ["127.0.0.1:2379"]      # etcd's client URLs, IPV4:PORT
+    ca = "/etc/ferry/etcd/ca.pem"       # etcd over TLS (cert and key: as a client)
     [tls]                               # mutual TLS on the TCP port (ferry pki)
     ca = "/etc/ferry/pki/ca.pem"        # the cluster CA
     cert = "/etc/ferry/pki/host-a.pem"  # this host's certificate (ferry pki issue --host)
@@ -57,6 +61,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -152,6 +157,48 @@ class Limits(BaseModel):
     bandwidth_mibps: int = Field(default=0, ge=0, le=1_000_000)
 
 
+class ClusterSettings(BaseModel):
+    """``[cluster]``: where the record of which host owns each domain lives
+    (``ferry.fleet.registry``): ``embedded`` (each host's own database, peers
+    asked) or ``etcd`` (``endpoints``, optionally over TLS with ``ca`` and a
+    client ``cert``/``key``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["embedded", "etcd"] = "embedded"
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1,
+                                 max_length=16)
+    prefix: str = Field(default="/ferry", pattern=r"^/[A-Za-z0-9_./-]{0,100}$")
+    ca: AbsPath | None = None
+    cert: AbsPath | None = None
+    key: AbsPath | None = None
+    lock_ttl_s: int = Field(default=10, ge=2, le=300)
+    timeout_s: float = Field(default=3.0, gt=0, le=60)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for e in value:
+            host, _, port = e.rpartition(":")
+            try:
+                ipaddress.IPv4Address(host)
+                ok = port.isdigit() and 0 < int(port) < 65536
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"endpoint {e!r}: give IPV4:PORT, e.g. 127.0.0.1:2379")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClusterSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key (or neither)")
+        if self.cert is not None and self.ca is None:
+            raise ValueError("a client cert needs the ca that etcd's certificate is "
+                             "checked against")
+        return self
+
+
 class HostConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -178,6 +225,7 @@ class HostConfig(BaseModel):
     # [migration] table come first)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     limits: Limits = Field(default_factory=Limits)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     tls: TlsFiles | None = None
 
     @model_validator(mode="after")

@@ -354,12 +354,15 @@ class HostInfo(BaseModel):
     arch: str
     memory_total: int
     memory_free: int
+    # MiB kept back: the host's memory_reserve plus what arriving migrations were promised
+    memory_reserved: int = 0
     domains: int
     running: int
     state_dir: str
     # "ADDRESS:PORT (mutual TLS, hosts_allow ...)" or "closed"
     tcp_api: str = "closed"
     maintenance: bool = False   # takes no new domains, no incoming migrations
+    registry: str = "embedded"  # where the cluster's record of owners lives
 
 
 class MaintenanceRequest(Strict):

@@ -13,7 +13,8 @@ from ferry.models import HostInfo
 HOST = {"name": "a", "version": "0.1.0", "arch": "x86_64", "accel": "tcg",
         "qemu": "qemu-system-x86_64",
         "qemu_version": "10.0.0", "memory_total": 4000, "memory_free": 1200, "domains": 0,
-        "running": 0, "state_dir": "/var/lib/ferry", "tcp_api": "closed", "maintenance": False}
+        "running": 0, "state_dir": "/var/lib/ferry", "tcp_api": "closed", "maintenance": False,
+        "memory_reserved": 512, "registry": "embedded"}
 
 
 def host_output(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any],

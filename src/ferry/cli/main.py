@@ -651,18 +651,20 @@ def cluster_hosts(as_json: JsonOpt = False) -> None:
         return print_json(hosts)
     table = Table(box=None, header_style="bold")
     for col in ("HOST", "ADDRESS", "STATE", "FERRY", "QEMU", "ACCEL", "MEMORY FREE/TOTAL",
-                "DOMAINS", "RUNNING", "JOBS"):
+                "RESERVED", "DOMAINS", "RUNNING", "JOBS", "MAINTENANCE"):
         table.add_column(col)
     for h in hosts:
         info = h.get("info") or {}
         if not h["reachable"]:
             table.add_row(h["name"], h["address"], f"unreachable: {h.get('error')}",
-                          *[""] * 7)
+                          *[""] * 9)
             continue
         table.add_row(h["name"], h["address"], "up", info.get("version", "?"),
                       info.get("qemu_version", "?"), info.get("accel", "?"),
                       f"{info.get('memory_free')}/{info.get('memory_total')} MiB",
-                      str(info.get("domains")), str(info.get("running")), str(h["jobs"]))
+                      f"{info.get('memory_reserved', '?')} MiB", str(info.get("domains")),
+                      str(info.get("running")), str(h["jobs"]),
+                      "on" if info.get("maintenance") else "off")
     _console().print(table)
 
 

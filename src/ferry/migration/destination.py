@@ -470,6 +470,7 @@ class RelocationService:
             if inc.facts.disk_server:
                 await self.domains.stop_disk_server(inc.record.id, inc.disk_server)
                 inc.disk_server = None
+            await self._commit(inc)
             self.domains.adopt_definition(cfg, f"migrated from {inc.source}")
             inc.committed = True
             return
@@ -484,6 +485,7 @@ class RelocationService:
                                  f"migrated from {inc.source}")
         await self.domains.hold_for_job(dom.name, req.job_id)
         inc.adopted = dom
+        await self._commit(inc)
         crash_point("finish-before-cont")
         if req.resume:
             inc.facts.resumed = True  # from here the guest may have run: never undone
@@ -500,6 +502,20 @@ class RelocationService:
         inc.committed = True  # the guest runs here (or, paused before, is here)
         if req.resume:
             crash_point("finish-after-cont")
+
+    async def _commit(self, inc: Incoming) -> None:
+        """The commit point in the cluster registry: this host owns the domain
+        from here on, if the source still does and holds the job's lock (Failed,
+        nothing changed, otherwise). Saved first: an undo gives it back."""
+        inc.facts.registry_committed = True
+        self.records.save(inc.record)
+        try:
+            await self.domains.owners.commit(inc.config.name, str(inc.config.uuid),
+                                             inc.source, inc.record.id)
+        except FerryError:
+            inc.facts.registry_committed = False
+            self.records.save(inc.record)
+            raise
 
     async def _resume(self, dom: Domain, source: str) -> None:
         """``cont``; if QEMU's answer is lost but the guest runs, that is success."""
@@ -627,6 +643,14 @@ class RelocationService:
             await self.domains.stop_disk_server(rec.id, inc.disk_server)
             inc.disk_server = None
         storagecopy.delete_created(facts.images_created)
+        if facts.registry_committed and inc.config is not None:
+            try:  # the guest does not run here: the source owns it again
+                await self.domains.owners.uncommit(inc.config.name, str(inc.config.uuid),
+                                                   rec.source, rec.id)
+                facts.registry_committed = False
+            except FerryError as exc:
+                log.error("job %s: the registry still names this host the owner of %s: "
+                          "%s", rec.id, inc.config.name, exc.message)
         self.domains.release_arrival(rec.id)
         self.incoming.pop(rec.id, None)
         self.records.set_state(rec, state, error=self._error(rec, reason, phase, host),

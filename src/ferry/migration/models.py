@@ -382,6 +382,7 @@ class DestinationFacts(BaseModel):
     disk_server: bool = False      # a disk server QEMU (shut-off domain) may run
     resumed: bool = False          # `cont` was sent: the guest may have run here, so
                                    # this side is never undone again
+    registry_committed: bool = False  # the cluster registry may name this host owner
 
 
 class StoredOptions(MigrateOptions):

@@ -18,6 +18,7 @@ defined and no QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -172,6 +173,11 @@ class SaveService:
                              "the domain goes on here", domain=dom.name) from exc
             raise
         await self.domains.release(dom, event="domain.saved")
+        try:  # (it lives in the file now, not on a host)
+            await self.domains.owners.release(dom.name)
+        except FerryError as exc:
+            log.error("%s: saved, but the registry still names this host: %s", dom.name,
+                      exc.message)
         took = time.monotonic() - t0
         log.info("saved %s to %s (%d bytes, %.1fs)", dom.name, path, size, took)
         return {"domain": dom.name, "path": str(path), "bytes": size,
@@ -226,6 +232,7 @@ class SaveService:
         if found:
             raise InvalidInput("; ".join(b.message for b in found), domain=cfg.name)
         job = f"restore-{secrets.token_hex(3)}"
+        await self.domains.owners.claim(cfg.name, str(cfg.uuid))  # refused: nothing done
         self.domains.reserve_arrival(job, cfg, f"file {path}", cfg.memory)
         proc = None
         try:
@@ -241,6 +248,8 @@ class SaveService:
                 await proc.stop(grace=1.0)
                 await self.domains.remove_taps(cfg)
             self.domains.release_arrival(job)
+            with contextlib.suppress(FerryError):
+                await self.domains.owners.release(cfg.name)
             if isinstance(exc, FerryError):
                 raise Failed(f"restoring {cfg.name} from {path} failed: {exc.message}; "
                              "nothing was started", domain=cfg.name) from exc

@@ -227,6 +227,7 @@ class MigrationService:
         # outgoing slots ([limits] outgoing): the jobs holding one, those waiting
         self._slots: set[str] = set()
         self._slot_waiters: list[asyncio.Future[None]] = []
+        self._unlocking: set[asyncio.Task[None]] = set()
         self.steps: list[PhaseStep[SourceJob]] = [
             PhaseStep(Phase.prepare, self._prepare, self._undo_prepare),
             PhaseStep(Phase.perform, self._perform, self._undo_perform),
@@ -334,6 +335,12 @@ class MigrationService:
         job_id = secrets.token_hex(6)
         dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
         await self.domains.pin_running_machine(dom)
+        if not blockers:
+            try:  # the cluster's lock, for the whole job (refused: nothing changed)
+                await self.domains.owners.lock(name, str(dom.config.uuid), job_id)
+            except FerryError:
+                self.domains.let_go(dom)
+                raise
         if blockers:
             self.domains.let_go(dom)
             raise Refused("; ".join(b.message for b in blockers), domain=name,
@@ -599,6 +606,15 @@ class MigrationService:
         if job.dom is not None and not job.keep_held:
             self.domains.let_go(job.dom)
         self.jobs.pop(job.record.id, None)
+        task = asyncio.create_task(self._unlock(job))
+        self._unlocking.add(task)
+        task.add_done_callback(self._unlocking.discard)
+
+    async def _unlock(self, job: SourceJob) -> None:
+        try:
+            await self.domains.owners.unlock(job.record.domain, job.record.id)
+        except Exception as exc:  # (the lease expires by itself)
+            log.warning("job %s: releasing the cluster lock: %r", job.record.id, exc)
 
     async def _fail(self, job: SourceJob, exc: BaseException) -> None:
         job.failing = True
