@@ -255,7 +255,18 @@ def test_name_on_destination_is_refused_and_nothing_changes(
     cfg = guest_config("resident", 1, bind="")
     path = workdir / "dup.toml"
     path.write_text(to_toml(cfg))
-    cluster["mb"].ferry("define", str(path))
+    # names are unique across the cluster: mb asks its peers first (the embedded
+    # registry) and refuses
+    res = cluster["mb"].ferry("define", str(path), check=False)
+    assert res.returncode == 1 and "defined on host ma" in res.stderr, res.stderr
+    # a peer that does not answer is not asked: that is how two hosts end up
+    # with one name (a partition), and Prepare must still refuse it
+    cluster["ma"].stop()
+    try:
+        cluster["mb"].ferry("define", str(path))
+    finally:
+        cluster["ma"].start()
+    assert "ma did not answer, so they were not asked" in cluster["mb"].log.read_text()
     try:
         before = snapshot(cluster)
         res = cluster["ma"].ferry("migrate", "resident", "mb", "--check", check=False)

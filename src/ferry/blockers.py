@@ -112,6 +112,20 @@ def qemu_blockers(config: DomainConfig, qemu: str, machines: Collection[str],
     return out
 
 
+def cpu_feature_blockers(config: DomainConfig, unavailable: dict[str, tuple[str, ...]],
+                         host_name: str) -> list[Blocker]:
+    """Under KVM the CPU model runs on the host's own CPU: every feature the model
+    has must be there (``unavailable``: ``query-cpu-definitions``' answer). The
+    models ``host`` and ``max`` take what the host has, so they are not checked."""
+    model = config.cpu.split(",", 1)[0]
+    missing = unavailable.get(model, ())
+    if not missing or model in ("host", "max"):
+        return []
+    return [Blocker(BlockerCode.cpu,
+                    f"CPU model {model} needs CPU features host {host_name} lacks under "
+                    f"KVM: {', '.join(missing)}")]
+
+
 def bridge_blockers(config: DomainConfig, allowed: Collection[str] | None, host_name: str,
                     exists: Callable[[str], bool] = bridge_exists) -> list[Blocker]:
     """Each bridged NIC's bridge must be allowed (``allowed`` None: any) and exist."""

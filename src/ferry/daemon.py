@@ -41,7 +41,14 @@ from ferry.hostsallow import AllowGate, HostsAllow, Target
 from ferry.migration.destination import RelocationService
 from ferry.migration.source import MigrationService
 from ferry.models import HostInfo
-from ferry.qemu.probe import cpu_models, machine_types, qemu_version, resolve_accel
+from ferry.qemu.probe import (
+    cpu_models,
+    kvm_cpu_unavailable,
+    machine_aliases,
+    machine_types,
+    qemu_version,
+    resolve_accel,
+)
 from ferry.store import Store
 
 log = logging.getLogger("ferryd")
@@ -87,22 +94,27 @@ class Daemon:
         # asked once here (cached), so that define doesn't wait for QEMU in the loop
         await asyncio.to_thread(machine_types, cfg.qemu)
         await asyncio.to_thread(cpu_models, cfg.qemu)
+        await asyncio.to_thread(machine_aliases, cfg.qemu)
+        if accel == "kvm":  # (what the host's CPU lacks for each model, asked once)
+            await asyncio.to_thread(kvm_cpu_unavailable, cfg.qemu)
         log.info("ferryd %s, host %s: state in %s, accelerator %s, %s", __version__, cfg.name,
                  cfg.state_dir, accel, qemu_version(cfg.qemu))
         self.svc = DomainService(cfg, self.store, accel, EventBus())
+        self.cluster = ClusterView(cfg, self.svc, self.host_info,
+                                   lambda: len(self.migrations.running())
+                                   if self.migrations is not None else 0)
+        # the registry before any recovery: an undo there may have to give
+        # ownership back
+        self.svc.owners = self.registry = make_registry(cfg, self.svc, self.cluster)
         await self.svc.recover()
         self.migrations = MigrationService(cfg, self.svc, self.store)
         self.relocation = RelocationService(cfg, self.svc, self.store)
         await self.migrations.recover()
         await self.relocation.recover()
         self.consoles = Consoles(cfg, self.svc, self.store)
-        migrations = self.migrations
-        self.cluster = ClusterView(cfg, self.svc, self.host_info,
-                                   lambda: len(migrations.running()))
         self.evacuator = Evacuator(self.cluster, self.migrations)
-        self.svc.owners = self.registry = make_registry(cfg, self.svc, self.cluster)
         if cfg.cluster.backend == "etcd":
-            await self.svc.reconcile()
+            self.svc.start_reconcile()
         app = make_app(self.svc, self.host_info, self.migrations, self.consoles,
                        cluster=self.cluster, evacuator=self.evacuator)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -201,11 +213,13 @@ class Daemon:
             await self._runner.cleanup()
         if self.evacuator is not None:
             await self.evacuator.close()
-        if self.registry is not None:
-            await self.registry.close()
         if self.migrations is not None:
             await self.migrations.close()
             await self.relocation.close()
+        if self.svc is not None:
+            await self.svc.stop_reconcile()
+        if self.registry is not None:  # (after the jobs: their locks are released)
+            await self.registry.close()
         if self.svc is not None:
             await self.svc.close()
         if self.store is not None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ferry.blockers import Blocker, BlockerCode, definition_blockers
+from ferry.blockers import Blocker, BlockerCode, cpu_feature_blockers, definition_blockers
 from ferry.errors import (
     Busy,
     Conflict,
@@ -39,9 +39,9 @@ from ferry.models import (
     DomainState,
 )
 from ferry.net import create_taps, delete_taps
-from ferry.ownership import LocalOnly, Owners
+from ferry.ownership import LocalOnly, Owners, RegistryUnavailable
 from ferry.qemu.argv import RuntimePaths, build_argv, disk_server_argv, taps
-from ferry.qemu.probe import machine_aliases
+from ferry.qemu.probe import kvm_cpu_unavailable, machine_aliases
 from ferry.qemu.process import (
     QemuProcess,
     owns,
@@ -53,6 +53,8 @@ from ferry.storage import localize
 from ferry.store import Store
 
 log = logging.getLogger(__name__)
+
+RECONCILE_RETRY_S = 10.0   # a registry that did not answer at start is asked again
 
 
 @dataclass
@@ -117,6 +119,7 @@ class DomainService:
         self.host = host
         # the cluster's record of who owns each domain (the daemon sets the real one)
         self.owners: Owners = owners or LocalOnly(host.name)
+        self._reconciler: asyncio.Task[None] | None = None
         self.store = store
         self.accel = accel
         self.events = events
@@ -258,6 +261,9 @@ class DomainService:
         """Every reason this host can't take ``config`` (run it, if ``to_run``).
         Changes nothing; an empty list means go."""
         out = definition_blockers(config, self.host)
+        if to_run and self.accel_for(config) == "kvm":
+            out += cpu_feature_blockers(config, kvm_cpu_unavailable(self.host.qemu),
+                                        self.host.name)
         if to_run:
             free = self.memory_free()
             if config.memory > free:
@@ -327,11 +333,18 @@ class DomainService:
                 f"domain {config.name} wants {config.memory} MiB but host {self.host.name} "
                 f"has only {total} MiB for domains", domain=config.name)
         self._check(config, to_run=start)
-        await self.owners.claim(config.name, str(config.uuid))
+        took = await self.owners.claim(config.name, str(config.uuid))
         try:
+            # again: the claim waited on the registry, and a define or an arrival
+            # of the same name may have come meanwhile (none can between here and
+            # the insert)
+            self.refuse_in_maintenance("new domains")
+            self.refuse_identity(config)
             self.store.insert(config, DomainState.shutoff)
         except BaseException:
-            await self.owners.release(config.name)
+            if took:
+                with contextlib.suppress(FerryError):
+                    await self.owners.release(config.name, str(config.uuid))
             raise
         dom = Domain(config, DomainState.shutoff, "defined", time.time())
         self.domains[config.name] = dom
@@ -342,7 +355,12 @@ class DomainService:
                 await self.start(config.name)
             except FerryError:
                 # create = define + start: a failed start leaves nothing behind
-                await self.undefine(config.name)
+                try:
+                    await self.undefine(config.name)
+                except FerryError as exc:  # (the registry: the name stays ours there)
+                    log.error("domain %s: its failed create is undone here, but %s",
+                              config.name, exc.message)
+                    self._forget(config.name)
                 raise
         return dom.info(with_config=True)
 
@@ -352,19 +370,23 @@ class DomainService:
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is {dom.state.value}: destroy or shut it "
                                "down first", domain=name)
-            await self.owners.release(name)  # (the registry first: refused, nothing changed)
-            self.store.delete(name)
-            del self.domains[name]
-            shutil.rmtree(self.paths(name).root, ignore_errors=True)
-            self.events.publish("domain.undefined", domain=name)
-            log.info("undefined domain %s", name)
+            # the registry first: if it refuses, nothing changed
+            await self.owners.release(name, str(dom.config.uuid))
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.store.delete(name)
+        self.domains.pop(name, None)
+        shutil.rmtree(self.paths(name).root, ignore_errors=True)
+        self.events.publish("domain.undefined", domain=name)
+        log.info("undefined domain %s", name)
 
     async def start(self, name: str) -> DomainInfo:
         dom = self.get(name)
         async with self._locked(dom):
             if dom.state in ACTIVE_STATES:
                 raise Conflict(f"domain {name} is already {dom.state.value}", domain=name)
-            self._refuse_fenced(dom)
+            await self._refuse_fenced(dom)
             self._check(dom.config, to_run=True)
             self._pin_machine(dom, machine_aliases(self.host.qemu).get(dom.config.machine))
             argv = self.argv(dom.config)
@@ -394,7 +416,7 @@ class DomainService:
         dom = self.get(name)
         async with self._locked(dom):
             proc = self._running(dom, {DomainState.paused})
-            self._refuse_fenced(dom)
+            await self._refuse_fenced(dom)
             await self._qmp_with_reason(dom, proc, "cont", "unpaused by the operator")
             self._set_state(dom, DomainState.running, "unpaused by the operator")
             return dom.info()
@@ -443,23 +465,50 @@ class DomainService:
             await proc.stop()
             await self._finish_watch(dom, proc)
 
-    def _refuse_fenced(self, dom: Domain) -> None:
-        if dom.fenced:
-            raise Conflict(f"domain {dom.name} is not run here: {dom.fenced}", domain=dom.name)
+    async def _refuse_fenced(self, dom: Domain) -> None:
+        """Conflict if the registry gave the domain to another host; a fence the
+        registry no longer backs (it names this host again) is lifted."""
+        if not dom.fenced:
+            return
+        try:
+            owner = await self.owners.owner(dom.name)
+        except FerryError:
+            owner = None
+        if owner == self.host.name:
+            log.info("domain %s: the registry names this host again: fence lifted",
+                     dom.name)
+            dom.fenced = None
+            return
+        raise Conflict(f"domain {dom.name} is not run here: {dom.fenced}", domain=dom.name)
+
+    def start_reconcile(self) -> None:
+        """Reconcile with the registry in the background (ferryd answers meanwhile),
+        again every RECONCILE_RETRY_S while the registry does not answer."""
+        self._reconciler = asyncio.create_task(self._reconcile_until_done())
+
+    async def stop_reconcile(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            await asyncio.gather(self._reconciler, return_exceptions=True)
+
+    async def _reconcile_until_done(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+                return
+            except RegistryUnavailable as exc:
+                log.error("cannot reconcile with the registry yet: %s", exc.message)
+                await asyncio.sleep(RECONCILE_RETRY_S)
 
     async def reconcile(self) -> None:
-        """At start, with the cluster registry: a domain here the registry does not
-        know is claimed; one it says another host owns is fenced — kept paused if it
-        runs, never resumed or started here — and reported."""
+        """With the cluster registry: a domain here the registry does not know is
+        claimed; one it says another host owns is fenced — kept paused if it runs,
+        never resumed or started here — and reported. RegistryUnavailable at the
+        first domain the registry cannot answer for."""
         for dom in list(self.domains.values()):
-            try:
-                owner = await self.owners.owner(dom.name)
-                if owner is None:
-                    await self.owners.claim(dom.name, str(dom.config.uuid))
-                    continue
-            except FerryError as exc:
-                log.error("domain %s: cannot reconcile with the registry: %s", dom.name,
-                          exc.message)
+            owner = await self.owners.owner(dom.name)
+            if owner is None:
+                await self.owners.claim(dom.name, str(dom.config.uuid))
                 continue
             if owner == self.host.name:
                 continue

@@ -9,7 +9,8 @@ Two kinds of failure, so that an error says whether anything changed::
      │    ├── Forbidden             the caller's certificate does not allow it
      │    ├── Conflict              duplicate name/UUID, wrong state for the action
      │    ├── Busy                  another operation holds the object
-     │    └── InsufficientResources not enough memory (or other resource) free
+     │    ├── InsufficientResources not enough memory (or other resource) free
+     │    └── RegistryUnavailable   the cluster registry (etcd) does not answer
      ├── Failed                     execution went wrong; undo ran (or is needed)
      │    ├── QemuError             QEMU failed to start or to answer
      │    └── Aborted               stopped on purpose (operator, policy); undo ran
@@ -120,7 +121,16 @@ class Unreachable(FerryError):
     http_status = 502
 
 
+class RegistryUnavailable(Refused):
+    """The cluster registry (etcd) does not answer: defines and migrations are
+    refused (nothing changed); running domains are not touched."""
+
+    code = "registry_unavailable"
+    http_status = 503
+
+
 _BY_CODE: dict[str, type[FerryError]] = {
     c.code: c for c in (FerryError, Refused, InvalidInput, NotFound, Forbidden, Conflict, Busy,
-                        InsufficientResources, Failed, QemuError, Aborted, Unreachable)
+                        InsufficientResources, Failed, QemuError, Aborted, Unreachable,
+                        RegistryUnavailable)
 }

@@ -3,38 +3,35 @@ use (the backends, embedded and etcd, are in ``ferry.fleet.registry``).
 
 - ``claim``: a new domain (define, create, restore) takes its name and UUID;
   Conflict if another host owns either, RegistryUnavailable if the registry
-  cannot say.
-- ``release``: the domain leaves the cluster (undefine, save to a file).
+  cannot say. True if this call took them (False: this host had them already).
+- ``release``: the domain (that name with that UUID) leaves the cluster
+  (undefine, save to a file).
 - ``owner``: the host the registry names for a domain (None: nobody).
 - ``lock`` / ``unlock``: held by the source for a whole migration job (etcd: a
   key on a lease that expires if the source's ferryd dies).
-- ``commit``: the migration's commit point, run by the destination just
-  before the guest runs there: the owner becomes the destination only if the
-  source still owns it and still holds the job's lock. If that fails the
-  destination never resumes the guest, and the source keeps it;
-  ``uncommit`` gives it back if the guest then fails to run there.
+- ``commit``: the migration's commit point: the owner becomes ``dest`` only if
+  ``source`` still owns the domain and still holds the job's lock. Run by the
+  destination just before the guest runs there (and by the source just before
+  a switch to post-copy). Failed if refused; Failed with ``outcome="unknown"``
+  if the registry did not answer (it may have been applied).
+- ``give_back``: the guest does not run on ``dest`` after all: the owner is
+  ``source`` again, if the registry still names ``dest``.
 """
 from __future__ import annotations
 
 from typing import Protocol
 
-from ferry.errors import Refused
+from ferry.errors import RegistryUnavailable
 
-
-class RegistryUnavailable(Refused):
-    """The registry does not answer: defines and migrations are refused (nothing
-    changed); running domains are not touched."""
-
-    code = "registry_unavailable"
-    http_status = 503
+__all__ = ["LocalOnly", "Owners", "RegistryUnavailable"]
 
 
 class Owners(Protocol):
     backend: str
 
-    async def claim(self, name: str, uuid: str) -> None: ...
+    async def claim(self, name: str, uuid: str) -> bool: ...
 
-    async def release(self, name: str) -> None: ...
+    async def release(self, name: str, uuid: str) -> None: ...
 
     async def owner(self, name: str) -> str | None: ...
 
@@ -42,24 +39,25 @@ class Owners(Protocol):
 
     async def unlock(self, name: str, job_id: str) -> None: ...
 
-    async def commit(self, name: str, uuid: str, source: str, job_id: str) -> None: ...
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None: ...
 
-    async def uncommit(self, name: str, uuid: str, source: str, job_id: str) -> None: ...
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None: ...
 
 
 class LocalOnly:
-    """No registry: each host answers for itself (a host with no peers, and the
-    fault tier)."""
+    """No registry: each host answers for itself (until the daemon sets the
+    configured one, and in the fault tier)."""
 
     backend = "local"
 
     def __init__(self, host: str) -> None:
         self.host = host
 
-    async def claim(self, name: str, uuid: str) -> None:
-        return None
+    async def claim(self, name: str, uuid: str) -> bool:
+        return False
 
-    async def release(self, name: str) -> None:
+    async def release(self, name: str, uuid: str) -> None:
         return None
 
     async def owner(self, name: str) -> str | None:
@@ -71,8 +69,9 @@ class LocalOnly:
     async def unlock(self, name: str, job_id: str) -> None:
         return None
 
-    async def commit(self, name: str, uuid: str, source: str, job_id: str) -> None:
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None:
         return None
 
-    async def uncommit(self, name: str, uuid: str, source: str, job_id: str) -> None:
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None:
         return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from fault.fakes import FakeHost, World
 from fault.test_protocol_faults import assert_runs_only_on, boot, migrate, restart, settle
 from ferry.models import DomainState
@@ -123,3 +125,59 @@ async def test_the_machine_type_is_pinned_at_first_start_and_travels(world: Worl
     job = await migrate(world, "web")
     assert (await settle(world, job))["state"] == "completed"
     assert world.hosts["b"].svc.domains["web"].config.machine == "pc-q35-9.9"
+
+
+class RefusingRegistry:
+    """A registry whose commit fails (refused, or with no answer: it may have been
+    applied), recording what it was asked."""
+
+    backend = "test"
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.calls: list[tuple[str, ...]] = []
+
+    async def claim(self, name: str, uuid: str) -> bool:
+        return False
+
+    async def release(self, name: str, uuid: str) -> None:
+        return None
+
+    async def owner(self, name: str) -> str | None:
+        return None
+
+    async def lock(self, name: str, uuid: str, job_id: str) -> None:
+        self.calls.append(("lock", name, job_id))
+
+    async def unlock(self, name: str, job_id: str) -> None:
+        self.calls.append(("unlock", name, job_id))
+
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None:
+        from ferry.errors import Failed
+        self.calls.append(("commit", name, source, dest))
+        raise Failed(f"the registry says no ({self.outcome})", outcome=self.outcome)
+
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None:
+        self.calls.append(("give_back", name, source, dest))
+
+
+@pytest.mark.parametrize("outcome", ["refused", "unknown"])
+async def test_a_commit_the_registry_refuses_leaves_the_guest_on_the_source(
+        world: World, outcome: str) -> None:
+    """The destination commits just before the guest would run there: refused (or
+    unanswered), it drops its side, never resumes the guest, and the source
+    resumes its copy; an unanswered commit is given back, as it may have been
+    applied."""
+    a, b = world.hosts["a"], world.hosts["b"]
+    reg = RefusingRegistry(outcome)
+    a.svc.owners = b.svc.owners = reg
+    await boot(world, "a", "web")
+    job = await migrate(world, "web")
+    rec = await settle(world, job)
+    assert rec["state"] == "failed" and "the registry says no" in rec["error"]["message"], rec
+    assert_runs_only_on(world, "a", "web")
+    assert ("commit", "web", "a", "b") in reg.calls
+    assert (("give_back", "web", "a", "b") in reg.calls) is (outcome == "unknown")
+    assert ("lock", "web", job) in reg.calls
+    await until(lambda: ("unlock", "web", job) in reg.calls, "the lock released")

@@ -164,3 +164,39 @@ def test_string_blockers_are_the_typed_ones_as_messages(
     typed = svc.typed_blockers(cfg, to_run=True)
     assert svc.blockers(cfg, to_run=True) == [b.message for b in typed]
     assert [b.code.value for b in typed] == ["kernel", "machine", "cpu"]
+
+
+# an excerpt of QEMU 10.0's query-cpu-definitions under KVM on a host without AVX2
+CPU_DEFINITIONS = [
+    {"name": "Haswell-v1", "typename": "Haswell-v1-x86_64-cpu", "static": False,
+     "migration-safe": True, "deprecated": False,
+     "unavailable-features": ["avx2", "bmi2", "hle"]},
+    {"name": "qemu64", "typename": "qemu64-x86_64-cpu", "static": False,
+     "migration-safe": True, "deprecated": False, "unavailable-features": []},
+    {"name": "max", "typename": "max-x86_64-cpu", "static": False,
+     "migration-safe": False, "deprecated": False},
+]
+
+
+def test_cpu_definitions_parse_into_missing_features_per_model() -> None:
+    from ferry.qemu.probe import parse_cpu_definitions
+    got = parse_cpu_definitions(CPU_DEFINITIONS)
+    assert got == {"Haswell-v1": ("avx2", "bmi2", "hle"), "qemu64": (), "max": ()}
+    assert parse_cpu_definitions({"error": "x"}) == {}
+
+
+@pytest.mark.parametrize("cpu,blocked", [("Haswell-v1", True), ("Haswell-v1,+pdpe1gb", True),
+                                         ("qemu64", False), ("max", False),
+                                         ("host", False)])
+def test_a_cpu_model_whose_features_the_host_lacks_is_named_with_them(
+        cpu: str, blocked: bool) -> None:
+    from ferry.blockers import cpu_feature_blockers
+    from ferry.qemu.probe import parse_cpu_definitions
+    config = DomainConfig.model_validate({"name": "web", "memory": 128, "cpu": cpu,
+                                          "kernel": "/boot/vmlinuz"})
+    out = cpu_feature_blockers(config, parse_cpu_definitions(CPU_DEFINITIONS), "hb")
+    if blocked:
+        assert [b.code for b in out] == [BlockerCode.cpu]
+        assert "host hb lacks" in out[0].message and "avx2, bmi2, hle" in out[0].message
+    else:
+        assert out == []

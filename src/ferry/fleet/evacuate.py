@@ -100,6 +100,7 @@ class Evacuator:
         self.mig = mig
         self.current: Evacuation | None = None
         self.task: asyncio.Task[None] | None = None
+        self.planning = False
 
     async def close(self) -> None:
         if self.task is not None:
@@ -114,18 +115,28 @@ class Evacuator:
 
     async def start(self, req: EvacuateRequest) -> Evacuation:
         """Plan (and, unless a dry run, begin) evacuating this host."""
-        if self.current is not None and self.current.state == EvacState.running:
-            raise Conflict(f"host {self.mig.host.name} is being evacuated already "
-                           f"(evacuation {self.current.id}): ferry host evacuate --status")
+        if self.planning or (self.current is not None and
+                             self.current.state == EvacState.running):
+            raise Conflict(f"host {self.mig.host.name} is being evacuated already: "
+                           "ferry host evacuate --status")
         peers = {p.name for p in self.mig.host.peers}
         unknown = sorted(set(req.to) - peers)
         if unknown:
             raise InvalidInput(f"--to names no peer of host {self.mig.host.name}: "
                                f"{', '.join(unknown)} (its peers: "
                                f"{', '.join(sorted(peers)) or 'none'})")
-        if not req.dry_run:
-            self.mig.domains.set_maintenance(True)   # nothing new arrives meanwhile
-        evac = await self.plan(req)
+        was = self.mig.domains.maintenance
+        self.planning = True
+        try:
+            if not req.dry_run:
+                self.mig.domains.set_maintenance(True)   # nothing new arrives meanwhile
+            evac = await self.plan(req)
+        except BaseException:
+            if not req.dry_run and not was:
+                self.mig.domains.set_maintenance(False)  # (a failed plan changes nothing)
+            raise
+        finally:
+            self.planning = False
         if req.dry_run:
             return evac
         evac.state = EvacState.running
@@ -158,6 +169,8 @@ class Evacuator:
                                                                             mode=mode))
                 except FerryError as exc:
                     return exc.message
+                except Exception as exc:  # (TLS files, the socket: one peer's problem)
+                    return f"cannot ask: {exc!r}"
                 return "; ".join(blockers) or None
 
         moving, mode_of, own = [], {}, {}
@@ -186,8 +199,11 @@ class Evacuator:
                                  refused))
         plan = place(moving, hosts)
         for m in moving:
-            dom = self.mig.domains.domains[m.name]
-            move = Move(domain=m.name, memory_mib=m.memory_mib, running=dom.proc is not None,
+            found = self.mig.domains.domains.get(m.name)
+            if found is None:  # (undefined while the checks ran)
+                continue
+            move = Move(domain=m.name, memory_mib=m.memory_mib,
+                        running=found.proc is not None,
                         mode=mode_of[m.name])
             if m.name in plan.moves:
                 move.dest = plan.moves[m.name]

@@ -19,6 +19,7 @@ interface), with two backends:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,7 @@ class EmbeddedRegistry:
         self.local = local
         self.peers = peers
 
-    async def claim(self, name: str, uuid: str) -> None:
+    async def claim(self, name: str, uuid: str) -> bool:
         others, missing = await self.peers()
         taken = [f"domain {name} is defined on host {h}" for h, n, _ in others if n == name]
         taken += [f"UUID {uuid} is domain {n} on host {h}" for h, n, u in others
@@ -56,8 +57,9 @@ class EmbeddedRegistry:
         if missing:
             log.warning("domain %s: peers %s did not answer, so they were not asked "
                         "whether they have its name or UUID", name, ", ".join(missing))
+        return False   # (this host's database is the record: nothing taken here)
 
-    async def release(self, name: str) -> None:
+    async def release(self, name: str, uuid: str) -> None:
         return None
 
     async def owner(self, name: str) -> str | None:
@@ -72,10 +74,11 @@ class EmbeddedRegistry:
     async def unlock(self, name: str, job_id: str) -> None:
         return None
 
-    async def commit(self, name: str, uuid: str, source: str, job_id: str) -> None:
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None:
         return None   # (Finish is the commit point)
 
-    async def uncommit(self, name: str, uuid: str, source: str, job_id: str) -> None:
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None:
         return None
 
     async def close(self) -> None:
@@ -104,7 +107,9 @@ class EtcdRegistry:
         self.host = host
         self.settings = settings
         self.prefix = settings.prefix.rstrip("/")
-        self._client: Any = None
+        self._clients: dict[str, Any] = {}           # endpoint -> its client
+        self._current = 0                            # the endpoint asked first
+        self._closed = False
         self._leases: dict[str, Any] = {}            # job id -> its lease
         self._keepers: dict[str, asyncio.Task[None]] = {}
 
@@ -119,45 +124,61 @@ class EtcdRegistry:
         return f"{self.prefix}/locks/{name}".encode()
 
     # -- the connection ---------------------------------------------------------------
+    def _client(self, endpoint: str) -> Any:
+        if self._closed:
+            raise RegistryUnavailable("ferryd is stopping: the registry is closed",
+                                      host=self.host)
+        if endpoint not in self._clients:
+            self._clients[endpoint] = etcd_client(self.settings, endpoint)
+        return self._clients[endpoint]
+
     def client(self) -> Any:
-        if self._client is None:
-            self._client = etcd_client(self.settings)
-        return self._client
+        return self._client(self.settings.endpoints[self._current])
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._keepers.values():
             task.cancel()
         await asyncio.gather(*self._keepers.values(), return_exceptions=True)
         self._keepers.clear()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for c in self._clients.values():
+            with contextlib.suppress(Exception):
+                await c.close()
+        self._clients.clear()
 
     async def _call(self, what: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-        """One etcd call within the configured time; RegistryUnavailable if etcd
-        does not answer."""
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                return await fn(self.client())
-        except (TimeoutError, OSError) as exc:
-            raise self._unavailable(what, exc) from exc
-        except Exception as exc:  # aetcd's and gRPC's own errors
-            if type(exc).__module__.startswith(("aetcd", "grpc")):
-                raise self._unavailable(what, exc) from exc
-            raise
-
-    def _unavailable(self, what: str, exc: BaseException) -> RegistryUnavailable:
-        return RegistryUnavailable(
-            f"the cluster registry (etcd at {', '.join(self.settings.endpoints)}) does not "
-            f"answer ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''}), so "
-            f"{what} is refused; running domains are not touched", host=self.host)
+        """One etcd call, on the endpoint that answered last, else on the next ones
+        in turn, each within ``timeout_s``; RegistryUnavailable if none answers."""
+        endpoints = self.settings.endpoints
+        errors: list[tuple[str, BaseException]] = []
+        for i in range(len(endpoints)):
+            at = (self._current + i) % len(endpoints)
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    out = await fn(self._client(endpoints[at]))
+                self._current = at
+                return out
+            except RegistryUnavailable:
+                raise
+            except (TimeoutError, OSError) as exc:
+                errors.append((endpoints[at], exc))
+            except Exception as exc:  # aetcd's and gRPC's own errors
+                if not type(exc).__module__.startswith(("aetcd", "grpc")):
+                    raise
+                errors.append((endpoints[at], exc))
+        why = "; ".join(f"{e}: {type(x).__name__}{' ' + str(x) if str(x) else ''}"
+                        for e, x in errors)
+        raise RegistryUnavailable(
+            f"the cluster registry (etcd at {', '.join(endpoints)}) does not answer "
+            f"({why}), so {what} is refused; running domains are not touched",
+            host=self.host)
 
     async def _get(self, key: bytes) -> bytes | None:
         got = await self._call("reading the registry", lambda c: c.get(key))
         return None if got is None else bytes(got.value)
 
     # -- the interface ----------------------------------------------------------------
-    async def claim(self, name: str, uuid: str) -> None:
+    async def claim(self, name: str, uuid: str) -> bool:
         dkey, ukey = self._dkey(name), self._ukey(uuid)
         mine = _value(host=self.host, uuid=uuid)
 
@@ -170,14 +191,14 @@ class EtcdRegistry:
 
         ok, _ = await self._call(f"defining domain {name}", txn)
         if ok:
-            return
+            return True
         owner, by_uuid = _read(await self._get(dkey)), await self._get(ukey)
         if owner.get("host") == self.host and owner.get("uuid") == uuid and \
                 by_uuid in (None, name.encode()):
             if by_uuid is None:  # (half of an older claim: complete it)
                 await self._call(f"defining domain {name}",
                                  lambda c: c.put(ukey, name.encode()))
-            return
+            return False
         taken = []
         if owner:
             taken.append(f"domain {name} is owned by host {owner.get('host')}")
@@ -186,13 +207,10 @@ class EtcdRegistry:
         raise Conflict("; ".join(taken or [f"domain {name} changed meanwhile"])
                        + " (the cluster registry, etcd)", domain=name)
 
-    async def release(self, name: str) -> None:
-        dkey = self._dkey(name)
-        owner = _read(await self._get(dkey))
-        if owner.get("host") != self.host:
-            return   # (not ours: nothing of ours to remove)
-        ukey = self._ukey(str(owner.get("uuid")))
-        mine = _value(host=self.host, uuid=str(owner.get("uuid")))
+    async def release(self, name: str, uuid: str) -> None:
+        """Remove the domain's keys if they name this host and ``uuid``."""
+        dkey, ukey = self._dkey(name), self._ukey(uuid)
+        mine = _value(host=self.host, uuid=uuid)
 
         async def txn(c: Any) -> Any:
             t = c.transactions
@@ -207,7 +225,9 @@ class EtcdRegistry:
         return str(host) if host else None
 
     async def lock(self, name: str, uuid: str, job_id: str) -> None:
-        """The job's lock on the domain, on a lease this ferryd keeps alive."""
+        """The job's lock on the domain, on a lease this ferryd keeps alive. A lock
+        of this host's that no job of this ferryd holds (it is being released, or
+        an earlier ferryd held it) is taken over."""
         dkey, lkey = self._dkey(name), self._lkey(name)
         what = f"migrating domain {name}"
         if await self.owner(name) is None:   # (defined before the registry was)
@@ -216,14 +236,20 @@ class EtcdRegistry:
         mine = _value(host=self.host, uuid=uuid)
         held = _value(host=self.host, job=job_id)
 
-        async def txn(c: Any) -> Any:
+        async def txn(c: Any, free: Any) -> Any:
             t = c.transactions
-            return await c.transaction(
-                compare=[t.value(dkey) == mine, t.version(lkey) == 0],
-                success=[t.put(lkey, held, lease)], failure=[t.get(dkey), t.get(lkey)])
+            return await c.transaction(compare=[t.value(dkey) == mine, free(t)],
+                                       success=[t.put(lkey, held, lease)], failure=[])
 
         try:
-            ok, _ = await self._call(what, txn)
+            ok, _ = await self._call(what, lambda c: txn(c, lambda t: t.version(lkey) == 0))
+            if not ok:
+                old = await self._get(lkey)
+                locked = _read(old)
+                if old is not None and locked.get("host") == self.host and \
+                        locked.get("job") not in self._leases:
+                    ok, _ = await self._call(what, lambda c: txn(
+                        c, lambda t: t.value(lkey) == old))
         except BaseException:
             await self._revoke(lease)
             raise
@@ -246,31 +272,30 @@ class EtcdRegistry:
         while True:
             await asyncio.sleep(every)
             try:
-                async with asyncio.timeout(every):
-                    await self.client().refresh_lease(lease.id)
-            except Exception as exc:  # keep trying: the TTL decides
-                log.warning("job %s: refreshing the lock's lease: %r", job_id, exc)
+                await self._call("keeping a migration's lock",
+                                 lambda c: c.refresh_lease(lease.id))
+            except RegistryUnavailable as exc:  # keep trying: the TTL decides
+                log.warning("job %s: refreshing the lock's lease: %s", job_id, exc.message)
 
     async def _revoke(self, lease: Any) -> None:
         try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                await self.client().revoke_lease(lease.id)
-        except Exception as exc:  # it expires by itself
-            log.warning("revoking lease %s: %r", getattr(lease, "id", "?"), exc)
+            await self._call("releasing a lock", lambda c: c.revoke_lease(lease.id))
+        except RegistryUnavailable as exc:  # it expires by itself
+            log.warning("revoking lease %s: %s", getattr(lease, "id", "?"), exc.message)
 
     async def unlock(self, name: str, job_id: str) -> None:
         keeper = self._keepers.pop(job_id, None)
         if keeper is not None:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        lease = self._leases.pop(job_id, None)
+        lease = self._leases.pop(job_id, None)   # (a new job may take the lock over now)
         if lease is not None:
             await self._revoke(lease)
 
-    async def commit(self, name: str, uuid: str, source: str, job_id: str) -> None:
-        """Run by the destination: it owns the domain from here on, if the source
-        still owns it and still holds this job's lock; Failed (nothing changed)
-        otherwise."""
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None:
+        """``dest`` owns the domain from here on, if ``source`` still owns it and
+        still holds this job's lock (or ``dest`` already does, by this job)."""
         dkey, lkey = self._dkey(name), self._lkey(name)
         theirs = _value(host=source, uuid=uuid)
         held = _value(host=source, job=job_id)
@@ -279,43 +304,43 @@ class EtcdRegistry:
             t = c.transactions
             return await c.transaction(
                 compare=[t.value(dkey) == theirs, t.value(lkey) == held],
-                success=[t.put(dkey, _value(host=self.host, uuid=uuid))],
-                failure=[])
+                success=[t.put(dkey, _value(host=dest, uuid=uuid))], failure=[])
 
+        what = f"committing the migration of {name}"
         try:
-            ok, _ = await self._call(f"committing the migration of {name}", txn)
+            ok, _ = await self._call(what, txn)
+            if ok:
+                log.info("job %s: the registry names host %s the owner of %s", job_id, dest,
+                         name)
+                return
+            owner, locked = _read(await self._get(dkey)), _read(await self._get(lkey))
         except RegistryUnavailable as exc:
-            raise Failed(exc.message, host=self.host, phase="finish") from exc
-        if ok:
-            log.info("job %s: the registry names host %s the owner of %s", job_id, self.host,
-                     name)
-            return
-        owner, locked = _read(await self._get(dkey)), _read(await self._get(lkey))
+            raise Failed(exc.message, host=self.host, outcome="unknown") from exc
+        if owner.get("host") == dest and owner.get("uuid") == uuid and \
+                locked.get("job") == job_id:
+            return   # (committed by this job already)
         why = (f"the registry says host {owner.get('host')} owns it"
                if owner.get("host") != source else
                f"source {source} no longer holds the job's lock (its lease expired: its "
                "ferryd stopped or lost etcd)" if locked.get("job") != job_id else
                "the registry changed meanwhile")
         raise Failed(f"commit of the migration of {name} refused by the cluster registry: "
-                     f"{why}; the guest does not run here", host=self.host, phase="finish")
+                     f"{why}", host=self.host, outcome="refused")
 
-
-    async def uncommit(self, name: str, uuid: str, source: str, job_id: str) -> None:
-        """The destination committed but the guest could not run here: the source
-        owns it again (only if this host still does and the lock is unchanged)."""
-        dkey, lkey = self._dkey(name), self._lkey(name)
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None:
+        """The guest does not run on ``dest``: ``source`` owns it again, if the
+        registry still names ``dest`` (RegistryUnavailable: try again later)."""
+        dkey = self._dkey(name)
 
         async def txn(c: Any) -> Any:
             t = c.transactions
             return await c.transaction(
-                compare=[t.value(dkey) == _value(host=self.host, uuid=uuid),
-                         t.value(lkey) == _value(host=source, job=job_id)],
+                compare=[t.value(dkey) == _value(host=dest, uuid=uuid)],
                 success=[t.put(dkey, _value(host=source, uuid=uuid))], failure=[])
 
         ok, _ = await self._call(f"giving {name} back to {source}", txn)
-        if not ok:
-            log.error("job %s: could not give %s back to %s in the registry", job_id, name,
-                      source)
+        if ok:
+            log.info("the registry names host %s the owner of %s again", source, name)
 
 
 class Registry(Protocol):
@@ -323,9 +348,9 @@ class Registry(Protocol):
 
     backend: str
 
-    async def claim(self, name: str, uuid: str) -> None: ...
+    async def claim(self, name: str, uuid: str) -> bool: ...
 
-    async def release(self, name: str) -> None: ...
+    async def release(self, name: str, uuid: str) -> None: ...
 
     async def owner(self, name: str) -> str | None: ...
 
@@ -333,9 +358,10 @@ class Registry(Protocol):
 
     async def unlock(self, name: str, job_id: str) -> None: ...
 
-    async def commit(self, name: str, uuid: str, source: str, job_id: str) -> None: ...
+    async def commit(self, name: str, uuid: str, source: str, dest: str,
+                     job_id: str) -> None: ...
 
-    async def uncommit(self, name: str, uuid: str, source: str, job_id: str) -> None: ...
+    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -354,36 +380,27 @@ def make_registry(cfg: HostConfig, svc: DomainService, cluster: ClusterView) -> 
                                                for d in svc.domains.values()], peers)
 
 
-def etcd_client(settings: ClusterSettings) -> Any:
-    """An aetcd client for ``settings.endpoints``, over TLS when ``ca`` is set.
-
-    aetcd 1.0 opens plaintext channels only, so the TLS channel is made here
-    with gRPC's own credentials; the stubs are aetcd's. Several endpoints: gRPC
-    tries them in order (its ``ipv4:`` target lists them)."""
+def etcd_client(settings: ClusterSettings, endpoint: str) -> Any:
+    """An aetcd client for one endpoint, over TLS when ``ca`` is set (each member's
+    certificate must name its own address). aetcd 1.0 opens plaintext channels
+    only, so the TLS channel is made here with gRPC's own credentials; the stubs
+    are aetcd's."""
     import aetcd
     from aetcd import rpc, watcher
 
-    hosts = [e.rsplit(":", 1) for e in settings.endpoints]
-    first = hosts[0]
+    host, port = endpoint.rsplit(":", 1)
 
     class Client(aetcd.Client):  # type: ignore[misc]
         async def connect(self) -> None:
-            if self._connected.is_set():
-                return
-            if settings.ca is None and len(hosts) == 1:
+            if self._connected.is_set() or settings.ca is None:
                 await super().connect()
                 return
             import grpc
-            target = "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
-            if settings.ca is None:
-                self.channel = rpc.insecure_channel(target, options=self._options.items())
-            else:
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=settings.ca.read_bytes(),
-                    private_key=settings.key.read_bytes() if settings.key else None,
-                    certificate_chain=settings.cert.read_bytes() if settings.cert else None)
-                self.channel = rpc.secure_channel(target, creds,
-                                                  options=self._options.items())
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=settings.ca.read_bytes(),
+                private_key=settings.key.read_bytes() if settings.key else None,
+                certificate_chain=settings.cert.read_bytes() if settings.cert else None)
+            self.channel = rpc.secure_channel(endpoint, creds, options=self._options.items())
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
@@ -392,5 +409,4 @@ def etcd_client(settings: ClusterSettings) -> Any:
                                             timeout=self._timeout, metadata=self.metadata)
             self._connected.set()
 
-    return Client(host=first[0], port=int(first[1]),
-                  timeout=max(1, int(settings.timeout_s)))
+    return Client(host=host, port=int(port), timeout=max(1, int(settings.timeout_s)))

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 INCOMING_TIMEOUT = 120.0  # s for the stream to complete once the source says it did
 INCOMING_LEASE_S = 30.0   # s without a word from the source before its side is dropped
+GIVE_BACK_EVERY_S = 5.0   # a registry that did not answer a give-back is asked again
 
 
 @dataclass
@@ -106,8 +107,12 @@ class RelocationService:
         self.tails: dict[str, Tail] = {}
         # job ids whose abort came before their Prepare (monotonic time of the abort)
         self.aborted_early: dict[str, float] = {}
+        # jobs whose ownership is being given back to their source (registry away)
+        self.giving_back: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
+        for task in list(self.giving_back.values()):
+            task.cancel()
         for inc in self.incoming.values():
             if inc.watcher is not None:
                 inc.watcher.cancel()
@@ -485,7 +490,8 @@ class RelocationService:
                                  f"migrated from {inc.source}")
         await self.domains.hold_for_job(dom.name, req.job_id)
         inc.adopted = dom
-        await self._commit(inc)
+        if not req.postcopy:  # (a post-copy's source committed before the switch)
+            await self._commit(inc)
         crash_point("finish-before-cont")
         if req.resume:
             inc.facts.resumed = True  # from here the guest may have run: never undone
@@ -511,11 +517,45 @@ class RelocationService:
         self.records.save(inc.record)
         try:
             await self.domains.owners.commit(inc.config.name, str(inc.config.uuid),
-                                             inc.source, inc.record.id)
-        except FerryError:
-            inc.facts.registry_committed = False
-            self.records.save(inc.record)
+                                             inc.source, self.host.name, inc.record.id)
+        except FerryError as exc:
+            if exc.details.get("outcome") != "unknown":  # (unknown: it may have been)
+                inc.facts.registry_committed = False
+                self.records.save(inc.record)
             raise
+
+    async def _give_back(self, rec: JobRecord) -> None:
+        """The registry names the source the owner again; if it does not answer,
+        asked again in the background (and at the next start) until it does."""
+        cfg = rec.dest_facts.config
+        assert cfg is not None
+        try:
+            await self.domains.owners.give_back(cfg.name, str(cfg.uuid), rec.source,
+                                                self.host.name)
+        except FerryError as exc:
+            log.error("job %s: the registry may still name this host the owner of %s "
+                      "(%s): asking again", rec.id, cfg.name, exc.message)
+            if rec.id not in self.giving_back:
+                self.giving_back[rec.id] = asyncio.create_task(self._give_back_later(rec))
+            return
+        rec.dest_facts.registry_committed = False
+        self.records.save(rec)
+
+    async def _give_back_later(self, rec: JobRecord) -> None:
+        try:
+            while rec.dest_facts.registry_committed:
+                await asyncio.sleep(GIVE_BACK_EVERY_S)
+                cfg = rec.dest_facts.config
+                assert cfg is not None
+                try:
+                    await self.domains.owners.give_back(cfg.name, str(cfg.uuid), rec.source,
+                                                        self.host.name)
+                except FerryError:
+                    continue
+                rec.dest_facts.registry_committed = False
+                self.records.save(rec)
+        finally:
+            self.giving_back.pop(rec.id, None)
 
     async def _resume(self, dom: Domain, source: str) -> None:
         """``cont``; if QEMU's answer is lost but the guest runs, that is success."""
@@ -643,14 +683,8 @@ class RelocationService:
             await self.domains.stop_disk_server(rec.id, inc.disk_server)
             inc.disk_server = None
         storagecopy.delete_created(facts.images_created)
-        if facts.registry_committed and inc.config is not None:
-            try:  # the guest does not run here: the source owns it again
-                await self.domains.owners.uncommit(inc.config.name, str(inc.config.uuid),
-                                                   rec.source, rec.id)
-                facts.registry_committed = False
-            except FerryError as exc:
-                log.error("job %s: the registry still names this host the owner of %s: "
-                          "%s", rec.id, inc.config.name, exc.message)
+        if facts.registry_committed:  # the guest does not run here: the source's again
+            await self._give_back(rec)
         self.domains.release_arrival(rec.id)
         self.incoming.pop(rec.id, None)
         self.records.set_state(rec, state, error=self._error(rec, reason, phase, host),
@@ -691,6 +725,11 @@ class RelocationService:
         Anything else never ran here: undone. A post-copy whose memory was still
         arriving gets its tail back (or, its QEMU gone, is lost)."""
         await self._recover_tails()
+        for raw in self.store.migrations():  # ownership an undo could not give back
+            if raw.get("role") == Role.destination.value and raw.get("state") in (
+                    JobState.failed.value, JobState.aborted.value) and \
+                    (raw.get("dest_facts") or {}).get("registry_committed"):
+                await self._give_back(JobRecord.model_validate(raw))
         for rec in self.records.running(Role.destination.value):
             facts = rec.dest_facts
             if facts.config is None:  # a record of Ferry 0.1

@@ -367,6 +367,8 @@ class SourceFacts(BaseModel):
                                    # (and keeps its definition, whatever follows)
     stale_copy: bool = False       # Confirm failed: a fenced copy is left here, which
                                    # a restarted ferryd removes (then this is cleared)
+    registry_committed: bool = False  # the registry may name the destination the owner
+                                   # (committed before a switch to post-copy)
 
 
 class DestinationFacts(BaseModel):

@@ -174,7 +174,7 @@ class SaveService:
             raise
         await self.domains.release(dom, event="domain.saved")
         try:  # (it lives in the file now, not on a host)
-            await self.domains.owners.release(dom.name)
+            await self.domains.owners.release(dom.name, str(dom.config.uuid))
         except FerryError as exc:
             log.error("%s: saved, but the registry still names this host: %s", dom.name,
                       exc.message)
@@ -232,8 +232,13 @@ class SaveService:
         if found:
             raise InvalidInput("; ".join(b.message for b in found), domain=cfg.name)
         job = f"restore-{secrets.token_hex(3)}"
-        await self.domains.owners.claim(cfg.name, str(cfg.uuid))  # refused: nothing done
+        # the name here first (no wait since the checks), then in the cluster
         self.domains.reserve_arrival(job, cfg, f"file {path}", cfg.memory)
+        try:
+            took = await self.domains.owners.claim(cfg.name, str(cfg.uuid))
+        except BaseException:
+            self.domains.release_arrival(job)
+            raise
         proc = None
         try:
             proc = await self.domains.launch_incoming(cfg)
@@ -248,8 +253,9 @@ class SaveService:
                 await proc.stop(grace=1.0)
                 await self.domains.remove_taps(cfg)
             self.domains.release_arrival(job)
-            with contextlib.suppress(FerryError):
-                await self.domains.owners.release(cfg.name)
+            if took:
+                with contextlib.suppress(FerryError):
+                    await self.domains.owners.release(cfg.name, str(cfg.uuid))
             if isinstance(exc, FerryError):
                 raise Failed(f"restoring {cfg.name} from {path} failed: {exc.message}; "
                              "nothing was started", domain=cfg.name) from exc

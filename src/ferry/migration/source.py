@@ -226,7 +226,8 @@ class MigrationService:
         self.jobs: dict[str, SourceJob] = {}
         # outgoing slots ([limits] outgoing): the jobs holding one, those waiting
         self._slots: set[str] = set()
-        self._slot_waiters: list[asyncio.Future[None]] = []
+        self._slot_queue: list[str] = []          # job ids waiting, in order
+        self._slot_free = asyncio.Event()         # a slot may have come free
         self._unlocking: set[asyncio.Task[None]] = set()
         self.steps: list[PhaseStep[SourceJob]] = [
             PhaseStep(Phase.prepare, self._prepare, self._undo_prepare),
@@ -246,6 +247,7 @@ class MigrationService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._unlocking, return_exceptions=True)
 
     # -- entry points -----------------------------------------------------------------
     def _dest(self, dest: str) -> tuple[str, tuple[str, int]]:
@@ -334,25 +336,30 @@ class MigrationService:
         t0 = time.monotonic()
         job_id = secrets.token_hex(6)
         dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
-        await self.domains.pin_running_machine(dom)
-        if not blockers:
-            try:  # the cluster's lock, for the whole job (refused: nothing changed)
-                await self.domains.owners.lock(name, str(dom.config.uuid), job_id)
-            except FerryError:
-                self.domains.let_go(dom)
-                raise
         if blockers:
             self.domains.let_go(dom)
             raise Refused("; ".join(b.message for b in blockers), domain=name,
                           phase="begin")
-        options = StoredOptions.model_validate(self.options(dom, req).model_dump())
-        record = JobRecord(id=job_id, domain=name, mode=req.mode, role=Role.source,
-                           source=self.host.name, dest=dest_name, started=time.time(),
-                           options=options)
-        job = SourceJob(record, dom, endpoint)
-        job.record.phase_times["begin"] = time.monotonic() - t0
+        locked = False
+        try:
+            # the cluster's lock, for the whole job (refused: nothing changed)
+            await self.domains.owners.lock(name, str(dom.config.uuid), job_id)
+            locked = True
+            await self.domains.pin_running_machine(dom)
+            options = StoredOptions.model_validate(self.options(dom, req).model_dump())
+            record = JobRecord(id=job_id, domain=name, mode=req.mode, role=Role.source,
+                               source=self.host.name, dest=dest_name, started=time.time(),
+                               options=options)
+            job = SourceJob(record, dom, endpoint)
+            job.record.phase_times["begin"] = time.monotonic() - t0
+            self.records.enter(record, Phase.begin)
+        except BaseException:
+            if locked:
+                with contextlib.suppress(Exception):
+                    await self.domains.owners.unlock(name, job_id)
+            self.domains.let_go(dom)
+            raise
         self.jobs[job_id] = job
-        self.records.enter(record, Phase.begin)
         job.task = asyncio.create_task(self._run(job))
         log.info("job %s: %s migration of %s to %s started", job_id, req.mode.value, name,
                  dest_name)
@@ -567,29 +574,26 @@ class MigrationService:
             self._escalate(job, "queued", why)
 
     async def _take_slot(self, job: SourceJob) -> None:
-        """One of this host's outgoing slots for the job, waiting (queued) in the
-        order jobs asked while ``[limits] outgoing`` jobs hold one."""
+        """One of this host's outgoing slots for the job: while ``[limits] outgoing``
+        jobs hold one, it waits (queued), first come first served."""
         limit = self.host.limits.outgoing
-        while len(self._slots) >= limit:
-            self._queue(job, f"waiting: host {self.host.name} runs at most {limit} "
-                        "outgoing migration(s) at a time ([limits] outgoing)")
-            waiter = asyncio.get_running_loop().create_future()
-            self._slot_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._slot_waiters:
-                    self._slot_waiters.remove(waiter)
+        self._slot_queue.append(job.record.id)
+        try:
+            while len(self._slots) >= limit or self._slot_queue[0] != job.record.id:
+                self._queue(job, f"waiting: host {self.host.name} runs at most {limit} "
+                            "outgoing migration(s) at a time ([limits] outgoing)")
+                self._slot_free.clear()
+                await self._slot_free.wait()
+        finally:
+            self._slot_queue.remove(job.record.id)
+            self._slot_free.set()   # (the next in line looks again)
         self._slots.add(job.record.id)
         self._queue(job, None)
 
     def _give_slot(self, job: SourceJob) -> None:
-        if job.record.id not in self._slots:
-            return
-        self._slots.discard(job.record.id)
-        for waiter in self._slot_waiters:  # (each looks again, first come first)
-            if not waiter.done():
-                waiter.set_result(None)
+        if job.record.id in self._slots:
+            self._slots.discard(job.record.id)
+            self._slot_free.set()
 
     def bandwidth_cap(self, job: SourceJob) -> int:
         """MiB/s the job may use now (0: no cap): its own cap, within its share of
@@ -597,12 +601,17 @@ class MigrationService:
         own, budget = job.options.bandwidth_mibps, self.host.limits.bandwidth_mibps
         if not budget:
             return own
-        copying = sum(1 for j in self.jobs.values() if j.record.phase == Phase.perform
-                      and j.record.state == JobState.running) or 1
+        copying = sum(1 for j in self.jobs.values() if j.record.state == JobState.running
+                      and (j.record.phase == Phase.perform or (
+                          j.record.phase == Phase.confirm and j.facts.postcopy_started))
+                      ) or 1
         share = max(1, budget // copying)
         return min(own, share) if own else share
 
     def _end(self, job: SourceJob) -> None:
+        if job.record.queued is not None:  # (aborted while it waited)
+            job.record.queued = None
+            self.records.save(job.record)
         if job.dom is not None and not job.keep_held:
             self.domains.let_go(job.dom)
         self.jobs.pop(job.record.id, None)
@@ -1033,7 +1042,11 @@ class MigrationService:
 
     async def _start_postcopy(self, job: SourceJob, mig: MigrationQmp, why: str) -> None:
         """Switch to post-copy. The fact is saved first: from here on the source
-        guest never resumes (the destination may hold its newest state)."""
+        guest never resumes (the destination may hold its newest state). Before
+        it, the commit point in the cluster registry (the guest's newest state
+        moves with the switch): refused, the job goes on in pre-copy."""
+        if not await self._commit_for_postcopy(job):
+            return
         job.facts.postcopy_started = True
         self.records.save(job.record)
         crash_point("source-before-postcopy")
@@ -1051,6 +1064,40 @@ class MigrationService:
             return
         job.record.stats = job.record.stats.model_copy(update={"postcopy": True})
         self._escalate(job, "postcopy", why)
+
+    async def _commit_for_postcopy(self, job: SourceJob) -> bool:
+        rec, dom, facts = job.record, job.domain(), job.facts
+        facts.registry_committed = True
+        self.records.save(rec)
+        try:
+            await self.domains.owners.commit(rec.domain, str(dom.config.uuid),
+                                             self.host.name, rec.dest, rec.id)
+            return True
+        except FerryError as exc:
+            if exc.details.get("outcome") != "unknown":
+                facts.registry_committed = False
+                self.records.save(rec)
+            job.postcopy_refused = True
+            self._escalate(job, "postcopy", f"no post-copy: the cluster registry did not "
+                           f"commit the move ({exc.message}); pre-copy goes on")
+            return False
+
+    async def _give_back(self, job: SourceJob) -> None:
+        """A commit before a post-copy that never happened: the owner is this host
+        again (Failed if the registry does not answer: the guest stays paused)."""
+        rec, facts = job.record, job.facts
+        if not facts.registry_committed or job.dom is None:
+            return
+        try:
+            await self.domains.owners.give_back(rec.domain, str(job.dom.config.uuid),
+                                                self.host.name, rec.dest)
+        except FerryError as exc:
+            raise Failed(f"the cluster registry may still name host {rec.dest} the owner "
+                         f"({exc.message}): the guest stays paused here; `ferry unpause "
+                         f"{rec.domain}` once the registry names this host",
+                         host=self.host.name) from exc
+        facts.registry_committed = False
+        self.records.save(rec)
 
     async def _switched(self, job: SourceJob) -> bool:
         """Has the stream really switched to post-copy (or may it have)? Only the
@@ -1136,6 +1183,8 @@ class MigrationService:
             raise Failed(f"the stream is still {status.value} after migrate_cancel: the "
                          "source guest is left as it is", host=self.host.name)
         may_resume = bool(facts.was_running) and (facts.dest_gone or not facts.finish_sent)
+        if may_resume:
+            await self._give_back(job)
         if may_resume and not await guest_running(dom.proc.qmp):
             await self.domains.resume_guest(dom, "resumed: the migration did not complete")
         if facts.tls_installed:

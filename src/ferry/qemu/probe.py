@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import subprocess
@@ -62,6 +63,42 @@ def machine_aliases(qemu: str) -> dict[str, str]:
         if parts and "(alias of" in line:
             aliases[parts[0]] = line.split("(alias of", 1)[1].strip(" )")
     return aliases
+
+
+def parse_cpu_definitions(answer: object) -> dict[str, tuple[str, ...]]:
+    """``query-cpu-definitions``' answer: each model's ``unavailable-features``
+    (what this host's CPU lacks for it under the accelerator QEMU was started with)."""
+    out: dict[str, tuple[str, ...]] = {}
+    if not isinstance(answer, list):
+        return out
+    for d in answer:
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            missing = d.get("unavailable-features") or []
+            out[d["name"]] = tuple(str(f) for f in missing if isinstance(f, str))
+    return out
+
+
+@functools.cache
+def kvm_cpu_unavailable(qemu: str) -> dict[str, tuple[str, ...]]:
+    """Under KVM, each CPU model's features this host's CPU lacks, as QEMU says
+    (``-machine none -accel kvm`` and QMP on stdin, as libvirt probes). Empty if
+    QEMU can't be asked."""
+    script = "".join(json.dumps({"execute": c}) + "\n" for c in
+                     ("qmp_capabilities", "query-cpu-definitions", "quit"))
+    try:
+        out = subprocess.run([qemu, "-machine", "none", "-accel", "kvm", "-nodefaults",
+                              "-display", "none", "-qmp", "stdio"], input=script,
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    for line in out.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and isinstance(msg.get("return"), list):
+            return parse_cpu_definitions(msg["return"])
+    return {}
 
 
 @functools.cache
