@@ -276,6 +276,30 @@ class Host:
                 os.kill(pid, signal.SIGKILL)
 
 
+def peer_hosts(root: Path, addrs: dict[str, str],
+               settings: dict[str, dict[str, Any]] | None = None,
+               **common: Any) -> dict[str, Host]:
+    """Hosts named by ``addrs`` (name -> loopback address), each a peer of the
+    others, with its own control port; ``settings``: per host, ``common``: all."""
+    ports = {n: free_port(socket.SOCK_STREAM, a) for n, a in addrs.items()}
+    return {n: Host(root, n, a, control_port=ports[n],
+                    peers={p: f"{addrs[p]}:{ports[p]}" for p in addrs if p != n},
+                    **{"storage_dirs": [str(root)], **common, **(settings or {}).get(n, {})})
+            for n, a in addrs.items()}
+
+
+@contextlib.contextmanager
+def started(hosts: dict[str, Host]) -> Iterator[dict[str, Host]]:
+    """Start every host; clean every one up afterwards, whatever happened."""
+    try:
+        for h in hosts.values():
+            h.start()
+        yield hosts
+    finally:
+        for h in hosts.values():
+            h.cleanup()
+
+
 class Probe:
     """Talks to the guest agent over UDP, wherever it runs: a domain's forward binds
     its current host's address, so probes go to every host address given."""

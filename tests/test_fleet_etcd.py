@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from etcdlab import Etcd
 from ferry.fleet.registry import EtcdRegistry
 from ferry.hostconfig import ClusterSettings
-from helpers import Host, Probe, free_port, guest_config, to_toml, wait_for
+from helpers import Host, Probe, free_port, guest_config, peer_hosts, started, to_toml, wait_for
 
 ADDRS = {"ka": "127.0.0.1", "kb": "127.0.0.2"}
 TTL = 2
@@ -25,14 +24,9 @@ TTL = 2
 class EtcdFleet:
     def __init__(self, root: Path, etcd: Etcd) -> None:
         self.etcd = etcd
-        ports = {n: free_port(socket.SOCK_STREAM, a) for n, a in ADDRS.items()}
-        cluster = {"backend": "etcd", "endpoints": [etcd.endpoint], "lock_ttl_s": TTL,
-                   "timeout_s": 2}
-        self.hosts = {
-            n: Host(root, n, a, control_port=ports[n], storage_dirs=[str(root)],
-                    cluster=cluster,
-                    peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
-            for n, a in ADDRS.items()}
+        self.hosts = peer_hosts(root, ADDRS, cluster={
+            "backend": "etcd", "endpoints": [etcd.endpoint], "lock_ttl_s": TTL,
+            "timeout_s": 2})
         self.settings = ClusterSettings(backend="etcd", endpoints=[etcd.endpoint])
 
     def __getitem__(self, name: str) -> Host:
@@ -61,17 +55,12 @@ class EtcdFleet:
 @pytest.fixture(scope="module")
 def kfleet(guest: Any, workdir: Path) -> Iterator[EtcdFleet]:
     etcd = Etcd()
-    f = None
     try:
         etcd.start()
         f = EtcdFleet(workdir, etcd)
-        for h in f.hosts.values():
-            h.start()
-        yield f
+        with started(f.hosts):
+            yield f
     finally:
-        if f is not None:
-            for h in f.hosts.values():
-                h.cleanup()
         etcd.cleanup()
 
 
@@ -124,6 +113,7 @@ def test_the_owner_changes_at_the_commit_and_a_dead_sources_lock_expires(
                  "the job in perform")
         assert kfleet.owner("roam") == "ka"
         assert kfleet.lock("roam") == {"host": "ka", "job": job["id"]}
+        ka.ferry("job", "set", job["id"], "--bandwidth", "0")   # (seen: now be quick)
         done = wait_for(lambda: (r := ka.json("job", "show", job["id"]))["state"]
                         != "running" and r, 300, "the job to end")
         assert done["state"] == "completed", done

@@ -29,7 +29,7 @@ from ferry.domains import DomainService
 from ferry.errors import Busy, Conflict, Failed
 from ferry.fleet.cluster import ClusterView
 from ferry.hostconfig import ClusterSettings, HostConfig
-from ferry.ownership import RegistryUnavailable
+from ferry.ownership import Owners, RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -343,25 +343,8 @@ class EtcdRegistry:
             log.info("the registry names host %s the owner of %s again", source, name)
 
 
-class Registry(Protocol):
+class Registry(Owners, Protocol):
     """An ``Owners`` the daemon closes when it stops."""
-
-    backend: str
-
-    async def claim(self, name: str, uuid: str) -> bool: ...
-
-    async def release(self, name: str, uuid: str) -> None: ...
-
-    async def owner(self, name: str) -> str | None: ...
-
-    async def lock(self, name: str, uuid: str, job_id: str) -> None: ...
-
-    async def unlock(self, name: str, job_id: str) -> None: ...
-
-    async def commit(self, name: str, uuid: str, source: str, dest: str,
-                     job_id: str) -> None: ...
-
-    async def give_back(self, name: str, uuid: str, source: str, dest: str) -> None: ...
 
     async def close(self) -> None: ...
 
