@@ -12,6 +12,8 @@ DEMO=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 BIN=$PWD/.venv/bin
 PORT=${FERRY_DEMO_PORT:-7790}
 UDP=${FERRY_DEMO_UDP:-17777}
+UI=${FERRY_DEMO_UI:-7780}          # host a's dashboard (plain HTTP, loopback only)
+METRICS=${FERRY_DEMO_METRICS:-9790}
 pids=()
 
 cleanup() {
@@ -22,8 +24,12 @@ cleanup() {
         fi
     done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    # a QEMU left by a failure above: its command line names our state directory
-    pkill -9 -f "qemu-system.*$DEMO/" 2>/dev/null
+    # a QEMU left by a failure above: by the pid QEMU wrote in our state directory
+    for f in "$DEMO"/*/domains/*/qemu.pid; do
+        [ -r "$f" ] || continue
+        p=$(cat "$f")
+        grep -qF "$DEMO/" "/proc/$p/cmdline" 2>/dev/null && kill -9 "$p" 2>/dev/null
+    done
     rm -rf "$DEMO"
 }
 trap cleanup EXIT
@@ -36,12 +42,13 @@ echo "== ferry pki init; ferry pki issue a|b --host; ferry pki issue demo-operat
 "$BIN/ferry" pki issue b --host --address 127.0.0.2 --dir "$PKI" >/dev/null
 "$BIN/ferry" pki issue demo-operator --operator --dir "$PKI" >/dev/null
 
-hostconf() {  # name address peer-name peer-address
+hostconf() {  # name address peer-name peer-address [more top-level keys]
     cat > "$DEMO/$1.toml" <<CONF
 name = "$1"
 state_dir = "$DEMO/$1"
 address = "$2"
 control_port = $PORT
+${5:-}
 [tls]
 ca = "$PKI/ca.pem"
 cert = "$PKI/$1.pem"
@@ -51,7 +58,9 @@ name = "$3"
 address = "$4:$PORT"
 CONF
 }
-hostconf a 127.0.0.1 b 127.0.0.2
+# host a also serves the dashboard and /metrics, on loopback
+hostconf a 127.0.0.1 b 127.0.0.2 "ui_address = \"127.0.0.1:$UI\"
+metrics_address = \"127.0.0.1:$METRICS\""
 hostconf b 127.0.0.2 a 127.0.0.1
 for h in a b; do
     "$BIN/ferryd" --config "$DEMO/$h.toml" > "$DEMO/$h.log" 2>&1 &
@@ -103,6 +112,9 @@ ferry_on a console demo --log | tail -n 6
 echo "== host a: ferry list"
 ferry_on a list
 probe
+echo "== the dashboard, while the guest runs: http://127.0.0.1:$UI/ui/"
+echo "   (hosts, domains, a migration's progress live, the console; for the demo it is"
+echo "   plain HTTP on loopback; on a real host, the TCP port with an operator certificate)"
 echo "== host a: ferry migrate demo b --live"
 ferry_on a migrate demo b --live
 probe
@@ -114,4 +126,14 @@ ferry_on b migrate demo a --live
 probe
 echo "== host a: ferry migrations"
 COLUMNS=160 ferry_on a migrations
+echo "== host a: a few lines of http://127.0.0.1:$METRICS/metrics"
+"$BIN/python" - "$METRICS" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read()
+for line in text.decode().splitlines():
+    if line.startswith(("ferry_migrations_total", "ferry_migration_duration_seconds_count",
+                        "ferry_migration_downtime_seconds_sum", 'ferry_domains{state="running"}',
+                        "ferry_host_memory_free_bytes", "process_resident_memory_bytes")):
+        print("    " + line)
+PY
 echo "== done: cleaning up"

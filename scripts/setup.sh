@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev iproute2 iputils-ping python3 python3-venv
       ca-certificates
-      etcd-server)   # the [cluster] etcd backend's tests start their own etcd on loopback
+      etcd-server    # the [cluster] etcd backend's tests start their own etcd on loopback
+      chromium chromium-driver)   # the dashboard's test, in a real (headless) browser
 # QEMU 7.2, what Debian 12 ships, loses about one guest in ten in a live migration
 # under TCG while the guest dirties memory (bench/plain_qemu_early_migration.py);
 # QEMU >= 8 does not. On bookworm, take QEMU from Debian's bookworm-backports.
@@ -14,33 +15,42 @@ qemu_major() {
     dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | sed -E 's/^[0-9]+://; s/[.].*//'
 }
 major=$(qemu_major || true)
-# The archive this machine is already configured to take bookworm from (a
-# one-line .list or a deb822 .sources entry): backports come from the same place.
-bookworm_archive() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        sed -E 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && $3 == "bookworm" { print $2; exit }'
-    done | head -n 1 | grep . && return
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -r "$f" ] || continue
-        awk 'BEGIN { RS = "" }
-             /(^|\n)Types:[^\n]*deb( |\n|$)/ && /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ {
-                 if (match($0, /URIs:[ \t]*[^ \t\n]+/)) {
-                     u = substr($0, RSTART, RLENGTH); sub(/URIs:[ \t]*/, "", u)
-                     print u; exit } }' "$f"
-    done | head -n 1 | grep .
+# Backports come from the archive this machine already takes bookworm from,
+# as apt itself reports its configured sources (apt-get indextargets): no
+# mirror of our own, so a machine on a local mirror keeps using it.
+targets() { apt-get indextargets --format '$(RELEASE) $(TARGET_OF) $(SITE) $(SOURCESENTRY)' 2>/dev/null; }
+bookworm_keyring() {  # the Signed-By of bookworm's own entry, else Debian's keyring
+    local entry file n key=""
+    entry=$(targets | awk '$1 == "bookworm" && $2 == "deb" { print $4; exit }')
+    file=${entry%:*}; n=${entry##*:}
+    if [[ "$file" == *.sources && -r "$file" ]]; then
+        key=$(awk -v n="$n" 'BEGIN { RS = "" } NR == n {
+                  if (match($0, /Signed-By:[ \t]*[^ \t\n]+/)) {
+                      s = substr($0, RSTART, RLENGTH); sub(/Signed-By:[ \t]*/, "", s); print s } }' "$file")
+    elif [[ -r "$file" ]]; then
+        key=$(sed -n "${n}p" "$file" | grep -o 'signed-by=[^] ]*' | head -n 1 | cut -d= -f2)
+    fi
+    [ -n "$key" ] && [ -r "$key" ] || key=/usr/share/keyrings/debian-archive-keyring.gpg
+    echo "$key"
 }
 if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null \
         && [ "${major:-0}" -lt 8 ]; then
-    archive=$(bookworm_archive) || {
-        echo "setup: QEMU >= 8 is needed and no bookworm archive is configured in" \
-             "/etc/apt to take bookworm-backports from" >&2
-        exit 1
-    }
-    echo "setup: QEMU from bookworm-backports ($archive)"
-    echo "deb $archive bookworm-backports main" \
-        > /etc/apt/sources.list.d/ferry-backports.list
+    ours=/etc/apt/sources.list.d/ferry-backports.sources
+    rm -f /etc/apt/sources.list.d/ferry-backports.list   # (what older setups wrote)
+    if targets | awk '$1 == "bookworm-backports" { found = 1 } END { exit !found }' \
+            && ! targets | grep -q " $ours:"; then
+        echo "setup: QEMU from bookworm-backports (configured on this machine already)"
+    else
+        site=$(targets | awk '$1 == "bookworm" && $2 == "deb" { print $3; exit }')
+        if [ -z "$site" ]; then
+            echo "setup: QEMU >= 8 is needed and no bookworm archive is configured in" \
+                 "/etc/apt to take bookworm-backports from" >&2
+            exit 1
+        fi
+        echo "setup: QEMU from bookworm-backports ($site)"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+            "$site" "$(bookworm_keyring)" > "$ours"
+    fi
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         -t bookworm-backports qemu-system-x86 qemu-utils
@@ -65,6 +75,21 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+# the dashboard's terminal: xterm.js from npm (Debian 12's libjs-xterm 3.8 ships
+# only a CommonJS stub, not a browser build), at one exact version, from the
+# npm registry this machine is configured with; ferryd serves it (web_vendor)
+XTERM_VERSION=5.5.0
+WEB=/var/cache/ferry/web
+if [ "$(cat "$WEB/node_modules/@xterm/xterm/package.json" 2>/dev/null |
+        sed -n 's/.*"version": *"\([^"]*\)".*/\1/p' | head -n 1)" != "$XTERM_VERSION" ]; then
+    if ! command -v npm >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends npm
+    fi
+    mkdir -p "$WEB"
+    npm install --prefix "$WEB" --no-package-lock --no-audit --no-fund --loglevel=error \
+        "@xterm/xterm@$XTERM_VERSION" >/dev/null
+fi
 
 export FERRY_GUEST_DIR=${FERRY_GUEST_DIR:-/var/cache/ferry/guest}
 .venv/bin/python guest/build.py --out "$FERRY_GUEST_DIR" >/dev/null

@@ -279,6 +279,14 @@ class FerryClient:
     async def job(self, job_id: str) -> JobRecord:
         return self._as(JobRecord, await self.request("GET", f"/v1/jobs/{job_id}"))
 
+    async def job_log(self, job_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = await self.request("GET", f"/v1/jobs/{job_id}/log")
+        return out
+
+    async def events(self, domain: str | None = None) -> aiohttp.ClientWebSocketResponse:
+        """The host's events as they happen (``ferry.api.events``)."""
+        return await self.ws("/v1/events", {"domain": domain} if domain else None)
+
     async def abort_job(self, job_id: str) -> JobRecord:
         return self._as(JobRecord, await self.request("POST", f"/v1/jobs/{job_id}/abort"))
 

@@ -37,6 +37,11 @@ class ConsoleHub:
         self._reader_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
+    @property
+    def sessions(self) -> int:
+        """Sessions attached now."""
+        return len(self._subscribers)
+
     async def attach(self) -> asyncio.Queue[bytes | None]:
         """Subscribe to output; ``None`` in the queue means the console closed."""
         async with self._lock:

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from ferry import __version__, tls
 from ferry.api.consoles import Consoles
+from ferry.api.metrics import Metrics
 from ferry.api.relocation import make_relocation_app
 from ferry.api.server import make_app
 from ferry.domains import DomainService
@@ -35,7 +36,7 @@ from ferry.events import EventBus
 from ferry.fleet.cluster import ClusterView
 from ferry.fleet.evacuate import Evacuator
 from ferry.fleet.registry import Registry, make_registry
-from ferry.hostconfig import HostConfig, load_host_config
+from ferry.hostconfig import HostConfig, load_host_config, parse_endpoint
 from ferry.hostres import meminfo
 from ferry.hostsallow import AllowGate, HostsAllow, Target
 from ferry.migration.destination import RelocationService
@@ -50,8 +51,19 @@ from ferry.qemu.probe import (
     resolve_accel,
 )
 from ferry.store import Store
+from ferry.systemd import notify
 
 log = logging.getLogger("ferryd")
+
+DEFAULT_CONFIG = Path("/etc/ferry/ferryd.toml")
+
+
+def default_config(given: Path | None, default: Path = DEFAULT_CONFIG) -> Path | None:
+    """The configuration file: the one given, else /etc/ferry/ferryd.toml if there
+    is one, else none (every key has a default)."""
+    if given is not None:
+        return given
+    return default if default.is_file() else None
 
 
 class Daemon:
@@ -66,6 +78,9 @@ class Daemon:
         self.migrations: MigrationService | None = None
         self.store: Store | None = None
         self.evacuator: Evacuator | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._ui_runner: web.AppRunner | None = None
         self.registry: Registry | None = None
 
     def _take_lock(self) -> None:
@@ -115,8 +130,10 @@ class Daemon:
         self.evacuator = Evacuator(self.cluster, self.migrations)
         if cfg.cluster.backend == "etcd":
             self.svc.start_reconcile()
+        self.metrics = Metrics(self.svc, self.migrations, self.consoles, self.host_info)
+        self.metrics.start()
         app = make_app(self.svc, self.host_info, self.migrations, self.consoles,
-                       cluster=self.cluster, evacuator=self.evacuator)
+                       cluster=self.cluster, evacuator=self.evacuator, metrics_=self.metrics)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=2.0)
         await self._runner.setup()
@@ -132,6 +149,10 @@ class Daemon:
         log.info("listening on %s", sock)
         if cfg.control_port:
             await self._listen_tcp()
+        if cfg.metrics_address:
+            await self._listen_metrics()
+        if cfg.ui_address:
+            await self._listen_ui()
 
     async def _listen_tcp(self) -> None:
         """The TCP port: mutual TLS; host certificates reach the relocation API,
@@ -147,7 +168,7 @@ class Daemon:
                                            shutdown_timeout=2.0)
         self._remote_runner = web.AppRunner(
             make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True,
-                     cluster=self.cluster, evacuator=self.evacuator),
+                     cluster=self.cluster, evacuator=self.evacuator, metrics_=self.metrics),
             handle_signals=False, access_log=None, shutdown_timeout=2.0)
         for runner in (self._reloc_runner, self._remote_runner):
             await runner.setup()
@@ -179,6 +200,48 @@ class Daemon:
         log.info("TCP API on %s (mutual TLS, CA %s), hosts_allow %s", where, cfg.tls.ca,
                  cfg.hosts_allow)
 
+    async def _listen_ui(self) -> None:
+        """``ui_address``: the dashboard and the management API over plain HTTP on
+        loopback, for the demo (anyone on this machine may drive ferryd there)."""
+        assert self.svc is not None and self.migrations is not None and self.config.ui_address
+        app = make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True,
+                       cluster=self.cluster, evacuator=self.evacuator,
+                       metrics_=self.metrics, browser=True)
+        self._ui_runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                        shutdown_timeout=1.0)
+        await self._ui_runner.setup()
+        host, port = parse_endpoint(self.config.ui_address, 7780)
+        try:
+            await web.TCPSite(self._ui_runner, host, port).start()
+        except OSError as exc:
+            raise FerryError(f"cannot listen on {host}:{port} for the dashboard: "
+                             f"{exc.strerror}") from exc
+        log.warning("dashboard on http://%s:%d/ui/ (plain HTTP, no certificates: anyone "
+                    "on this machine may drive ferryd there)", host, port)
+
+    async def _listen_metrics(self) -> None:
+        """``metrics_address``: plain HTTP with ``/metrics`` only, for a scraper on
+        this host (Prometheus' usual way); localhost unless configured otherwise."""
+        assert self.metrics is not None and self.config.metrics_address
+        metrics = self.metrics
+
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.render(),
+                                headers={"Content-Type": metrics.content_type})
+
+        app = web.Application()
+        app.router.add_get("/metrics", scrape)
+        self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                             shutdown_timeout=1.0)
+        await self._metrics_runner.setup()
+        host, port = parse_endpoint(self.config.metrics_address, 9790)
+        try:
+            await web.TCPSite(self._metrics_runner, host, port).start()
+        except OSError as exc:
+            raise FerryError(f"cannot listen on {host}:{port} for metrics: "
+                             f"{exc.strerror}") from exc
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
     def host_info(self) -> HostInfo:
         assert self.svc is not None
         mem = meminfo()
@@ -206,9 +269,12 @@ class Daemon:
     async def stop(self) -> None:
         if self._reloc_server is not None:
             self._reloc_server.close()
-        for runner in (self._reloc_runner, self._remote_runner):
+        for runner in (self._reloc_runner, self._remote_runner, self._metrics_runner,
+                       self._ui_runner):
             if runner is not None:
                 await runner.cleanup()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.evacuator is not None:
@@ -248,8 +314,10 @@ async def serve(config: HostConfig) -> None:
     try:
         await daemon.start()
         print(f"ferryd {config.name} ready on {config.socket_path}", flush=True)
+        notify(f"READY=1\nSTATUS=host {config.name} ready")
         await stop.wait()
         log.info("stopping (domains keep running)")
+        notify("STOPPING=1")
     finally:
         await daemon.stop()
 
@@ -257,7 +325,8 @@ async def serve(config: HostConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="ferryd", description=__doc__.splitlines()[0],
                                  epilog="Domains keep running when ferryd stops.")
-    ap.add_argument("--config", type=Path, help="TOML configuration file")
+    ap.add_argument("--config", type=Path, help="TOML configuration file (default: "
+                    f"{DEFAULT_CONFIG} if it exists)")
     ap.add_argument("--state-dir", type=Path, help="all of this host's state (default "
                     "/var/lib/ferry)")
     ap.add_argument("--socket", type=Path, help="Unix socket of the API "
@@ -281,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("ferryd: must run as root")
     try:
         config = load_host_config(
-            args.config, state_dir=str(args.state_dir.resolve()) if args.state_dir else None,
+            default_config(args.config),
+            state_dir=str(args.state_dir.resolve()) if args.state_dir else None,
             socket=str(args.socket.resolve()) if args.socket else None, name=args.name,
             accel=args.accel, address=args.address, control_port=args.control_port)
         asyncio.run(serve(config))

@@ -51,6 +51,7 @@ from ferry.qemu.process import (
 )
 from ferry.storage import localize
 from ferry.store import Store
+from ferry.systemd import scoped_argv, want_scopes
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,13 @@ class QemuLauncher:
     """How the domain service starts and finds QEMU processes (the fault-injection
     tier passes a fake one)."""
 
+    def __init__(self, scopes: bool = False) -> None:
+        self.scopes = scopes   # each QEMU in a systemd scope of its own (ferry.systemd)
+
     async def launch(self, name: str, paths: RuntimePaths, argv: list[str],
                      on_event: Any = None) -> QemuProcess:
+        if self.scopes:
+            argv = scoped_argv(name, argv)
         return await QemuProcess.launch(name, paths, argv, on_event)
 
     async def attach(self, name: str, paths: RuntimePaths,
@@ -123,7 +129,7 @@ class DomainService:
         self.store = store
         self.accel = accel
         self.events = events
-        self.qemu = qemu or QemuLauncher()
+        self.qemu = qemu or QemuLauncher(scopes=want_scopes(host.qemu_scope))
         self.domains: dict[str, Domain] = {}
         # MiB promised to incoming migrations, by job id
         self.reservations: dict[str, int] = {}

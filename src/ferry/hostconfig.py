@@ -7,6 +7,9 @@ Example (every key optional)::
     socket = "/run/ferry/ferryd.sock"   # default: <state_dir>/ferryd.sock
     accel = "auto"                      # auto | kvm | tcg
     qemu = "qemu-system-x86_64"
+    qemu_scope = "auto"                 # each QEMU in its own systemd scope (so a
+                                        # restart of ferryd.service leaves domains
+                                        # running): auto | always | never
     memory_reserve = 512                # MiB kept back for the host itself
     shutdown_timeout = 60               # s before an ACPI shutdown becomes destroy
     address = "127.0.0.1"               # this host's address (control, user-net forwards)
@@ -14,6 +17,11 @@ Example (every key optional)::
                                         # operators (default 0: closed); needs [tls]
     migration_address = "127.0.0.1"     # where incoming migration streams arrive
                                         # (default: address)
+    metrics_address = "127.0.0.1:9790"  # /metrics over plain HTTP for a local scraper
+                                        # (default: off; the API serves it as well)
+    ui_address = "127.0.0.1:7780"       # the dashboard (/ui) and the API over plain
+                                        # HTTP, loopback only, for the demo (default:
+                                        # off; the TCP port serves /ui over mTLS)
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
     storage_dirs = ["/var/lib/ferry/images"]  # directories every host sees at the
@@ -207,11 +215,22 @@ class HostConfig(BaseModel):
     socket: AbsPath | None = None
     accel: Accel = Accel.auto
     qemu: str = "qemu-system-x86_64"
+    # each QEMU in a systemd scope of its own, so a restart of ferryd's service
+    # leaves the domains running: auto (when systemd runs), always, never
+    qemu_scope: Literal["auto", "always", "never"] = "auto"
     memory_reserve: int = Field(default=512, ge=0)
     shutdown_timeout: float = Field(default=60.0, ge=0, le=3600)
     address: str = "127.0.0.1"
     control_port: int = Field(default=0, ge=0, le=65535)
     migration_address: str | None = None
+    # plain HTTP with /metrics only, for a local scraper (e.g. "127.0.0.1:9790");
+    # None: off (the management API serves /metrics as well)
+    metrics_address: str | None = None
+    # the dashboard and the whole management API over plain HTTP, without
+    # certificates, for the demo (e.g. "127.0.0.1:7780"); loopback only; None: off
+    ui_address: str | None = None
+    # where setup installed the dashboard's xterm.js (npm's @xterm/xterm)
+    web_vendor: AbsPath = Path("/var/cache/ferry/web/node_modules")
     peers: list[Peer] = Field(default_factory=list)
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
     # shared directories (every host sees them at the same path): each is a shared
@@ -260,6 +279,25 @@ class HostConfig(BaseModel):
         found = [p for p in self.storage_pools if p.holds(path)]
         return max(found, key=lambda p: len(Path(os.path.realpath(p.path)).parts),
                    default=None)
+
+    @field_validator("ui_address")
+    @classmethod
+    def _ui_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _ = parse_endpoint(value, 7780)
+            if not ipaddress.IPv4Address(host).is_loopback:
+                raise ValueError(f"ui_address {value}: plain HTTP without certificates "
+                                 "is for this machine only (127.0.0.0/8); over the "
+                                 "network, open the dashboard on the TCP port (mutual TLS, "
+                                 "an operator certificate in the browser)")
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_endpoint(value, 9790)
+        return value
 
     @field_validator("hosts_allow")
     @classmethod

@@ -49,10 +49,15 @@ class Consoles:
         self.store = store
         self.locator = DomainLocator(host, svc, store)
         self.hubs: dict[str, ConsoleHub] = {}
+        self.relayed = 0     # sessions relayed to the host a domain runs on, now
 
     async def close(self) -> None:
         for hub in self.hubs.values():
             await hub.close()
+
+    def sessions(self) -> int:
+        """Console sessions open on this host now (local and relayed)."""
+        return sum(h.sessions for h in self.hubs.values()) + self.relayed
 
     # -- sessions ---------------------------------------------------------------------
     async def serve(self, request: web.Request, name: str, relay: bool) -> web.StreamResponse:
@@ -136,7 +141,11 @@ class Consoles:
                         break
 
             tasks = [asyncio.create_task(down()), asyncio.create_task(up())]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            self.relayed += 1
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self.relayed -= 1
             for t in tasks:
                 t.cancel()
             code = upstream.close_code or 1000

@@ -21,14 +21,16 @@ from ferry.api.server import (
     job_id,
     ok,
 )
-from ferry.errors import Forbidden, Refused
+from ferry.errors import Forbidden, NotFound, Refused
 from ferry.migration.destination import RelocationService
+from ferry.migration.job import timeline_entries
 from ferry.migration.models import (
     PROTOCOL_VERSION,
     AbortRequest,
     Blocker,
     CheckAnswer,
     FinishRequest,
+    JobRecord,
     RecoverRequest,
     RelocationRequest,
     check_protocol,
@@ -125,6 +127,19 @@ async def status(request: web.Request) -> web.Response:
     return ok(request.app[RELOC].status(job))
 
 
+async def job_log(request: web.Request) -> web.Response:
+    """This host's part of a job's log, for the job's other host only."""
+    job = job_id(request)
+    records = [JobRecord.model_validate(r) for r in request.app[RELOC].store.migrations()
+               if r["id"] == job]
+    peer = peer_host(request)
+    mine = [r for r in records if peer is None or peer in (r.source, r.dest)]
+    if not mine:
+        raise NotFound(f"no job {job} of host {peer} on host {request.app[RELOC].host.name}")
+    name = request.app[RELOC].host.name
+    return ok([e for r in mine for e in timeline_entries(r, name)])
+
+
 async def console(request: web.Request) -> web.StreamResponse:
     return await request.app[CONSOLES].serve(request, domain_name(request), relay=False)
 
@@ -180,5 +195,6 @@ def make_relocation_app(reloc: RelocationService, consoles: Consoles,
     app.router.add_post("/v1/relocation/abort", abort)
     app.router.add_post("/v1/relocation/recover", recover)
     app.router.add_get("/v1/relocation/jobs/{job}", status)
+    app.router.add_get("/v1/relocation/jobs/{job}/log", job_log)
     app.router.add_route("*", "/{tail:.*}", not_for_hosts)
     return app

@@ -17,6 +17,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from ferry.api.consoles import Consoles
+from ferry.api.events import serve_events
+from ferry.api.metrics import Metrics
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
 from ferry.fleet.cluster import ClusterView
@@ -46,6 +48,7 @@ JOB_RE = re.compile(r"^[0-9a-f]{12}$")
 CONSOLES: web.AppKey[Consoles] = web.AppKey("consoles", Consoles)
 CLUSTER: web.AppKey[ClusterView] = web.AppKey("cluster", ClusterView)
 EVACUATOR: web.AppKey[Evacuator] = web.AppKey("evacuator", Evacuator)
+METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
 
 
 def ok(data: Any, status: int = 200) -> web.Response:
@@ -93,6 +96,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(FerryError(f"internal error in ferryd: {exc!r}"))
 
 
+@web.middleware
+async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On the plain-HTTP dashboard listener, which has no certificates: another
+    web page the browser visits must not drive ferryd (CSRF). A change needs the
+    ``X-Ferry`` header, which a page of another origin cannot send without a
+    CORS preflight ferryd never grants; a websocket must come from this origin."""
+    if request.method not in ("GET", "HEAD") and request.headers.get("X-Ferry") != "1":
+        raise Forbidden("changes over the dashboard's HTTP listener need the header "
+                        "X-Ferry: 1")
+    origin = request.headers.get("Origin")
+    if request.headers.get("Upgrade", "").lower() == "websocket" and origin is not None \
+            and origin != f"http://{request.host}":
+        raise Forbidden(f"a websocket from {origin} is not this dashboard's")
+    return await handler(request)
+
+
 async def body_as(request: web.Request, model: type[M]) -> M:
     """The request's body as ``model``, strictly (``validation.parse_body``)."""
     return parse_body(await request.read(), model)
@@ -125,6 +144,52 @@ async def evacuate_host(request: web.Request) -> web.Response:
 
 async def get_evacuation(request: web.Request) -> web.Response:
     return ok(request.app[EVACUATOR].status())
+
+
+WEB = Path(__file__).resolve().parent / "web"
+UI_FILES = {"ferry.js": "text/javascript", "ferry.css": "text/css",
+            "index.html": "text/html"}
+# what the dashboard takes from the xterm.js package (npm's @xterm/xterm)
+VENDOR_FILES = {"xterm.js": ("@xterm/xterm/lib/xterm.js", "text/javascript"),
+                "xterm.css": ("@xterm/xterm/css/xterm.css", "text/css")}
+
+
+async def ui(request: web.Request) -> web.StreamResponse:
+    """The dashboard (``ferry.api.web``): its own files, and xterm.js from the
+    host's ``web_vendor`` directory (installed by setup, never from the internet)."""
+    name = request.match_info.get("file") or "index.html"
+    if name not in UI_FILES:
+        raise NotFound(f"no such dashboard file: {name}")
+    return web.FileResponse(WEB / name, headers={"Content-Type": UI_FILES[name],
+                                                 "Cache-Control": "no-cache"})
+
+
+async def ui_vendor(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["file"]
+    if name not in VENDOR_FILES:
+        raise NotFound(f"no such dashboard file: vendor/{name}")
+    rel, ctype = VENDOR_FILES[name]
+    path = request.app[SVC].host.web_vendor / rel
+    if not path.is_file():
+        raise NotFound(f"{path} is missing: scripts/setup.sh installs xterm.js")
+    return web.FileResponse(path, headers={"Content-Type": ctype})
+
+
+async def ui_root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/ui/")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from ferry.api.openapi import document
+    return ok(document())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' text format (``ferry.api.metrics``)."""
+    m = request.app[METRICS]
+    if m is None:
+        raise NotFound("this ferryd serves no metrics")
+    return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 
 async def list_domains(request: web.Request) -> web.Response:
@@ -172,6 +237,12 @@ async def console_log(request: web.Request, relay: bool = True) -> web.Response:
     """The console log of a domain here, or (``relay``) wherever it runs now."""
     data = await request.app[CONSOLES].log(domain_name(request), tail_param(request), relay)
     return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def events_ws(request: web.Request) -> web.StreamResponse:
+    """This host's events as they happen (``ferry.api.events``)."""
+    svc = request.app[SVC]
+    return await serve_events(request, svc.events, svc.host.name)
 
 
 async def console_ws(request: web.Request) -> web.StreamResponse:
@@ -266,6 +337,12 @@ async def get_job(request: web.Request) -> web.Response:
     return ok(request.app[MIG].get(job_id(request)))
 
 
+async def job_log(request: web.Request) -> web.Response:
+    """The job's timeline on both hosts: this one's, and the other's, asked over
+    the relocation API (within 5 s; if it does not answer, it says so)."""
+    return ok(await request.app[MIG].job_log(job_id(request)))
+
+
 async def abort_job(request: web.Request) -> web.Response:
     return ok(request.app[MIG].abort(job_id(request)))
 
@@ -303,9 +380,12 @@ async def not_for_operators(request: web.Request) -> web.Response:
 def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
              migrations: MigrationService, consoles: Consoles,
              remote: bool = False, cluster: ClusterView | None = None,
-             evacuator: Evacuator | None = None) -> web.Application:
-    """The management API; ``remote``: the copy served over TLS to operators."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1024 * 1024)
+             evacuator: Evacuator | None = None,
+             metrics_: Metrics | None = None, browser: bool = False) -> web.Application:
+    """The management API; ``remote``: a copy for another listener (TLS to
+    operators, or ``browser``: the dashboard's plain-HTTP loopback listener)."""
+    middlewares = [errors_middleware, browser_guard] if browser else [errors_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[SVC] = svc
     app[HOSTINFO] = hostinfo
     app[CONSOLES] = consoles
@@ -314,6 +394,14 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app[CLUSTER] = cluster or ClusterView(svc.host, svc, hostinfo,
                                           lambda: len(migrations.running()))
     app[EVACUATOR] = evacuator or Evacuator(app[CLUSTER], migrations)
+    app[METRICS] = metrics_
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/events", events_ws)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/ui", ui_root)
+    app.router.add_get("/ui/", ui)
+    app.router.add_get("/ui/vendor/{file}", ui_vendor)
+    app.router.add_get("/ui/{file}", ui)
     app.router.add_get("/v1/host", get_host)
     app.router.add_post("/v1/host/maintenance", set_maintenance)
     app.router.add_post("/v1/host/evacuate", evacuate_host)
@@ -331,6 +419,7 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
     app.router.add_post("/v1/domains/{name}/recover", recover_migration)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{job}", get_job)
+    app.router.add_get("/v1/jobs/{job}/log", job_log)
     app.router.add_post("/v1/jobs/{job}/abort", abort_job)
     app.router.add_post("/v1/jobs/{job}/resolve", resolve_job)
     app.router.add_post("/v1/jobs/{job}/set", steer_job)

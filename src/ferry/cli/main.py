@@ -34,7 +34,7 @@ from ferry.models import (
 T = TypeVar("T")
 
 app = typer.Typer(
-    name="ferry", no_args_is_help=True, add_completion=False,
+    name="ferry", no_args_is_help=True, add_completion=True,
     help="Run QEMU domains on this host and move them between hosts.",
     context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -623,6 +623,44 @@ def job_show(job_id: Annotated[str, typer.Argument(help="The job's id.")],
         return print_json(data)
     from ferry.cli.progress import summary
     typer.echo(summary(data))
+
+
+@job_app.command("log")
+def job_log(job_id: Annotated[str, typer.Argument(help="The job's id.")],
+            as_json: JsonOpt = False) -> None:
+    """What happened in a migration, on both hosts, in time order: its phases,
+    state changes, escalations (throttle, pause steps, post-copy, queued) and
+    errors. The other host is asked too; if it does not answer, that is said."""
+    data = call(lambda c: c.job_log(job_id))
+    if as_json:
+        return print_json(data)
+    import datetime
+    for e in data["entries"]:
+        when = datetime.datetime.fromtimestamp(float(e.get("time") or 0))
+        typer.echo(f"{when:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {e.get('host', '?'):<10} "
+                   f"{e.get('role', ''):<11} {e.get('what', ''):<10} {e.get('detail', '')}")
+    for u in data["unreachable"]:
+        typer.echo(f"host {u['host']} did not answer, so its part is missing: {u['error']}",
+                   err=True)
+
+
+@app.command()
+def events(
+    domain: Annotated[str | None, typer.Option(
+        "--domain", help="Only this domain's events (and the host's own).",
+        show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow this host's events as they happen (until Ctrl-C): domain state
+    changes, migration phases, progress and escalations, maintenance mode. One
+    line each; --json: one JSON object per line (docs/events.md)."""
+    from ferry.cli.events import follow_events
+    try:
+        asyncio.run(follow_events(_state["target"], domain, as_json))
+    except FerryError as err:
+        fail(err.message)
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

@@ -16,6 +16,8 @@ from ferry.cli.target import Target
 from ferry.errors import FerryError
 from ferry.migration.models import JobRecord, JobState, Phase
 
+LINE_EVERY_S = 5.0   # progress lines when the output is not a terminal
+
 
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 1048576:,.1f} MiB"
@@ -123,6 +125,9 @@ async def _follow(target: Target, job: JobRecord, quiet: bool) -> JobRecord:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
     show = not quiet and console.is_terminal
+    # not a terminal (a log, a pipe, CI): a plain line every few seconds instead
+    lines = not quiet and not console.is_terminal
+    said = 0.0
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.percentage:>3.0f}%"), console=console,
                         transient=True, disable=not show)
@@ -150,6 +155,12 @@ async def _follow(target: Target, job: JobRecord, quiet: bool) -> JobRecord:
                 done = stats.total - stats.remaining if stats.total else 0
                 progress.update(bar, total=total, completed=done,
                                 description=f"{job.domain}: {progress_line(job)}")
+                if lines and job.state == JobState.running and \
+                        time.monotonic() - said >= LINE_EVERY_S:
+                    said = time.monotonic()
+                    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {job.domain} "
+                                     f"(job {job.id}): {progress_line(job)}\n")
+                    sys.stderr.flush()
     loop.remove_signal_handler(signal.SIGINT)
     if not quiet:
         sys.stdout.write(summary(job) + "\n")

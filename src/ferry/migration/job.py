@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ferry.errors import Conflict
 from ferry.events import EventBus
@@ -59,6 +59,7 @@ class JobRecords:
     def enter(self, record: JobRecord, phase: Phase) -> None:
         """The job enters ``phase``: persisted before the phase runs."""
         record.phase = phase
+        record.timeline.append({"time": time.time(), "what": "phase", "detail": phase.value})
         self.save(record)
         self.events.publish("migration.phase", job=record.id, domain=record.domain,
                             role=record.role.value, phase=phase.value)
@@ -79,8 +80,11 @@ class JobRecords:
             record.cleanup_error = cleanup_error
         if new in FINAL_STATES or new == JobState.in_doubt:
             record.ended = record.ended or time.time()
-        self.save(record)
         why = (record.error or {}).get("message", "") if new != JobState.completed else ""
+        if new != old or error is not None:
+            record.timeline.append({"time": time.time(), "what": "state", "detail":
+                                    f"{old.value} -> {new.value}" + (f": {why}" if why else "")})
+        self.save(record)
         log.info("job %s (%s of %s): %s -> %s%s", record.id, record.role.value,
                  record.domain, old.value, new.value, f" ({why})" if why else "")
         self.events.publish("migration.state", job=record.id, domain=record.domain,
@@ -95,6 +99,29 @@ class JobRecords:
                     JobState.running.value, JobState.in_doubt.value):
                 out.append(JobRecord.from_stored(raw))
         return out
+
+
+def timeline_entries(record: JobRecord, host: str) -> list[dict[str, Any]]:
+    """One host's part of a job's log (``ferry job log``): its phases and state
+    changes, its escalations, and its error, each with its time."""
+    where = {"host": host, "role": record.role.value}
+    out: list[dict[str, Any]] = [{**where, "time": record.started, "what": "begin",
+            "detail": f"{record.mode.value} migration of {record.domain} from "
+                      f"{record.source} to {record.dest}"}]
+    out += [{**where, **e} for e in record.timeline]
+    out += [{**where, "time": e.get("time", record.started), "what": "escalation",
+             "detail": f"{e.get('action')}: {e.get('reason')}"} for e in record.escalations]
+    if record.error:
+        err = record.error
+        out.append({**where, "time": record.ended or record.started, "what": "error",
+                    "detail": f"{err.get('phase')}@{err.get('host')}: {err.get('message')}"
+                    + (f" (undo: {'; '.join(err['undo_errors'])})"
+                       if err.get("undo_errors") else "")})
+    if record.cleanup_error:
+        out.append({**where, "time": record.ended or record.started, "what": "cleanup",
+                    "detail": record.cleanup_error})
+    out.sort(key=lambda e: float(e.get("time") or 0))
+    return out
 
 
 def entered(steps: Sequence[PhaseStep[J]], phase: Phase) -> list[PhaseStep[J]]:

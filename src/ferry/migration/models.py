@@ -424,6 +424,9 @@ class JobRecord(BaseModel):
     disks: list[dict[str, Any]] = Field(default_factory=list)
     # why the job waits before it goes on (a host's [limits]); None: it is not queued
     queued: str | None = None
+    # what happened when, on this host: {time, what (phase | state), detail}
+    # (escalations have their own list, with their times); `ferry job log`
+    timeline: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def from_stored(cls, raw: dict[str, Any]) -> JobRecord:

@@ -43,7 +43,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -71,7 +71,7 @@ from ferry.migration.convergence import (
     initial_downtime,
     progress,
 )
-from ferry.migration.job import JobRecords, PhaseStep, run_steps, undo_steps
+from ferry.migration.job import JobRecords, PhaseStep, run_steps, timeline_entries, undo_steps
 from ferry.migration.models import (
     PROTOCOL_VERSION,
     AbortAnswer,
@@ -114,6 +114,7 @@ ABORT_RETRY_S = 0.5     # destination), this long after
 HEARTBEAT_S = 1.0       # how often the source asks the destination if it's alive
 PREPARE_TIMEOUT = 30.0  # s for the destination to answer Prepare (it starts a QEMU)
 QUEUE_RETRY_S = 1.0     # a destination at its [limits] incoming is asked again this often
+PROGRESS_EVENT_S = 1.0  # a running job's progress event, at most this often
 CALL_TIMEOUT = 5.0      # s for the small calls: status, abort
 FINISH_TIMEOUT = 180.0  # s for Finish (the stream's tail, resume, announce)
 VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finish
@@ -180,6 +181,7 @@ class SourceJob:
     steered: asyncio.Event = field(default_factory=asyncio.Event)  # limits changed
     bandwidth_applied: int = 0         # MiB/s QEMU was given (bandwidth_cap), 0: none
     queued_since: float | None = None  # monotonic time it began to wait
+    progress_sent: float = 0.0         # monotonic time of its last progress event
     shutting_down: bool = False
     cleanup_error: str | None = None
     keep_held: bool = False            # a stale copy Confirm could not remove
@@ -514,6 +516,32 @@ class MigrationService:
         out = [j.record for j in self.jobs.values()]
         out += self.records.running(Role.destination.value)
         return out
+
+    async def job_log(self, job_id: str) -> dict[str, Any]:
+        """What happened in job ``job_id``, on this host and on the other one."""
+        records = [JobRecord.model_validate(r) for r in self.store.migrations()
+                   if r["id"] == job_id]
+        if job_id in self.jobs:  # (the newest, in memory)
+            records = [self.jobs[job_id].record,
+                       *[r for r in records if r.role != Role.source]]
+        if not records:
+            raise NotFound(f"no migration {job_id} on host {self.host.name}")
+        entries = [e for r in records for e in timeline_entries(r, self.host.name)]
+        others = {r.dest if r.role == Role.source else r.source for r in records}
+        others.discard(self.host.name)
+        unreachable = []
+        for other in sorted(others):
+            try:
+                _, endpoint = self._dest(other)
+                async with self.connect(other, endpoint, CALL_TIMEOUT) as peer:
+                    theirs = await peer.request("GET", f"/v1/relocation/jobs/{job_id}/log")
+                entries += [e for e in theirs if isinstance(e, dict)]
+            except FerryError as exc:
+                unreachable.append({"host": other, "error": exc.message})
+            except Exception as exc:  # (TLS files, the socket: one host's problem)
+                unreachable.append({"host": other, "error": repr(exc)})
+        entries.sort(key=lambda e: float(e.get("time") or 0))
+        return {"job": job_id, "entries": entries, "unreachable": unreachable}
 
     def get(self, job_id: str) -> JobRecord:
         job = self.jobs.get(job_id)
@@ -914,6 +942,7 @@ class MigrationService:
             done, total, ready = await storagecopy.progress(qmp, job.copies)
             job.record.stats = job.record.stats.model_copy(
                 update={"disk_bytes": done, "disk_total": total})
+            self._progress_event(job)
             now = time.monotonic()
             if now - last[0] >= 1.0 or ready:  # each disk's copy and rate, per second
                 per = await storagecopy.copied(qmp, job.copies)
@@ -986,6 +1015,7 @@ class MigrationService:
             stats = stats.model_copy(update={"progress_pct": pct, "eta_s": eta})
             job.record.stats = stats
             job.history = [*job.history[-(HISTORY - 1):], stats]
+            self._progress_event(job)
             if stats.status == MigrationStatus.completed:
                 return
             if stats.status in POSTCOPY:  # the destination takes over (Finish)
@@ -1154,6 +1184,22 @@ class MigrationService:
             raise Failed(f"destination dropped its side: {why}", host=job.record.dest,
                          phase="perform")
         return True
+
+    def _progress_event(self, job: SourceJob) -> None:
+        """``migration.progress``, at most once per PROGRESS_EVENT_S."""
+        now = time.monotonic()
+        if now - job.progress_sent < PROGRESS_EVENT_S:
+            return
+        job.progress_sent = now
+        s = job.record.stats
+        self.domains.events.publish(
+            "migration.progress", job=job.record.id, domain=job.record.domain,
+            role="source", dest=job.record.dest, phase=job.record.phase.value,
+            status=s.status.value, progress_pct=s.progress_pct, eta_s=s.eta_s,
+            transferred=s.transferred, remaining=s.remaining, total=s.total,
+            mbps=s.mbps, dirty_rate=s.dirty_rate, passes=s.passes,
+            expected_downtime_ms=s.expected_downtime_ms, throttle_pct=s.throttle_pct,
+            disk_bytes=s.disk_bytes, disk_total=s.disk_total, postcopy=s.postcopy)
 
     def _escalate(self, job: SourceJob, action: str, why: str) -> None:
         job.record.escalations.append({"time": time.time(), "action": action,
@@ -1354,6 +1400,7 @@ class MigrationService:
                     continue  # (its QMP went: the check above decides next time)
                 pct, eta = progress(stats, stats.progress_pct)
                 rec.stats = stats.model_copy(update={"progress_pct": pct, "eta_s": eta})
+                self._progress_event(job)
                 job.stream_status = stats.status
                 if stats.status == MigrationStatus.completed:
                     self.records.save(rec)
