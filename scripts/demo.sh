@@ -25,7 +25,7 @@ cleanup() {
     done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     # a QEMU left by a failure above: by the pid QEMU wrote in our state directory
-    for f in "$DEMO"/*/domains/*/qemu.pid; do
+    for f in "$DEMO"/*/domains/*/qemu.pid "$DEMO"/*/disk-servers/*/qemu.pid; do
         [ -r "$f" ] || continue
         p=$(cat "$f")
         grep -qF "$DEMO/" "/proc/$p/cmdline" 2>/dev/null && kill -9 "$p" 2>/dev/null

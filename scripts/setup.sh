@@ -18,17 +18,24 @@ major=$(qemu_major || true)
 # Backports come from the archive this machine already takes bookworm from,
 # as apt itself reports its configured sources (apt-get indextargets): no
 # mirror of our own, so a machine on a local mirror keeps using it.
-targets() { apt-get indextargets --format '$(RELEASE) $(TARGET_OF) $(SITE) $(SOURCESENTRY)' 2>/dev/null; }
+# (read once: "RELEASE TARGET_OF SITE SOURCESENTRY" per line; empty if apt can't say)
+TARGETS=$(apt-get indextargets --format '$(RELEASE) $(TARGET_OF) $(SITE) $(SOURCESENTRY)' \
+          2>/dev/null || true)
 bookworm_keyring() {  # the Signed-By of bookworm's own entry, else Debian's keyring
-    local entry file n key=""
-    entry=$(targets | awk '$1 == "bookworm" && $2 == "deb" { print $4; exit }')
-    file=${entry%:*}; n=${entry##*:}
+    local entry file line key=""
+    entry=$(awk '$1 == "bookworm" && $2 == "deb" && !n++ { print $4 }' <<<"$TARGETS")
+    file=${entry%:*}; line=${entry##*:}
     if [[ "$file" == *.sources && -r "$file" ]]; then
-        key=$(awk -v n="$n" 'BEGIN { RS = "" } NR == n {
-                  if (match($0, /Signed-By:[ \t]*[^ \t\n]+/)) {
-                      s = substr($0, RSTART, RLENGTH); sub(/Signed-By:[ \t]*/, "", s); print s } }' "$file")
+        # the stanza that names bookworm among its Suites (apt's numbering of
+        # stanzas skips comment-only ones: match by content, not by number)
+        key=$(awk 'BEGIN { RS = "" }
+                   /(^|\n)Suites:[^\n]*[ \t]bookworm([ \t]|\n|$)/ {
+                       if (match($0, /Signed-By:[ \t]*[^ \t\n]+/)) {
+                           s = substr($0, RSTART, RLENGTH); sub(/Signed-By:[ \t]*/, "", s)
+                           print s; exit } }' "$file")
     elif [[ -r "$file" ]]; then
-        key=$(sed -n "${n}p" "$file" | grep -o 'signed-by=[^] ]*' | head -n 1 | cut -d= -f2)
+        key=$(sed -n "${line}p" "$file" | grep -o 'signed-by=[^] ]*' | head -n 1 | cut -d= -f2 \
+              || true)
     fi
     [ -n "$key" ] && [ -r "$key" ] || key=/usr/share/keyrings/debian-archive-keyring.gpg
     echo "$key"
@@ -36,12 +43,13 @@ bookworm_keyring() {  # the Signed-By of bookworm's own entry, else Debian's key
 if grep -q '^VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null \
         && [ "${major:-0}" -lt 8 ]; then
     ours=/etc/apt/sources.list.d/ferry-backports.sources
-    rm -f /etc/apt/sources.list.d/ferry-backports.list   # (what older setups wrote)
-    if targets | awk '$1 == "bookworm-backports" { found = 1 } END { exit !found }' \
-            && ! targets | grep -q " $ours:"; then
+    backports=$(awk '$1 == "bookworm-backports" && !n++ { print $4 }' <<<"$TARGETS")
+    if [ -n "$backports" ] && [[ "$backports" != "$ours:"* ]] \
+            && [[ "$backports" != /etc/apt/sources.list.d/ferry-backports.list:* ]]; then
         echo "setup: QEMU from bookworm-backports (configured on this machine already)"
     else
-        site=$(targets | awk '$1 == "bookworm" && $2 == "deb" { print $3; exit }')
+        rm -f /etc/apt/sources.list.d/ferry-backports.list   # (what older setups wrote)
+        site=$(awk '$1 == "bookworm" && $2 == "deb" && !n++ { print $3 }' <<<"$TARGETS")
         if [ -z "$site" ]; then
             echo "setup: QEMU >= 8 is needed and no bookworm archive is configured in" \
                  "/etc/apt to take bookworm-backports from" >&2

@@ -118,7 +118,7 @@ class FerryClient:
             async with self._session.request(
                     method, self.base + path,
                     data=None if body is None else json.dumps(body),
-                    headers={"Content-Type": "application/json"},
+                    headers={"Content-Type": "application/json", "X-Ferry": "1"},
                     server_hostname=self.server_name, **extra) as resp:
                 raw = await resp.read()
                 ctype = resp.content_type

@@ -206,7 +206,7 @@ class Daemon:
         assert self.svc is not None and self.migrations is not None and self.config.ui_address
         app = make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True,
                        cluster=self.cluster, evacuator=self.evacuator,
-                       metrics_=self.metrics, browser=True)
+                       metrics_=self.metrics, plain_http=self.config.ui_address)
         self._ui_runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                         shutdown_timeout=1.0)
         await self._ui_runner.setup()

@@ -13,6 +13,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from ferry.errors import FerryError
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,9 @@ def want_scopes(setting: str) -> bool:
         return False
     found = systemd_runs() and shutil.which("systemd-run") is not None
     if setting == "always" and not found:
-        log.warning("qemu_scope = always, but systemd or systemd-run is missing here")
+        raise FerryError("qemu_scope = \"always\", but systemd does not run this machine "
+                         "or systemd-run is missing: ferryd will not start QEMUs a restart "
+                         "of its service would kill (qemu_scope = \"auto\" or \"never\")")
     return found
 
 

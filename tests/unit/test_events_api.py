@@ -20,14 +20,16 @@ from ferry.hostconfig import HostConfig
 from ferry.migration.source import MigrationService
 from ferry.store import Store
 
+UI = "127.0.0.1:7780"   # (the listener's configured address: its only Host)
 
-async def client_for(tmp_path: Path, browser: bool = False
+
+async def client_for(tmp_path: Path, plain_http: str | None = None
                      ) -> tuple[TestClient[Any, Any], DomainService, Store]:
     host = HostConfig(name="ha", state_dir=tmp_path)
     store = Store(tmp_path / "ferry.db")
     svc = DomainService(host, store, "tcg", EventBus())
     app = make_app(svc, lambda: None, MigrationService(host, svc, store),  # type: ignore
-                   Consoles(host, svc, store), browser=browser)
+                   Consoles(host, svc, store), plain_http=plain_http)
     client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
     return client, svc, store
@@ -80,18 +82,38 @@ async def test_a_bad_domain_filter_is_refused(api: Any) -> None:
     assert "domain" in (await resp.json())["error"]["message"]
 
 
-async def test_the_browser_listener_wants_its_header_for_changes(tmp_path: Path) -> None:
-    client, svc, store = await client_for(tmp_path, browser=True)
+async def test_the_browser_listener_refuses_what_another_page_could_send(
+        tmp_path: Path) -> None:
+    client, svc, store = await client_for(tmp_path, plain_http=UI)
+    ours = {"Host": UI}
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+    async def refused(resp: Any, why: str) -> None:
+        assert resp.status == 403, resp.status
+        assert why in (await resp.json())["error"]["message"]
+
     try:
-        resp = await client.post("/v1/host/maintenance", json={"on": True})
-        assert resp.status == 403 and "X-Ferry" in (await resp.json())["error"]["message"]
+        # a change without the header (a form, a "simple" fetch)
+        await refused(await client.post("/v1/host/maintenance", json={"on": True},
+                                        headers=ours), "X-Ferry")
+        # another origin, even with the header (its preflight is never granted)
+        await refused(await client.post("/v1/host/maintenance", json={"on": True}, headers={
+            **ours, "X-Ferry": "1", "Origin": "http://evil.test"}), "evil.test")
+        await refused(await client.get("/v1/events", headers={
+            **ours, **upgrade, "Origin": "http://evil.test"}), "evil.test")
+        await refused(await client.get("/v1/domains", headers={
+            **ours, "Sec-Fetch-Site": "cross-site"}), "cross-site")
+        # a name rebound to 127.0.0.1 (DNS rebinding): same origin, wrong Host
+        await refused(await client.get("/v1/domains", headers={
+            "Host": "evil.test:7780", "Origin": "http://evil.test:7780"}), "evil.test")
         assert svc.maintenance is False
-        resp = await client.get("/v1/openapi.json")
+        # the dashboard itself, and a read without an Origin, get through
+        resp = await client.get("/v1/openapi.json", headers=ours)
         assert resp.status == 200
-        resp = await client.get("/v1/events", headers={
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Origin": "http://evil.test"})
-        assert resp.status == 403
+        resp = await client.get("/v1/domains", headers={**ours, "Origin": f"http://{UI}",
+                                                        "Sec-Fetch-Site": "same-origin"})
+        assert resp.status == 200
     finally:
         await client.close()
         store.close()

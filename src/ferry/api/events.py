@@ -21,6 +21,8 @@ from ferry.errors import InvalidInput
 from ferry.events import EventBus
 from ferry.models import check_name
 
+EVENT_SOCKETS: web.AppKey[set[Any]] = web.AppKey("event_sockets")  # (open sessions)
+
 
 def wanted(event: dict[str, Any], domain: str | None) -> bool:
     if domain is None:
@@ -38,6 +40,8 @@ async def serve_events(request: web.Request, bus: EventBus, host: str) -> web.St
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
     queue = bus.subscribe()
+    sockets: set[Any] = request.app[EVENT_SOCKETS]
+    sockets.add(ws)
 
     async def drain_client() -> None:   # (reads close frames; ignores the rest)
         async for msg in ws:
@@ -45,19 +49,32 @@ async def serve_events(request: web.Request, bus: EventBus, host: str) -> web.St
                 break
 
     reader = asyncio.create_task(drain_client())
+    getter: asyncio.Future[dict[str, Any]] | None = None
     try:
         while not ws.closed and not reader.done():
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, reader},
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
-                getter.cancel()
                 break
             event = getter.result()
             if wanted(event, domain):
-                await ws.send_str(json.dumps({"host": host, **event}, default=str))
+                try:
+                    await ws.send_str(json.dumps({"host": host, **event}, default=str))
+                except ConnectionError:
+                    break   # (the client went away)
     finally:
         bus.unsubscribe(queue)
-        reader.cancel()
+        sockets.discard(ws)
+        for task in (getter, reader):
+            if task is not None:
+                task.cancel()
         await ws.close()
     return ws
+
+
+async def close_event_sockets(app: web.Application) -> None:
+    """At shutdown: end every events session, so that nothing waits on them."""
+    sockets = app[EVENT_SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=1001, message=b"ferryd is stopping")

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 DOWNTIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BYTES_BUCKETS = tuple(float(1 << n) for n in range(20, 41, 2))   # 1 MiB .. 1 TiB
+SEEN_MAX = 10_000   # ended jobs remembered, so that each is counted once
 
 
 class HostCollector(Collector):
@@ -166,11 +167,13 @@ class Metrics:
         if state not in {s.value for s in FINAL_STATES} or key in self._seen:
             return
         self._seen.add(key)
-        rec = self.mig.get(key[0])
-        mode = rec.mode.value
+        if len(self._seen) > SEEN_MAX:   # (a job ends once: the oldest are not needed)
+            self._seen = set(list(self._seen)[-SEEN_MAX // 2:])
+        mode = str(event.get("mode") or "unknown")
         self.migrations.labels(key[1], mode, state).inc()
         if key[1] != "source":
             return
+        rec = self.mig.get(key[0])
         if rec.ended is not None:
             self.duration.labels(mode).observe(max(0.0, rec.ended - rec.started))
         if rec.state == JobState.completed:

@@ -30,6 +30,14 @@ from ferry.models import (
 from ferry.storage import DiskCreate, ImageInfo, PoolInfo
 
 Json = dict[str, Any]
+# answers that are not JSON: (media type, schema)
+BYTES = ("application/octet-stream", {"type": "string", "format": "binary"})
+TEXT = ("text/plain", {"type": "string"})
+# answers other than 200
+STATUS = {("POST", "/v1/domains"): "201", ("POST", "/v1/restore"): "201",
+          ("POST", "/v1/pools/{pool}/disks"): "201",
+          ("POST", "/v1/domains/{name}/migrate"): "202",
+          ("POST", "/v1/host/evacuate"): "202 (200 for a dry run)"}
 # (method, path): (summary, request model, answer model or schema, list of it?)
 ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, Any, bool]] = {
     ("GET", "/v1/host"): ("This host", None, HostInfo, False),
@@ -57,8 +65,11 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, Any, bool]] = {
                                           {"type": "object"}, False),
     ("POST", "/v1/restore"): ("Restore a domain from a file", SaveRequest, DomainInfo,
                               False),
-    ("POST", "/v1/domains/{name}/migrate"): ("Migrate (or check: check=true)",
-                                             MigrateRequest, JobRecord, False),
+    ("POST", "/v1/domains/{name}/migrate"): (
+        "Migrate (202, the job's record), or with check=true only check (200, the "
+        "blockers)", MigrateRequest, {"oneOf": [
+            {"$ref": "#/components/schemas/JobRecord"},
+            {"$ref": "#/components/schemas/MigrationCheck"}]}, False),
     ("POST", "/v1/domains/{name}/recover"): ("Reconnect a paused post-copy", None,
                                              JobRecord, False),
     ("GET", "/v1/jobs"): ("Migrations not ended here", None, JobRecord, True),
@@ -83,15 +94,15 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, Any, bool]] = {
     ("POST", "/v1/domains/{name}/{action}"): (
         "start | pause | unpause | reboot | destroy | shutdown (body: timeout)",
         ShutdownRequest, DomainInfo, False),
-    ("GET", "/v1/domains/{name}/console/log"): ("The console's output so far", None,
-                                                {"type": "string"}, False),
+    ("GET", "/v1/domains/{name}/console/log"): ("The console's output so far (bytes)",
+                                                None, BYTES, False),
     ("GET", "/v1/domains/{name}/console"): ("The serial console (websocket)", None,
                                             None, False),
     ("GET", "/v1/events"): ("This host's events (websocket; docs/events.md)", None, None,
                             False),
     ("GET", "/v1/openapi.json"): ("This document", None, {"type": "object"}, False),
     ("GET", "/metrics"): ("Prometheus metrics (text format; docs/metrics.md)", None,
-                          {"type": "string"}, False),
+                          TEXT, False),
 }
 MODELS: list[type[BaseModel]] = [
     HostInfo, MaintenanceRequest, EvacuateRequest, Evacuation, HostView, DomainView,
@@ -129,10 +140,18 @@ def document() -> Json:
             op["requestBody"] = {"content": {"application/json": {"schema": _ref(body)}}}
         if answer is None:
             op["responses"]["101"] = {"description": "switching to a websocket"}
+        elif isinstance(answer, tuple):
+            op["responses"]["200"] = {"description": "ok", "content": {
+                answer[0]: {"schema": answer[1]}}}
         else:
             schema = {"type": "array", "items": _ref(answer)} if many else _ref(answer)
-            op["responses"]["200"] = {"description": "ok", "content": {
+            code, _, also = STATUS.get((method, path), "200").partition(" ")
+            op["responses"][code] = {"description": also.strip("()") or "ok", "content": {
                 "application/json": {"schema": schema}}}
+            if code == "202" and path.endswith("/migrate"):
+                op["responses"]["200"] = {"description": "check=true: the blockers",
+                                          "content": {"application/json": {"schema": {
+                                              "$ref": "#/components/schemas/MigrationCheck"}}}}
         paths.setdefault(path, {})[method.lower()] = op
     return {"openapi": "3.1.0",
             "info": {"title": "ferryd management API", "version": __version__,

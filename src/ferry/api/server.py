@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from ferry.api.consoles import Consoles
-from ferry.api.events import serve_events
+from ferry.api.events import EVENT_SOCKETS, close_event_sockets, serve_events
 from ferry.api.metrics import Metrics
 from ferry.domains import DomainService
 from ferry.errors import FerryError, Forbidden, InvalidInput, NotFound
@@ -96,20 +96,36 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(FerryError(f"internal error in ferryd: {exc!r}"))
 
 
-@web.middleware
-async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """On the plain-HTTP dashboard listener, which has no certificates: another
-    web page the browser visits must not drive ferryd (CSRF). A change needs the
-    ``X-Ferry`` header, which a page of another origin cannot send without a
-    CORS preflight ferryd never grants; a websocket must come from this origin."""
-    if request.method not in ("GET", "HEAD") and request.headers.get("X-Ferry") != "1":
-        raise Forbidden("changes over the dashboard's HTTP listener need the header "
-                        "X-Ferry: 1")
-    origin = request.headers.get("Origin")
-    if request.headers.get("Upgrade", "").lower() == "websocket" and origin is not None \
-            and origin != f"http://{request.host}":
-        raise Forbidden(f"a websocket from {origin} is not this dashboard's")
-    return await handler(request)
+def browser_guard(scheme: str, hosts: frozenset[str] | None = None) -> Any:
+    """For a listener a browser can reach (the TCP port, where a browser may hold
+    an operator certificate; the dashboard's plain-HTTP loopback listener), so
+    that another web page the browser visits cannot drive ferryd:
+
+    - a change (not GET) needs the ``X-Ferry: 1`` header, which a page of another
+      origin can only send after a CORS preflight ferryd never grants (Ferry's
+      own client and the dashboard send it);
+    - a request the browser marks cross-site, or whose ``Origin`` is not this
+      listener (``scheme://Host``), is refused — websockets included;
+    - ``hosts``: the only ``Host`` values accepted (the plain-HTTP listener:
+      its own address), so a name rebound to 127.0.0.1 (DNS rebinding) gets
+      nothing."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if hosts is not None and request.host not in hosts:
+            raise Forbidden(f"this listener answers to {', '.join(sorted(hosts))} only, "
+                            f"not to Host {request.host!r}")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{scheme}://{request.host}":
+            raise Forbidden(f"a request from {origin} is not this dashboard's")
+        if request.headers.get("Sec-Fetch-Site") == "cross-site":
+            raise Forbidden("a cross-site request is not this dashboard's")
+        if request.method not in ("GET", "HEAD") and request.headers.get("X-Ferry") != "1":
+            raise Forbidden("a change needs the header X-Ferry: 1 (Ferry's client and "
+                            "dashboard send it)")
+        return await handler(request)
+
+    return guard
 
 
 async def body_as(request: web.Request, model: type[M]) -> M:
@@ -381,10 +397,19 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
              migrations: MigrationService, consoles: Consoles,
              remote: bool = False, cluster: ClusterView | None = None,
              evacuator: Evacuator | None = None,
-             metrics_: Metrics | None = None, browser: bool = False) -> web.Application:
-    """The management API; ``remote``: a copy for another listener (TLS to
-    operators, or ``browser``: the dashboard's plain-HTTP loopback listener)."""
-    middlewares = [errors_middleware, browser_guard] if browser else [errors_middleware]
+             metrics_: Metrics | None = None, plain_http: str | None = None
+             ) -> web.Application:
+    """The management API; ``remote``: a copy for another listener: the TCP port
+    (TLS, operators), or ``plain_http``: the dashboard's loopback listener at
+    that ADDRESS:PORT. Both are guarded against other web pages
+    (``browser_guard``); the Unix socket is not (no browser reaches it)."""
+    middlewares: list[Any] = [errors_middleware]
+    if plain_http is not None:
+        port = plain_http.rpartition(":")[2]
+        middlewares.append(browser_guard("http", frozenset({plain_http,
+                                                            f"localhost:{port}"})))
+    elif remote:
+        middlewares.append(browser_guard("https"))
     app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     app[SVC] = svc
     app[HOSTINFO] = hostinfo
@@ -395,6 +420,8 @@ def make_app(svc: DomainService, hostinfo: Callable[[], HostInfo],
                                           lambda: len(migrations.running()))
     app[EVACUATOR] = evacuator or Evacuator(app[CLUSTER], migrations)
     app[METRICS] = metrics_
+    app[EVENT_SOCKETS] = set()
+    app.on_shutdown.append(close_event_sockets)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/events", events_ws)
     app.router.add_get("/v1/openapi.json", openapi)

@@ -88,7 +88,7 @@ class JobRecords:
         log.info("job %s (%s of %s): %s -> %s%s", record.id, record.role.value,
                  record.domain, old.value, new.value, f" ({why})" if why else "")
         self.events.publish("migration.state", job=record.id, domain=record.domain,
-                            role=record.role.value, state=new.value,
+                            role=record.role.value, mode=record.mode.value, state=new.value,
                             phase=record.phase.value, error=record.error)
 
     def running(self, role: str) -> list[JobRecord]:

@@ -128,7 +128,7 @@ function jobView(job, ended) {
        `${job.domain}: ${job.source} → ${job.dest} (${job.mode}, ${job.role}) `,
        el("span", { class: "state-" + job.state }, job.state), " ",
        job.state === "running" && job.role === "source"
-         ? el("button", { class: "abort", type: "button", onclick: () => abortJob(job.id) }, "abort")
+         ? el("button", { class: "abort", type: "button", "data-job": job.id }, "abort")
          : ""),
     el("div", { class: "bar" }, el("div", { style: `width: ${pct}%` })),
     el("div", { class: "muted progress" }, `${Math.round(pct)}% · ` + parts.join(" · ")));
@@ -147,7 +147,13 @@ function renderJobs() {
   box.replaceChildren(...all.map((j) => jobView(j)));
 }
 
-async function refreshJobs() {
+let refreshing = null;   // one refresh at a time: a stale answer never undoes a newer one
+function refreshJobs() {
+  if (!refreshing) refreshing = readJobs().finally(() => { refreshing = null; });
+  return refreshing;
+}
+
+async function readJobs() {
   try {
     const jobs = await api("GET", "/v1/jobs");
     const now = new Set(jobs.map((j) => j.id));
@@ -158,7 +164,7 @@ async function refreshJobs() {
         state.jobs.delete(id);
       }
     }
-    for (const j of jobs) state.jobs.set(j.id, j);
+    for (const j of jobs) { state.jobs.set(j.id, j); state.ended.delete(j.id); }
     for (const [id, e] of state.ended) if (Date.now() - e.at > 120000) state.ended.delete(id);
     renderJobs();
   } catch (e) {
@@ -208,7 +214,9 @@ function openConsole(name) {
   term.onData((data) => {
     if (session.ws && session.ws.readyState === WebSocket.OPEN) session.ws.send(encoder.encode(data));
   });
+  let tries = 0;
   function connect() {
+    if (session.closed) return;
     const from = session.offset === null ? "" : "?from=" + session.offset;
     const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host
       + `/v1/domains/${encodeURIComponent(name)}/console` + from;
@@ -230,11 +238,15 @@ function openConsole(name) {
       session.offset += bytes.length;
       term.write(bytes);
     };
+    ws.onopen = () => { tries = 0; };
     ws.onclose = (e) => {
       if (session.closed) return;
-      if (e.code === 4001) {            // the domain moved: follow it, from where we were
+      // the domain moved (4001): follow it, from where we were; while it is being
+      // found on its new host the first tries may fail, so a few more
+      if (e.code === 4001 || (session.offset !== null && tries > 0 && tries < 6)) {
         document.getElementById("console-note").textContent = "the domain moved: following it";
-        setTimeout(connect, 200);
+        tries += 1;
+        setTimeout(connect, 200 * tries);
       } else {
         document.getElementById("console-note").textContent = `console closed (${e.code})`;
       }
@@ -245,6 +257,13 @@ function openConsole(name) {
   connect();
   term.focus();
 }
+
+// one listener for the abort buttons: the jobs panel is redrawn as progress comes in,
+// and a click must not be lost with the button it began on
+document.getElementById("jobs").addEventListener("click", (e) => {
+  const button = e.target.closest("button.abort");
+  if (button) abortJob(button.dataset.job);
+});
 
 document.getElementById("console-close").addEventListener("click", () => {
   if (consoleSession) consoleSession.close();

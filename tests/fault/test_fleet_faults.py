@@ -1,6 +1,8 @@
-"""A host's [limits] under the fault tier's fake QEMU: migrations beyond a
-host's outgoing or incoming limit wait, queued, and go on when one ends; an
-abort of a queued job changes nothing; the bandwidth budget is shared."""
+"""The fleet under the fault tier's fake QEMU: migrations beyond a host's
+outgoing or incoming limit wait, queued, and go on when one ends; an abort of a
+queued job changes nothing; the bandwidth budget is shared; machine types are
+pinned; a registry that refuses the commit leaves the guest on the source; and
+reconcile at start fences what the registry gives to another host."""
 from __future__ import annotations
 
 import asyncio
@@ -181,3 +183,56 @@ async def test_a_commit_the_registry_refuses_leaves_the_guest_on_the_source(
     assert (("give_back", "web", "a", "b") in reg.calls) is (outcome == "unknown")
     assert ("lock", "web", job) in reg.calls
     await until(lambda: ("unlock", "web", job) in reg.calls, "the lock released")
+
+
+class OwnedElsewhere(RefusingRegistry):
+    """A registry that names host b the owner of everything."""
+
+    async def owner(self, name: str) -> str | None:
+        return self.owner_is
+
+    owner_is: str | None = "b"
+
+
+async def test_a_domain_the_registry_gives_to_another_host_is_fenced_at_start(
+        world: World) -> None:
+    """ferryd reconciles at start: a guest running here that the registry says runs
+    elsewhere is paused and never resumed or started here; once the registry names
+    this host again, the fence is lifted."""
+    from ferry.errors import Conflict
+    a = world.hosts["a"]
+    await boot(world, "a", "web")
+    reg = OwnedElsewhere("refused")
+    await a.stop()
+    await a.start()
+    a.svc.owners = reg
+    await a.svc.reconcile()
+    dom = a.svc.domains["web"]
+    assert dom.state == DomainState.paused and dom.fenced and "host b owns it" in dom.fenced
+    assert [q.runstate for q in a.qemus() if q.name == "web"] == ["paused"]
+    assert "host b owns it" in a.store.get("web").state_reason
+    with pytest.raises(Conflict, match="not run here"):
+        await a.svc.unpause("web")
+    assert dom.state == DomainState.paused
+    reg.owner_is = "a"   # the registry names this host again
+    await a.svc.unpause("web")
+    assert dom.state == DomainState.running and dom.fenced is None
+
+
+async def test_a_domain_the_registry_does_not_know_is_claimed_at_start(world: World) -> None:
+    a = world.hosts["a"]
+    await boot(world, "a", "web")
+
+    class Unknown(RefusingRegistry):
+        async def owner(self, name: str) -> str | None:
+            return None
+
+        async def claim(self, name: str, uuid: str) -> bool:
+            self.calls.append(("claim", name))
+            return True
+
+    reg = Unknown("refused")
+    a.svc.owners = reg
+    await a.svc.reconcile()
+    assert ("claim", "web") in reg.calls
+    assert a.svc.domains["web"].state == DomainState.running
