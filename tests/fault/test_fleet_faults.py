@@ -236,3 +236,37 @@ async def test_a_domain_the_registry_does_not_know_is_claimed_at_start(world: Wo
     await a.svc.reconcile()
     assert ("claim", "web") in reg.calls
     assert a.svc.domains["web"].state == DomainState.running
+
+
+async def test_the_source_never_resumes_a_guest_the_registry_names_elsewhere(
+        world: World) -> None:
+    """The destination's commit fails and its give-back has not reached the
+    registry yet (it still names b): the source keeps its copy paused and fenced —
+    one copy, never run on a host the registry does not name — until the registry
+    names it again."""
+    from ferry.errors import Conflict
+    a, b = world.hosts["a"], world.hosts["b"]
+    reg = OwnedElsewhere("refused")
+    reg.owner_is = None          # (during the migration: not consulted)
+    a.svc.owners = b.svc.owners = reg
+    await boot(world, "a", "web")
+
+    async def commit_then_owned_by_b(name: str, uuid: str, source: str, dest: str,
+                                     job_id: str) -> None:
+        reg.owner_is = "b"        # applied, as far as the registry is concerned
+        from ferry.errors import Failed
+        raise Failed("the guest could not start", outcome="refused")
+
+    reg.commit = commit_then_owned_by_b  # type: ignore[method-assign]
+    job = await migrate(world, "web")
+    rec = await settle(world, job)
+    assert rec["state"] == "failed", rec
+    assert any("registry names host b" in e for e in rec["error"].get("undo_errors", [])), rec
+    dom = a.svc.domains["web"]
+    assert dom.state == DomainState.paused and dom.fenced
+    assert not [q for q in b.qemus() if q.name == "web"]
+    with pytest.raises(Conflict, match="not run here"):
+        await a.svc.unpause("web")
+    reg.owner_is = "a"           # the give-back arrived
+    await a.svc.unpause("web")
+    assert_runs_only_on(world, "a", "web")

@@ -1129,6 +1129,28 @@ class MigrationService:
         facts.registry_committed = False
         self.records.save(rec)
 
+    async def _owner(self, dom: Domain) -> str | None:
+        """The host the cluster registry names for ``dom`` (None: nobody, or the
+        registry does not answer: then the protocol alone decides)."""
+        try:
+            return await self.domains.owners.owner(dom.name)
+        except FerryError as exc:
+            log.warning("domain %s: the registry does not say who owns it: %s", dom.name,
+                        exc.message)
+            return None
+
+    def _refuse_resume_owned_elsewhere(self, job: SourceJob, owner: str | None) -> None:
+        """A source never resumes a guest the registry says runs elsewhere (say the
+        destination committed and could not give it back yet): the guest stays
+        paused here, fenced until the registry names this host again."""
+        dom = job.domain()
+        if owner in (None, self.host.name):
+            return
+        dom.fenced = (f"the cluster registry names host {owner} its owner; kept paused "
+                      "here until it names this host again (then ferry unpause)")
+        self.domains.note(dom, dom.fenced)
+        raise Failed(f"not resumed on {self.host.name}: {dom.fenced}", host=self.host.name)
+
     async def _switched(self, job: SourceJob) -> bool:
         """Has the stream really switched to post-copy (or may it have)? Only the
         source QEMU can tell before Finish; if it can't say, assume it did."""
@@ -1231,6 +1253,7 @@ class MigrationService:
         may_resume = bool(facts.was_running) and (facts.dest_gone or not facts.finish_sent)
         if may_resume:
             await self._give_back(job)
+            self._refuse_resume_owned_elsewhere(job, await self._owner(dom))
         if may_resume and not await guest_running(dom.proc.qmp):
             await self.domains.resume_guest(dom, "resumed: the migration did not complete")
         if facts.tls_installed:
