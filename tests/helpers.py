@@ -207,6 +207,15 @@ class Host:
     def api(self, method: str, path: str) -> Any:
         """One request to this ferryd's API on its Unix socket; AssertionError
         with the error's message if it answers with one."""
+        status, raw = self.request(method, path)
+        body = json.loads(raw or b"null")
+        if status >= 400:
+            message = (body or {}).get("error", {}).get("message", body)
+            raise AssertionError(f"{method} {path} on {self.name}: {status} {message}")
+        return body
+
+    def request(self, method: str, path: str) -> tuple[int, bytes]:
+        """One request on this ferryd's Unix socket: (status, body as it came)."""
         import http.client
 
         class UnixConnection(http.client.HTTPConnection):
@@ -219,13 +228,9 @@ class Host:
         try:
             c.request(method, path)
             res = c.getresponse()
-            body = json.loads(res.read() or b"null")
+            return res.status, res.read()
         finally:
             c.close()
-        if res.status >= 400:
-            message = (body or {}).get("error", {}).get("message", body)
-            raise AssertionError(f"{method} {path} on {self.name}: {res.status} {message}")
-        return body
 
     def domains(self) -> dict[str, dict[str, Any]]:
         return {d["name"]: d for d in self.json("list")}

@@ -73,22 +73,9 @@ def browser(workdir: Path) -> Iterator[Any]:
 
 def raw_get(host: Host, path: str) -> str:
     """A GET on the host's Unix socket, its body as text (for /metrics)."""
-    import http.client
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(conn) -> None:  # (conn: the connection)
-            conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.sock.settimeout(30)
-            conn.sock.connect(str(host.socket))
-
-    c = UnixConnection("ferryd")
-    try:
-        c.request("GET", path)
-        res = c.getresponse()
-        assert res.status == 200, res.status
-        return res.read().decode()
-    finally:
-        c.close()
+    status, body = host.request("GET", path)
+    assert status == 200, status
+    return body.decode()
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

@@ -29,7 +29,8 @@ from ferry import __version__, tls
 from ferry.api.consoles import Consoles
 from ferry.api.metrics import Metrics
 from ferry.api.relocation import make_relocation_app
-from ferry.api.server import make_app
+from ferry.api.server import METRICS, make_app
+from ferry.api.server import metrics as serve_metrics
 from ferry.domains import DomainService
 from ferry.errors import FerryError
 from ferry.events import EventBus
@@ -200,6 +201,21 @@ class Daemon:
         log.info("TCP API on %s (mutual TLS, CA %s), hosts_allow %s", where, cfg.tls.ca,
                  cfg.hosts_allow)
 
+    async def _serve_plain(self, app: web.Application, address: str, default_port: int,
+                           what: str) -> tuple[web.AppRunner, str, int]:
+        """``app`` over plain HTTP at ``address`` (a loopback listener)."""
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        host, port = parse_endpoint(address, default_port)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise FerryError(f"cannot listen on {host}:{port} for {what}: "
+                             f"{exc.strerror}") from exc
+        return runner, host, port
+
     async def _listen_ui(self) -> None:
         """``ui_address``: the dashboard and the management API over plain HTTP on
         loopback, for the demo (anyone on this machine may drive ferryd there)."""
@@ -207,15 +223,8 @@ class Daemon:
         app = make_app(self.svc, self.host_info, self.migrations, self.consoles, remote=True,
                        cluster=self.cluster, evacuator=self.evacuator,
                        metrics_=self.metrics, plain_http=self.config.ui_address)
-        self._ui_runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                        shutdown_timeout=1.0)
-        await self._ui_runner.setup()
-        host, port = parse_endpoint(self.config.ui_address, 7780)
-        try:
-            await web.TCPSite(self._ui_runner, host, port).start()
-        except OSError as exc:
-            raise FerryError(f"cannot listen on {host}:{port} for the dashboard: "
-                             f"{exc.strerror}") from exc
+        self._ui_runner, host, port = await self._serve_plain(
+            app, self.config.ui_address, 7780, "the dashboard")
         log.warning("dashboard on http://%s:%d/ui/ (plain HTTP, no certificates: anyone "
                     "on this machine may drive ferryd there)", host, port)
 
@@ -223,23 +232,11 @@ class Daemon:
         """``metrics_address``: plain HTTP with ``/metrics`` only, for a scraper on
         this host (Prometheus' usual way); localhost unless configured otherwise."""
         assert self.metrics is not None and self.config.metrics_address
-        metrics = self.metrics
-
-        async def scrape(request: web.Request) -> web.Response:
-            return web.Response(body=metrics.render(),
-                                headers={"Content-Type": metrics.content_type})
-
         app = web.Application()
-        app.router.add_get("/metrics", scrape)
-        self._metrics_runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                             shutdown_timeout=1.0)
-        await self._metrics_runner.setup()
-        host, port = parse_endpoint(self.config.metrics_address, 9790)
-        try:
-            await web.TCPSite(self._metrics_runner, host, port).start()
-        except OSError as exc:
-            raise FerryError(f"cannot listen on {host}:{port} for metrics: "
-                             f"{exc.strerror}") from exc
+        app[METRICS] = self.metrics
+        app.router.add_get("/metrics", serve_metrics)   # (the API's own handler)
+        self._metrics_runner, host, port = await self._serve_plain(
+            app, self.config.metrics_address, 9790, "metrics")
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def host_info(self) -> HostInfo:

@@ -13,6 +13,7 @@ import pytest
 from fault.fakes import FakeHost, World
 from fault.test_protocol_faults import assert_runs_only_on, boot, migrate, restart, settle
 from ferry.models import DomainState
+from ferry.ownership import LocalOnly
 
 
 async def with_limits(world: World, host: str, **limits: int) -> FakeHost:
@@ -129,24 +130,16 @@ async def test_the_machine_type_is_pinned_at_first_start_and_travels(world: Worl
     assert world.hosts["b"].svc.domains["web"].config.machine == "pc-q35-9.9"
 
 
-class RefusingRegistry:
+class RefusingRegistry(LocalOnly):
     """A registry whose commit fails (refused, or with no answer: it may have been
     applied), recording what it was asked."""
 
     backend = "test"
 
     def __init__(self, outcome: str) -> None:
+        super().__init__("test")
         self.outcome = outcome
         self.calls: list[tuple[str, ...]] = []
-
-    async def claim(self, name: str, uuid: str) -> bool:
-        return False
-
-    async def release(self, name: str, uuid: str) -> None:
-        return None
-
-    async def owner(self, name: str) -> str | None:
-        return None
 
     async def lock(self, name: str, uuid: str, job_id: str) -> None:
         self.calls.append(("lock", name, job_id))
