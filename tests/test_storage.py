@@ -185,6 +185,8 @@ def test_refusals_and_failures_during_the_mirror_leave_the_source_whole(pair: Pa
             wait_for(lambda i=job_id: ma.json("job", "show", i)["stats"]["disk_bytes"] > 0,
                      30, "the mirror to copy something", interval=0.2)
             assert image.is_file()
+            res = mb.ferry("disk", "delete", "local", "mir.qcow2", check=False)
+            assert res.returncode == 1 and "arriving from host ma" in res.stderr, res.stderr
             if fault == "abort":
                 ma.ferry("job", "abort", job_id)
             else:
@@ -203,6 +205,39 @@ def test_refusals_and_failures_during_the_mirror_leave_the_source_whole(pair: Pa
     finally:
         probe.close()
         cleanup(pair, "mir", "mir.qcow2")
+
+
+def test_a_disk_cached_by_the_host_on_a_shared_pool_needs_unsafe(pair: Pair,
+                                                                  workdir: Path) -> None:
+    """A running guest writing to a disk in the shared pool with the default cache
+    (writeback): --check names the cache mode, the migration is refused with
+    nothing changed on either host; with --unsafe it moves, the disk stays where
+    both hosts see it (nothing copied) and the guest's check of every block passes."""
+    ma, mb = pair["ma"], pair["mb"]
+    ma.ferry("disk", "create", "storage", "shr.qcow2", "--size", "64M")
+    port = free_port()
+    cfg = guest_config("shr", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
+                       f"{REGION_MIB}:2", disks=[{"pool": "storage", "image": "shr.qcow2"}])
+    ma.create(cfg)
+    probe = Probe(port, *ADDRS.values())
+    try:
+        probe.wait_up()
+        check = ma.ferry("migrate", "shr", "mb", "--live", "--check", check=False).stdout
+        assert "cache writeback" in check and "--unsafe" in check, check
+        job = migrate(ma, "shr", "mb")
+        assert job["_rc"] == 1 and "shared pool storage" in job["_stderr"], job
+        assert ma.domains()["shr"]["state"] == "running" and mb.domains() == {}
+        assert ma.json("jobs") == [] and mb.json("jobs") == [] and mb.qemu_pids() == []
+        job = migrate(ma, "shr", "mb", "--unsafe")
+        assert job["state"] == "completed", job
+        assert job["stats"]["disk_total"] == 0 and job.get("disks") == [], job
+        assert (workdir / "shr.qcow2").is_file()
+        assert mb.domains()["shr"]["state"] == "running"
+        assert disk_check(probe)["disk_bad"] == "0"
+    finally:
+        probe.close()
+        cleanup(pair, "shr", "shr.qcow2")
+        (workdir / "shr.qcow2").unlink(missing_ok=True)
 
 
 def test_only_the_top_layer_moves_when_the_base_is_there(pair: Pair) -> None:
@@ -299,6 +334,37 @@ def test_a_ferryd_killed_during_the_mirror_is_settled_at_its_restart(pair: Pair)
             if h.proc is None or h.proc.poll() is not None:
                 h.start()
         cleanup(pair, "crash", "crash.qcow2")
+
+
+def test_a_source_killed_between_release_and_disk_delete_deletes_at_restart(
+        pair: Pair) -> None:
+    """The source ferryd dies right after it let go of its copy in Confirm, before it
+    deleted the copied image: restarted, it hears the job completed and deletes
+    the image; the guest runs on mb on its copy, every block intact."""
+    ma, mb = pair["ma"], pair["mb"]
+    _, probe = disk_guest(pair, "rel", "rel.qcow2")
+    crashing = True
+    try:
+        ma.stop()
+        ma.start(env={"FERRY_CRASH_AT": "source-after-release"})
+        job_id = ma.ferry("migrate", "rel", "mb", "--live", "--detach").stdout.strip()
+        assert ma.proc is not None
+        ma.proc.wait(120)  # it died at the crash point
+        ma.proc = None
+        assert (pair.local["ma"] / "rel.qcow2").is_file()  # (left by the crash)
+        ma.start()
+        crashing = False
+        rec = next(r for r in ma.json("migrations") if r["id"] == job_id)
+        assert rec["state"] == "completed", rec
+        assert not (pair.local["ma"] / "rel.qcow2").exists()
+        assert "rel" not in ma.domains() and mb.domains()["rel"]["state"] == "running"
+        assert disk_check(probe)["disk_bad"] == "0"
+    finally:
+        probe.close()
+        if crashing:  # (ferryd goes on without the crash point)
+            ma.stop()
+            ma.start()
+        cleanup(pair, "rel", "rel.qcow2")
 
 
 def test_a_shut_off_domain_moves_with_its_disk_and_boots_there(pair: Pair) -> None:

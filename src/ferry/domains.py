@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ferry.blockers import Blocker, BlockerCode, cpu_feature_blockers, definition_blockers
@@ -49,7 +50,7 @@ from ferry.qemu.process import (
     read_pid,
     remove_runtime_files,
 )
-from ferry.storage import localize
+from ferry.storage import ImageIds, localize
 from ferry.store import Store
 from ferry.systemd import scoped_argv, want_scopes
 
@@ -99,6 +100,7 @@ class Arrival:
     name: str
     uuid: str
     source: str
+    disks: tuple[Path, ...] = ()   # its images here (those copied are being made)
 
 
 class QemuLauncher:
@@ -135,6 +137,9 @@ class DomainService:
         self.reservations: dict[str, int] = {}
         # domains arriving by migration, by job id
         self.arrivals: dict[str, Arrival] = {}
+        # base images' identities (an overlay's migration copies only its top
+        # where the destination has the same base)
+        self.image_ids = ImageIds(host.state_dir / "image-ids.json")
 
     # -- paths and lookups ------------------------------------------------------------
     def paths(self, name: str) -> RuntimePaths:
@@ -187,6 +192,7 @@ class DomainService:
 
     async def close(self) -> None:
         """Stop watching; QEMUs keep running for the next ferryd."""
+        await self.image_ids.close()
         for dom in self.domains.values():
             if dom.watcher:
                 dom.watcher.cancel()
@@ -572,7 +578,8 @@ class DomainService:
     def reserve_arrival(self, job_id: str, config: DomainConfig, source: str,
                         memory: int) -> None:
         """Take the arriving domain's name, UUID and (``memory`` MiB) memory."""
-        self.arrivals[job_id] = Arrival(job_id, config.name, str(config.uuid), source)
+        self.arrivals[job_id] = Arrival(job_id, config.name, str(config.uuid), source,
+                                        tuple(d.path for d in config.disks if d.path))
         if memory:
             self.reservations[job_id] = memory
 

@@ -24,9 +24,9 @@ Example (every key optional)::
                                         # off; the TCP port serves /ui over mTLS)
     hosts_allow = ["127.0.0.0/8", "::1"]  # who may connect to the relocation API:
                                         # addresses, CIDR ranges, host-name regexes
-    storage_dirs = ["/var/lib/ferry/images"]  # directories every host sees at the
-                                        # same path (shared storage): each is a
-                                        # shared pool, "storage", "storage-2", ...
+    storage_dirs = ["/var/lib/ferry/images"]  # a directory every host sees at the
+                                        # same path (shared storage): the shared
+                                        # pool "storage" (one at most; more: [[pools]])
     bridges = ["br0"]                   # bridges domains may use (default: any bridge)
     [announce]                          # after a migration, the destination announces
     rounds = 5                          # the guest's MACs (QEMU announce-self): rounds,
@@ -233,8 +233,8 @@ class HostConfig(BaseModel):
     web_vendor: AbsPath = Path("/var/cache/ferry/web/node_modules")
     peers: list[Peer] = Field(default_factory=list)
     hosts_allow: list[str] = Field(default_factory=lambda: list(hostsallow.DEFAULT))
-    # shared directories (every host sees them at the same path): each is a shared
-    # pool, named storage, storage-2, ... (disks may only live inside a pool)
+    # a shared directory (every host sees it at the same path): the shared pool
+    # "storage" (one at most; disks may only live inside a pool)
     storage_dirs: list[AbsPath] = Field(default_factory=lambda: [Path("/var/lib/ferry/images")])
     pools: list[Pool] = Field(default_factory=list)
     # bridges domains may use; None: any bridge that exists
@@ -257,18 +257,26 @@ class HostConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pool_names(self) -> HostConfig:
+        if len(self.storage_dirs) > 1:
+            # (named by position, a pool would change its name on a host that lists
+            # them in another order, and a definition would find the wrong disk)
+            tables = "".join(f'[[pools]] name = "…", path = "{d}", shared = true; '
+                             for d in self.storage_dirs)
+            raise ValueError(f"storage_dirs lists {len(self.storage_dirs)} directories: "
+                             "only one is allowed (it is the shared pool 'storage'); name "
+                             f"each of the others as a pool instead: {tables.rstrip('; ')}")
         names = [p.name for p in self.storage_pools]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"two storage pools are named {dup[0]!r} (storage_dirs are the "
-                             "shared pools storage, storage-2, ...)")
+            raise ValueError(f"two storage pools are named {dup[0]!r} (storage_dirs is "
+                             "the shared pool 'storage')")
         return self
 
     @property
     def storage_pools(self) -> list[Pool]:
-        """The configured pools, then one shared pool per ``storage_dirs`` entry."""
-        implicit = [Pool(name="storage" if i == 0 else f"storage-{i + 1}", path=d,
-                         shared=True) for i, d in enumerate(self.storage_dirs)]
+        """The configured pools, then ``storage_dirs``' one as the shared pool
+        ``storage``."""
+        implicit = [Pool(name="storage", path=d, shared=True) for d in self.storage_dirs]
         return [*self.pools, *implicit]
 
     def pool(self, name: str) -> Pool | None:

@@ -101,6 +101,23 @@ class DiskBus(enum.StrEnum):
     scsi = "scsi"
 
 
+class DiskCache(enum.StrEnum):
+    """How the host caches a disk's writes (QEMU's cache modes). Only ``none`` and
+    ``directsync`` bypass the host's page cache; on a shared pool the others can
+    let the destination read stale data after a migration (refused unless
+    ``--unsafe``)."""
+
+    writeback = "writeback"        # host page cache; the guest flushes (QEMU's default)
+    none = "none"                  # O_DIRECT; the guest flushes
+    writethrough = "writethrough"  # host page cache; every write flushed
+    directsync = "directsync"      # O_DIRECT and every write flushed
+    unsafe = "unsafe"              # host page cache; the guest's flushes ignored
+
+    @property
+    def direct(self) -> bool:
+        return self in (DiskCache.none, DiskCache.directsync)
+
+
 class Disk(Strict):
     """A disk: an image in one of the host's storage pools (``pool`` + ``image``),
     or a ``path`` inside one. Each host resolves the pool to its own directory
@@ -113,6 +130,7 @@ class Disk(Strict):
     format: DiskFormat = DiskFormat.qcow2
     bus: DiskBus = DiskBus.virtio
     readonly: bool = False
+    cache: DiskCache = DiskCache.writeback
 
     @model_validator(mode="after")
     def _where(self) -> Disk:

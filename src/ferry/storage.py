@@ -11,8 +11,10 @@ otherwise (a migration copies them).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,18 @@ async def image_info(path: Path, name: str = "") -> ImageInfo:
                      backing=data.get("backing-filename"))
 
 
+async def image_chain(path: Path) -> list[ImageInfo]:
+    """The image at ``path`` and every image below it, top first."""
+    data = json.loads(await qemu_img("info", "-U", "--backing-chain", "--output=json",
+                                     str(path)))
+    return [ImageInfo(name=Path(str(d.get("filename", path))).name,
+                      format=str(d.get("format")),
+                      virtual_size=int(d.get("virtual-size", 0)),
+                      actual_size=int(d.get("actual-size", 0)),
+                      backing=d.get("backing-filename"))
+            for d in (data if isinstance(data, list) else [data])]
+
+
 def parse_size(text: str) -> int:
     """``10G``, ``512M``, ``1T``, ``4096`` (bytes) → bytes; InvalidInput if not."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -121,49 +135,103 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
+def _sha256(path: Path, stop: threading.Event) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            if stop.is_set():
+                raise asyncio.CancelledError
             h.update(chunk)
     return h.hexdigest()
 
 
-async def identity(path: Path, cache_file: Path) -> str:
-    """A base image's identity: the SHA-256 of its file, computed once and cached
+class ImageIds:
+    """Base images' identities: the SHA-256 of each file, computed once and cached
     (in ``cache_file``) by its path, size and modification time, so two hosts can
-    tell they hold the same base without sending it."""
-    st = path.stat()
-    key = os.path.realpath(path)
-    stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    try:
-        cache: dict[str, Any] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    hit = cache.get(key)
-    if isinstance(hit, dict) and hit.get("stamp") == stamp:
-        return str(hit["sha256"])
-    digest = await asyncio.to_thread(_sha256, path)
-    cache[key] = {"stamp": stamp, "sha256": digest}
-    tmp = cache_file.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # (a cache: computed again next time)
-    return digest
+    tell they hold the same base without sending it. A file is hashed at most once
+    at a time, in the background, so a caller may wait a while and go on without
+    the answer (``get(..., wait=)``) while the hash completes for next time."""
+
+    def __init__(self, cache_file: Path) -> None:
+        self.cache_file = cache_file
+        self._hashing: dict[str, asyncio.Task[str]] = {}   # by path and stamp
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, str]:
+        st = path.stat()
+        return os.path.realpath(path), f"{st.st_size}:{st.st_mtime_ns}"
+
+    def _cache(self) -> dict[str, Any]:
+        try:
+            cache = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return cache if isinstance(cache, dict) else {}
+
+    def known(self, path: Path) -> str | None:
+        """The identity of ``path`` if it is cached and the file unchanged since."""
+        key, stamp = self._key(path)
+        hit = self._cache().get(key)
+        if isinstance(hit, dict) and hit.get("stamp") == stamp:
+            return str(hit["sha256"])
+        return None
+
+    async def get(self, path: Path, wait: float | None = None) -> str | None:
+        """The identity of ``path``; computed if need be, waiting at most ``wait``
+        seconds (None: as long as it takes). None if it is not known by then (the
+        hash goes on and is cached)."""
+        found = self.known(path)
+        if found is not None:
+            return found
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._start(path)), wait)
+        except TimeoutError:
+            return None
+
+    def warm(self, path: Path) -> None:
+        """Start computing ``path``'s identity now, for later."""
+        if self.known(path) is None:
+            self._start(path)
+
+    def _start(self, path: Path) -> asyncio.Task[str]:
+        key, stamp = self._key(path)
+        slot = f"{key}|{stamp}"
+        task = self._hashing.get(slot)
+        if task is None:
+            task = asyncio.ensure_future(self._compute(path, key, stamp))
+            self._hashing[slot] = task
+
+            def forget(_: object) -> None:
+                self._hashing.pop(slot, None)
+            task.add_done_callback(forget)
+        return task
+
+    async def _compute(self, path: Path, key: str, stamp: str) -> str:
+        digest = await asyncio.to_thread(_sha256, path, self._stop)
+        cache = self._cache()
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        tmp = self.cache_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(cache))
+            tmp.replace(self.cache_file)
+        except OSError:
+            pass  # (a cache: computed again next time)
+        return digest
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in list(self._hashing.values()):
+            task.cancel()
+        await asyncio.gather(*self._hashing.values(), return_exceptions=True)
 
 
 class Storage:
     """This host's pools and images."""
 
-    def __init__(self, host: HostConfig) -> None:
+    def __init__(self, host: HostConfig, ids: ImageIds | None = None) -> None:
         self.host = host
-
-    @property
-    def identity_cache(self) -> Path:
-        return self.host.state_dir / "image-ids.json"
+        self.ids = ids
 
     def pool(self, name: str) -> Pool:
         pool = self.host.pool(name)
@@ -237,6 +305,8 @@ class Storage:
                 raise NotFound(f"no image {backing} in pool {pool.name} to back {image}")
             info = await image_info(base, backing)
             args += ["-b", os.path.relpath(base, path.parent), "-F", info.format]
+            if self.ids is not None and not info.backing:
+                self.ids.warm(base)  # (a base: a migration of its overlay asks for it)
         path.parent.mkdir(parents=True, exist_ok=True)
         await qemu_img(*args, str(path), str(size))
         return await image_info(path, image)

@@ -31,6 +31,8 @@ def test_storage_dirs_are_shared_pools_after_the_configured_ones(tmp_path: Path)
     with pytest.raises(ValidationError, match="two storage pools"):
         HostConfig.model_validate({"storage_dirs": [str(tmp_path)],
                                    "pools": [{"name": "storage", "path": str(tmp_path)}]})
+    with pytest.raises(ValidationError, match=r"only one is allowed.*name each"):
+        HostConfig.model_validate({"storage_dirs": [str(tmp_path), "/srv/b"]})
     with pytest.raises(ValidationError, match="invalid pool name"):
         HostConfig.model_validate({"pools": [{"name": "Bad Name", "path": "/x"}]})
 
@@ -110,3 +112,83 @@ async def test_delete_sees_an_overlay_in_another_directory(tmp_path: Path) -> No
         await storage.delete("local", "base/deb.qcow2", [])
     await storage.delete("local", "web.qcow2", [])
     await storage.delete("local", "base/deb.qcow2", [])
+
+
+def test_a_cached_disk_on_a_shared_pool_refuses_a_live_migration(tmp_path: Path) -> None:
+    from ferry.migration.models import CopyStorage
+    from ferry.migration.storagecopy import cache_blockers
+    a = host(tmp_path, "a")
+    (tmp_path / "shared").mkdir()
+
+    def found(copy: CopyStorage = CopyStorage.auto, running: bool = True, **disk: object
+              ) -> list[str]:
+        cfg = localize(DomainConfig.model_validate(
+            {"name": "web", "memory": 64, "disks": [disk]}), a)
+        return [b.code for b in cache_blockers(cfg, a, copy, running)]
+
+    assert found(pool="storage", image="w.qcow2") == ["cache"]          # writeback
+    for mode in ("writethrough", "unsafe"):
+        assert found(pool="storage", image="w.qcow2", cache=mode) == ["cache"]
+    for mode in ("none", "directsync"):
+        assert found(pool="storage", image="w.qcow2", cache=mode) == []
+    assert found(pool="storage", image="w.qcow2", readonly=True) == []
+    assert found(pool="storage", image="w.qcow2", running=False) == []  # shut off
+    assert found(pool="local", image="w.qcow2") == []                   # copied
+    assert found(CopyStorage.none, pool="local", image="w.qcow2") == []  # its own file
+    assert found(CopyStorage.all, pool="storage", image="w.qcow2") == []
+
+
+def test_free_space_counts_the_top_only_and_what_other_arrivals_may_still_take(
+        tmp_path: Path) -> None:
+    import os
+
+    from ferry.migration.storagecopy import need, still_to_land
+    b = host(tmp_path, "b")
+    st = os.statvfs(tmp_path / "b-local")
+    free = st.f_bavail * st.f_frsize
+    # an overlay whose base is as big as the free space: in full it can't land,
+    # its top alone can
+    top = DiskCopy(index=0, format="qcow2", virtual_size=1 << 40, allocated=8 << 20,
+                   base="base.qcow2", base_id="0" * 64, base_allocated=free)
+    cfg = localize(domain(pool="local", image="web.qcow2"), b)
+    assert [x.code for x in blockers(cfg, b, [top])] == ["space"]
+    assert blockers(cfg, b, [top], tops=[0]) == []
+    assert need(top, True) < need(top, False)
+    # another copy arriving now has promised nearly all of it
+    promised = {"local": free - (4 << 20)}
+    (found,) = blockers(cfg, b, [top], tops=[0], promised=promised)
+    assert found.code == "space" and "promised to copies arriving now" in found.message
+    # what an arriving image already holds is no longer promised
+    other = localize(domain(pool="local", image="other.raw", format="raw"), b)
+    raw = DiskCopy(index=0, format="raw", virtual_size=64 << 20, allocated=0)
+    path = str(other.disks[0].path)
+    assert still_to_land(other, [raw], [], []) == {"local": 64 << 20}
+    with open(path, "wb") as f:
+        f.write(os.urandom(16 << 20))
+        os.fsync(f.fileno())
+    left = still_to_land(other, [raw], [], [path])["local"]
+    assert (64 << 20) - left >= 16 << 20
+
+
+def test_a_base_image_is_hashed_once_and_a_caller_need_not_wait(tmp_path: Path) -> None:
+    import asyncio
+    import hashlib
+
+    from ferry.storage import ImageIds
+
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"x" * (3 << 20))
+
+    async def run() -> None:
+        ids = ImageIds(tmp_path / "ids.json")
+        assert ids.known(base) is None
+        assert await ids.get(base, wait=0) is None      # not waited for: goes on
+        digest = await ids.get(base)
+        assert digest == hashlib.sha256(base.read_bytes()).hexdigest()
+        assert ImageIds(tmp_path / "ids.json").known(base) == digest  # cached on disk
+        base.write_bytes(b"y" * (1 << 20))               # changed: no longer known
+        assert ids.known(base) is None
+        assert await ids.get(base) == hashlib.sha256(b"y" * (1 << 20)).hexdigest()
+        await ids.close()
+
+    asyncio.run(run())

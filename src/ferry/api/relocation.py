@@ -87,9 +87,8 @@ async def check(request: web.Request) -> web.Response:
         return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=[
             Blocker(code="protocol", message=exc.message)]))
     _as_source(request, req.source)
-    reloc = request.app[RELOC]
-    return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=reloc.typed_blockers(req),
-                          notes=await reloc.copy_notes(req)))
+    blockers, notes = await request.app[RELOC].check(req)
+    return ok(CheckAnswer(protocol=PROTOCOL_VERSION, blockers=blockers, notes=notes))
 
 
 async def prepare(request: web.Request) -> web.Response:

@@ -279,15 +279,21 @@ async def cluster_domains(request: web.Request) -> web.Response:
 
 # -- storage pools and disks ------------------------------------------------------------
 def _storage(request: web.Request) -> Storage:
-    return Storage(request.app[SVC].host)
+    svc = request.app[SVC]
+    return Storage(svc.host, svc.image_ids)
 
 
 def _users(svc: DomainService, pool: str, path: Path) -> list[str]:
-    """Domains whose definition has this image as a disk."""
-    return [d.name for d in svc.domains.values()
-            if any(disk.path == path or (disk.pool == pool and disk.path is not None
-                                         and disk.path.resolve() == path.resolve())
-                   for disk in d.config.disks)]
+    """Domains whose definition has this image as a disk, and those arriving
+    with it (their migration is making it)."""
+    def same(p: Path | None) -> bool:
+        return p is not None and (p == path or p.resolve() == path.resolve())
+    users = [d.name for d in svc.domains.values()
+             if any((disk.pool == pool and same(disk.path)) or disk.path == path
+                    for disk in d.config.disks)]
+    users += [f"{a.name} (arriving from host {a.source}, job {a.job_id})"
+              for a in svc.arrivals.values() if any(same(p) for p in a.disks)]
+    return users
 
 
 async def list_pools(request: web.Request) -> web.Response:

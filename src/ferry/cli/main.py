@@ -212,6 +212,8 @@ def host_evacuate(
     offline: Annotated[bool, typer.Option(
         "--offline", help="Pause running domains while they move (default: live).")
     ] = False,
+    unsafe: Annotated[bool, typer.Option(
+        "--unsafe", help="As ferry migrate --unsafe, for every domain.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show where each domain would go and why some can't; change "
         "nothing (not even maintenance mode).")] = False,
@@ -230,7 +232,7 @@ def host_evacuate(
         evac = call(lambda c: c.evacuation())
     else:
         body = {"to": to or [], "parallel": parallel, "offline": offline,
-                "dry_run": dry_run}
+                "dry_run": dry_run, "unsafe": unsafe}
         evac = call(lambda c: c.evacuate(body))
     if evac["state"] == "running":
         if not as_json:
@@ -434,6 +436,11 @@ def migrate(
     keep_source_disks: Annotated[bool, typer.Option(
         "--keep-source-disks", help="Keep the copied disks on this host after the "
         "migration (by default they are deleted once the guest runs on DEST).")] = False,
+    unsafe: Annotated[bool, typer.Option(
+        "--unsafe", help="Migrate a running guest although a disk that stays on a "
+        "shared pool is cached by the host (cache writeback, writethrough or unsafe): "
+        "only safe where the pool's file system keeps the hosts' caches coherent.")
+    ] = False,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the job id and return; `ferry jobs` follows it.")] = False,
     auto: Annotated[bool, typer.Option(
@@ -461,6 +468,7 @@ def migrate(
     body = {"mode": (Mode.live if live else Mode.offline).value,
             **({"auto": True} if auto else {"dest": dest}),
             "copy_storage": copy_storage.value, "keep_source_disks": keep_source_disks,
+            **({"unsafe": True} if unsafe else {}),
             **{k: getattr(v, "value", v) for k, v in given.items() if v is not None}}
     if check:
         res = call(lambda c: c.check_migration(name, **body))

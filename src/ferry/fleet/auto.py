@@ -14,7 +14,7 @@ async def choose_destination(cluster: ClusterView, mig: MigrationService, name: 
                              req: MigrateRequest) -> str:
     """The peer ``name`` should go to; Refused, with every host's reason, if none."""
     dom = mig.domains.get(name)
-    own = [b.message for b in mig.begin_blockers(dom)]
+    own = [b.message for b in mig.begin_blockers(dom, req)]
     if own:  # (this host's own reasons, not every peer's)
         raise Refused("; ".join(own), domain=name)
     candidates, refused = [], {}

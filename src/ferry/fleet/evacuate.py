@@ -45,6 +45,7 @@ class EvacuateRequest(Strict):
     parallel: int = Field(default=2, ge=1, le=16)
     offline: bool = False
     dry_run: bool = False
+    unsafe: bool = False   # as ferry migrate --unsafe, for every move
 
     @field_validator("to")
     @classmethod
@@ -89,6 +90,7 @@ class Evacuation(BaseModel):
     state: EvacState
     dry_run: bool
     parallel: int
+    unsafe: bool = False
     candidates: dict[str, int] = Field(default_factory=dict)   # host -> MiB free
     refused_hosts: dict[str, str] = Field(default_factory=dict)  # host -> why not
     moves: list[Move] = Field(default_factory=list)
@@ -147,7 +149,8 @@ class Evacuator:
     async def plan(self, req: EvacuateRequest) -> Evacuation:
         evac = Evacuation(id=secrets.token_hex(6), host=self.mig.host.name,
                           started=time.time(), state=EvacState.planned,
-                          dry_run=req.dry_run, parallel=req.parallel)
+                          dry_run=req.dry_run, parallel=req.parallel,
+                          unsafe=req.unsafe)
         hosts: list[Candidate] = []
         for view in (await self.cluster.hosts())[1:]:   # (the first is this host)
             if req.to and view.name not in req.to:
@@ -165,8 +168,8 @@ class Evacuator:
         async def verdict(name: str, dest: str, mode: Mode) -> str | None:
             async with gate:
                 try:
-                    blockers, _ = await self.mig.check(name, MigrateRequest(dest=dest,
-                                                                            mode=mode))
+                    blockers, _ = await self.mig.check(name, MigrateRequest(
+                        dest=dest, mode=mode, unsafe=req.unsafe))
                 except FerryError as exc:
                     return exc.message
                 except Exception as exc:  # (TLS files, the socket: one peer's problem)
@@ -177,7 +180,8 @@ class Evacuator:
         for dom in doms:
             mode = Mode.live if dom.proc is not None and not req.offline else Mode.offline
             mode_of[dom.name] = mode
-            blockers = [b.message for b in self.mig.begin_blockers(dom)]
+            blockers = [b.message for b in self.mig.begin_blockers(
+                dom, MigrateRequest(auto=True, mode=mode, unsafe=req.unsafe))]
             if blockers:  # (this host's reasons, once, not once per peer)
                 own[dom.name] = "; ".join(blockers)
         checks = {(d.name, h.name): asyncio.ensure_future(verdict(d.name, h.name,
@@ -224,7 +228,7 @@ class Evacuator:
                 move.state = MoveState.running
                 try:
                     rec = await self.mig.start(move.domain, MigrateRequest(
-                        dest=move.dest, mode=move.mode))
+                        dest=move.dest, mode=move.mode, unsafe=evac.unsafe))
                 except FerryError as exc:
                     move.state, move.reason = MoveState.failed, exc.message
                     return

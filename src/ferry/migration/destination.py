@@ -20,6 +20,7 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ferry.console import ConsoleLog
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 INCOMING_TIMEOUT = 120.0  # s for the stream to complete once the source says it did
 INCOMING_LEASE_S = 30.0   # s without a word from the source before its side is dropped
 GIVE_BACK_EVERY_S = 5.0   # a registry that did not answer a give-back is asked again
+# s a check or a Prepare waits for a base image's identity to be computed here
+# (longer: that disk goes in full this time, the hash goes on for the next)
+IDENTITY_WAIT_S = 10.0
 
 
 @dataclass
@@ -121,8 +125,10 @@ class RelocationService:
                 tail.task.cancel()
 
     # -- checks -----------------------------------------------------------------------
-    def typed_blockers(self, req: RelocationRequest) -> list[Blocker]:
-        """Every reason this host can't take the domain; changes nothing."""
+    def typed_blockers(self, req: RelocationRequest, tops: Collection[int] = ()
+                       ) -> list[Blocker]:
+        """Every reason this host can't take the domain (``tops``: the copies that
+        bring only their top layer); changes nothing."""
         cfg, out = localize(req.config, self.host), []
         if req.protocol != PROTOCOL_VERSION:
             out.append(Blocker(code="protocol", message=(
@@ -145,7 +151,7 @@ class RelocationService:
                                                    if i not in copied]})
         out += [Blocker(code=b.code.value, message=b.message)
                 for b in self.domains.typed_blockers(present, to_run=req.running)]
-        out += storagecopy.blockers(cfg, self.host, req.copies)
+        out += storagecopy.blockers(cfg, self.host, req.copies, tops, self._promised())
         if req.arch != platform.machine():
             out.append(Blocker(code="arch", message=(
                 f"architecture {req.arch} differs from host {self.host.name}'s "
@@ -158,16 +164,35 @@ class RelocationService:
                     f"would use {accel}")))
         return out
 
-    async def copy_notes(self, req: RelocationRequest) -> list[str]:
-        """How each disk of ``req`` would be copied here (``--check``)."""
+    def _promised(self) -> dict[str, int]:
+        """Bytes the copies arriving now may still take, by pool."""
+        out: dict[str, int] = {}
+        for inc in self.incoming.values():
+            f = inc.facts
+            if f.config is not None and f.copies:
+                for pool, size in storagecopy.still_to_land(
+                        f.config, f.copies, f.top_only, f.images_created).items():
+                    out[pool] = out.get(pool, 0) + size
+        return out
+
+    async def _tops(self, req: RelocationRequest) -> tuple[list[int], list[int]]:
+        """(the copies that bring only their top layer, those whose base's identity
+        is still being computed here)."""
         if not req.copies:
-            return []
-        cfg = localize(req.config, self.host)
+            return [], []
         try:
-            tops = await storagecopy.top_only(cfg, self.host, req.copies)
+            return await storagecopy.top_only(localize(req.config, self.host), self.host,
+                                              req.copies, self.domains.image_ids,
+                                              IDENTITY_WAIT_S)
         except FerryError:
-            tops = []
-        return storagecopy.notes(cfg, self.host, req.copies, tops)
+            return [], []
+
+    async def check(self, req: RelocationRequest) -> tuple[list[Blocker], list[str]]:
+        """Every blocker here, and how each disk would be copied (``--check``)."""
+        tops, pending = await self._tops(req)
+        notes = storagecopy.notes(localize(req.config, self.host), self.host, req.copies,
+                                  tops, pending) if req.copies else []
+        return self.typed_blockers(req, tops), notes
 
     def source_of(self, job_id: str) -> str | None:
         """The host that prepared job ``job_id`` here (open or ended)."""
@@ -182,6 +207,8 @@ class RelocationService:
         """Check, reserve, start the incoming QEMU, open its endpoint.
         Refused (nothing changed) or Failed (undone) on error."""
         check_protocol(req.protocol, req.source, self.host.name)
+        tops, _ = await self._tops(req)
+        # (no await from here to the arrival's entry: checks and promises hold)
         now = time.monotonic()
         self.aborted_early = {j: t for j, t in self.aborted_early.items()
                               if now - t < INCOMING_LEASE_S}
@@ -190,7 +217,7 @@ class RelocationService:
                            f"{self.host.name}")
         if req.job_id in self.incoming or self._stored(req.job_id) is not None:
             raise Conflict(f"job {req.job_id} is already known on {self.host.name}")
-        found = self.typed_blockers(req)
+        found = self.typed_blockers(req, tops)
         if found:
             raise Refused("; ".join(b.message for b in found),
                           blockers=[b.model_dump() for b in found], host=self.host.name)
@@ -211,7 +238,7 @@ class RelocationService:
                            role=Role.destination, source=req.source, dest=self.host.name,
                            phase=Phase.prepare, started=time.time(),
                            dest_facts=DestinationFacts(config=cfg, reserved_mib=memory,
-                                                       copies=req.copies))
+                                                       copies=req.copies, top_only=tops))
         inc = Incoming(record, req.source)
         self.incoming[req.job_id] = inc
         self.domains.reserve_arrival(req.job_id, cfg, req.source, memory)
@@ -246,15 +273,19 @@ class RelocationService:
                              nbd_address=self.host.migration_ip if nbd_port else None,
                              top_only=inc.facts.top_only)
 
+    async def _make_images(self, inc: Incoming, req: RelocationRequest,
+                           cfg: DomainConfig) -> None:
+        """The empty images the copies go into (each path saved before it is made)."""
+        await storagecopy.create(cfg, req.copies, inc.facts.images_created,
+                                 lambda: self.records.save(inc.record), inc.facts.top_only,
+                                 self.host)
+
     async def _start_incoming(self, inc: Incoming, req: RelocationRequest,
                               cfg: DomainConfig) -> tuple[int, int | None]:
         """The images to copy, the incoming QEMU on them with the stream's shape and
         TLS, the NBD exports of the copies; (stream port, NBD port or None)."""
         record, nbd_port = inc.record, None
-        inc.facts.top_only = await storagecopy.top_only(cfg, self.host, req.copies)
-        await storagecopy.create(cfg, req.copies, inc.facts.images_created,
-                                 lambda: self.records.save(record), inc.facts.top_only,
-                                 self.host)
+        await self._make_images(inc, req, cfg)
         inc.facts.qemu_started = True
         self.records.save(record)
         inc.proc = await self.domains.launch_incoming(cfg)
@@ -278,10 +309,7 @@ class RelocationService:
         """A shut-off domain's disks arrive over NBD too: empty images, served by a
         QEMU with only the disks (never run); its port."""
         record = inc.record
-        inc.facts.top_only = await storagecopy.top_only(cfg, self.host, req.copies)
-        await storagecopy.create(cfg, req.copies, inc.facts.images_created,
-                                 lambda: self.records.save(record), inc.facts.top_only,
-                                 self.host)
+        await self._make_images(inc, req, cfg)
         inc.facts.disk_server = True
         self.records.save(record)
         inc.disk_server = await self.domains.launch_disk_server(cfg, req.job_id)

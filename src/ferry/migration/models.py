@@ -163,6 +163,9 @@ class MigrateRequest(MigrationSettings):
     check: bool = False
     copy_storage: CopyStorage = CopyStorage.auto
     keep_source_disks: bool = False
+    # migrate a running guest whose disk on a shared pool is cached by the host
+    # (cache writeback, writethrough or unsafe): the destination may read stale data
+    unsafe: bool = False
 
     @model_validator(mode="after")
     def _where(self) -> MigrateRequest:
@@ -227,6 +230,7 @@ class DiskCopy(Strict):
     base: str | None = Field(default=None, max_length=255)
     base_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     base_format: DiskFormat | None = None
+    # bytes the images below it take on the source (a full copy flattens them in)
     base_allocated: int = Field(default=0, ge=0, le=64 << 40)
 
 

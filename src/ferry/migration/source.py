@@ -115,6 +115,7 @@ HEARTBEAT_S = 1.0       # how often the source asks the destination if it's aliv
 PREPARE_TIMEOUT = 30.0  # s for the destination to answer Prepare (it starts a QEMU)
 QUEUE_RETRY_S = 1.0     # a destination at its [limits] incoming is asked again this often
 PROGRESS_EVENT_S = 1.0  # a running job's progress event, at most this often
+CHECK_IDENTITY_WAIT_S = 10.0  # --check waits this long for a base image's identity
 CALL_TIMEOUT = 5.0      # s for the small calls: status, abort
 FINISH_TIMEOUT = 180.0  # s for Finish (the stream's tail, resume, announce)
 VERDICT_TRIES = 10      # status questions (1 s apart) after an unanswered Finish
@@ -288,12 +289,20 @@ class MigrationService:
         return opts.model_copy(update={"copy_storage": req.copy_storage,
                                        "keep_source_disks": req.keep_source_disks})
 
-    async def _copies(self, dom: Domain, opts: MigrateOptions) -> list[DiskCopy]:
-        """The disks this job copies."""
-        return await storagecopy.plan(dom.config, self.host, opts.copy_storage)
+    async def _copies(self, dom: Domain, opts: MigrateOptions,
+                      wait: float | None = None) -> list[DiskCopy]:
+        """The disks this job copies (``wait``: at most for a base's identity)."""
+        return await storagecopy.plan(dom.config, self.host, opts.copy_storage,
+                                      self.domains.image_ids, wait)
 
-    def begin_blockers(self, dom: Domain) -> list[Blocker]:
+    def begin_blockers(self, dom: Domain, req: MigrateRequest | None = None
+                       ) -> list[Blocker]:
+        """What refuses the job on this host before it starts (``req``: also its
+        disks' cache modes, unless ``--unsafe``)."""
         out = []
+        if req is not None and not req.unsafe:
+            out += storagecopy.cache_blockers(dom.config, self.host, req.copy_storage,
+                                              dom.proc is not None)
         if dom.lock.locked():
             what = f"migration {dom.job}" if dom.job else "another operation"
             out.append(Blocker(code="busy", message=f"domain {dom.name} is busy with {what}"))
@@ -308,13 +317,16 @@ class MigrationService:
         notes: list[str] = []
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
-        out = [b.message for b in self.begin_blockers(dom)]
+        out = [b.message for b in self.begin_blockers(dom, req)]
         opts = self.options(dom, req)
         try:
-            copies = await self._copies(dom, opts)
+            copies = await self._copies(dom, opts, CHECK_IDENTITY_WAIT_S)
         except FerryError as exc:
             out.append(exc.message)
             copies = []
+        notes += [f"the identity of base {c.base} is still being computed on "
+                  f"{self.host.name}: ask again for a copy of only the top layer"
+                  for c in copies if c.base and c.base_id is None]
         rel = self._relocation("0" * 12, dom, opts, copies)
         async with self.connect(dest_name, endpoint, 30) as peer:
             try:
@@ -325,7 +337,7 @@ class MigrationService:
                 out.append(f"host {dest_name}: {older_peer(exc, dest_name).message}")
             else:
                 out += [b.message for b in res.blockers]
-                notes = res.notes
+                notes += res.notes
         return out, notes
 
     async def start(self, name: str, req: MigrateRequest) -> JobRecord:
@@ -334,7 +346,7 @@ class MigrationService:
         dom = self.domains.get(name)
         dest_name, endpoint = self._dest(req.dest)
         self._check_tls()
-        blockers = [b for b in self.begin_blockers(dom) if b.code != "busy"]
+        blockers = [b for b in self.begin_blockers(dom, req) if b.code != "busy"]
         t0 = time.monotonic()
         job_id = secrets.token_hex(6)
         dom = await self.domains.hold_for_job(name, job_id)  # Busy if held
@@ -1359,14 +1371,8 @@ class MigrationService:
                 raise
         try:
             await self.domains.release(dom)
-            if job.facts.copied_paths and job.facts.disks_copied \
-                    and not job.options.keep_source_disks:
-                in_use = {os.path.realpath(d.path) for other in self.domains.domains.values()
-                          for d in other.config.disks if d.path is not None}
-                errors = storagecopy.delete_sources(job.facts.copied_paths, in_use)
-                if errors:
-                    job.cleanup_error = "the source's copied disks were not all " \
-                                        f"deleted: {'; '.join(errors)}"
+            crash_point("source-after-release")
+            self._delete_copied(job)
         except Exception as exc:
             log.exception("job %s: confirm: releasing the source copy failed",
                           job.record.id)
@@ -1384,6 +1390,20 @@ class MigrationService:
                     self.domains.note(dom, f"stale copy: migrated to {job.record.dest} "
                                       f"(job {job.record.id}); cleanup failed, ferryd "
                                       "retries it at its next start")
+
+    def _delete_copied(self, job: SourceJob) -> None:
+        """The source's images of the copied disks, once the destination runs the
+        guest on its copies (unless --keep-source-disks); none another definition
+        here still uses."""
+        if not (job.facts.copied_paths and job.facts.disks_copied) \
+                or job.options.keep_source_disks:
+            return
+        in_use = {os.path.realpath(d.path) for other in self.domains.domains.values()
+                  for d in other.config.disks if d.path is not None}
+        errors = storagecopy.delete_sources(job.facts.copied_paths, in_use)
+        if errors:
+            job.cleanup_error = "the source's copied disks were not all " \
+                                f"deleted: {'; '.join(errors)}"
 
     # -- the post-copy tail -------------------------------------------------------------
     async def _postcopy_tail(self, job: SourceJob) -> None:
@@ -1584,6 +1604,8 @@ class MigrationService:
                     await self._confirm(job)
                 except GuestLost:
                     return True  # settled by _lose
+            else:  # (released before a crash: its copied images may be left)
+                self._delete_copied(job)
             self.records.set_state(rec, JobState.completed, decided_by=self.host.name,
                                    cleanup_error=job.cleanup_error)
             log.info("job %s: confirmed %s: %s runs on %s", rec.id, why, rec.domain,

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from ferry.errors import Failed, FerryError, QemuError
@@ -42,7 +42,7 @@ from ferry.migration.models import Blocker, CopyStorage, DiskCopy
 from ferry.models import DiskFormat, DomainConfig
 from ferry.qemu.block import BlockQmp
 from ferry.qemu.migrate import Qmp
-from ferry.storage import identity, image_info, qemu_img
+from ferry.storage import ImageIds, image_chain, qemu_img
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,13 @@ def export_name(index: int) -> str:
 
 
 # -- the source ----------------------------------------------------------------------
-async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> list[DiskCopy]:
+async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage,
+               ids: ImageIds, wait: float | None = None) -> list[DiskCopy]:
     """The disks this migration copies, with what the destination needs to make
     an image like each (and, for an overlay of a base image in the same pool,
-    that base's identity: a destination with the same base gets only the top)."""
+    that base's identity: a destination with the same base gets only the top;
+    ``wait``: at most that many seconds for an identity not computed yet, after
+    which it is left out and the hash goes on)."""
     out = []
     for i, disk in enumerate(config.disks):
         if disk.path is None or copy == CopyStorage.none:
@@ -77,22 +80,44 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage) -> lis
         pool = host.pool(disk.pool) if disk.pool else host.pool_of(disk.path)
         if copy == CopyStorage.auto and (pool is None or pool.shared):
             continue
-        info = await image_info(disk.path)
+        chain = await image_chain(disk.path)
+        info = chain[0]
         copy_ = DiskCopy(index=i, format=disk.format, virtual_size=info.virtual_size,
-                         allocated=info.actual_size)
-        if info.backing and pool is not None and disk.format == DiskFormat.qcow2:
+                         allocated=info.actual_size,
+                         base_allocated=sum(b.actual_size for b in chain[1:]))
+        # (only a base without a backing of its own: its hash then covers
+        # everything the overlay reads through)
+        if len(chain) == 2 and info.backing and pool is not None \
+                and disk.format == DiskFormat.qcow2:
             base = (disk.path.parent / info.backing).resolve()
-            base_info = await image_info(base) if pool.holds(base) and base.is_file() \
-                else None
-            # (only a base without a backing of its own: its hash then covers
-            # everything the overlay reads through)
-            if base_info is not None and not base_info.backing:
+            if pool.holds(base) and base.is_file():
                 copy_ = copy_.model_copy(update={
                     "base": str(base.relative_to(os.path.realpath(pool.path))),
-                    "base_id": await identity(base, host.state_dir / "image-ids.json"),
-                    "base_format": DiskFormat(base_info.format),
-                    "base_allocated": base_info.actual_size})
+                    "base_id": await ids.get(base, wait),
+                    "base_format": DiskFormat(chain[1].format)})
         out.append(copy_)
+    return out
+
+
+def cache_blockers(config: DomainConfig, host: HostConfig, copy: CopyStorage,
+                   running: bool) -> list[Blocker]:
+    """A running guest's writable disk that stays on a shared pool must bypass the
+    host's page cache (``cache = "none"`` or ``"directsync"``): otherwise what this
+    host still caches, or the destination cached before, may be read stale there
+    after the switch-over. (Copied disks and a shut-off domain's are safe.)"""
+    out: list[Blocker] = []
+    if not running or copy == CopyStorage.all:
+        return out
+    for disk in config.disks:
+        if disk.readonly or disk.cache.direct or disk.path is None:
+            continue
+        pool = host.pool(disk.pool) if disk.pool else host.pool_of(disk.path)
+        if pool is not None and pool.shared:
+            out.append(Blocker(code="cache", message=(
+                f"disk {disk.where} stays on shared pool {pool.name} with cache "
+                f"{disk.cache.value}: the destination could read stale data through the "
+                "hosts' page caches; give the disk cache = \"none\" (or directsync), or "
+                "pass --unsafe if the pool's file system keeps the hosts' caches coherent")))
     return out
 
 
@@ -205,11 +230,13 @@ def delete_sources(paths: list[str], in_use: set[str]) -> list[str]:
 
 
 # -- the destination -----------------------------------------------------------------
-async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
-                   ) -> list[int]:
-    """The copies whose base image this host has, in the pool of the same name,
-    with the same identity: they get only their top layer."""
-    out = []
+async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
+                   ids: ImageIds, wait: float | None = None) -> tuple[list[int], list[int]]:
+    """(the copies whose base image this host has, in the pool of the same name,
+    with the same identity: they get only their top layer; those whose base is
+    here but whose identity is still being computed after ``wait`` seconds: they
+    go in full this time)."""
+    tops, pending = [], []
     for c in copies:
         disk = config.disks[c.index] if c.index < len(config.disks) else None
         pool = host.pool(disk.pool) if disk is not None and disk.pool else None
@@ -219,15 +246,18 @@ async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy
         if not base.is_file() or not pool.holds(base):
             continue
         try:
-            if await identity(base, host.state_dir / "image-ids.json") == c.base_id:
-                out.append(c.index)
+            found = await ids.get(base, wait)
         except OSError:
             continue
-    return out
+        if found is None:
+            pending.append(c.index)
+        elif found == c.base_id:
+            tops.append(c.index)
+    return tops, pending
 
 
 def notes(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
-          tops: list[int]) -> list[str]:
+          tops: Collection[int], pending: Collection[int] = ()) -> list[str]:
     """How each disk will be copied, for ``ferry migrate --check``."""
     out = []
     for c in copies:
@@ -243,19 +273,59 @@ def notes(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
             how = (f"only its top layer ({c.allocated >> 20} MiB; base {c.base} is on "
                    f"{host.name} already, {c.base_allocated >> 20} MiB not sent)")
         else:
-            why = f", base {c.base} not on {host.name}" if c.base else ""
+            why = ""
+            if c.index in pending:
+                why = (f", {host.name} is still computing the identity of its base "
+                       f"{c.base}: ask again for a copy of only the top layer")
+            elif c.base:
+                why = f", base {c.base} not on {host.name}"
             how = f"in full ({c.virtual_size >> 20} MiB virtual, {c.allocated >> 20} " \
                   f"MiB allocated{why})"
         out.append(f"disk {disk.where} copies {how}{free}")
     return out
 
-def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
+
+def need(copy: DiskCopy, top: bool) -> int:
+    """Bytes a copy may take on the destination: raw, its virtual size; qcow2, what
+    it takes on the source (its top only, or with every image below it flattened
+    in) plus 10 %."""
+    if copy.format == DiskFormat.raw:
+        return copy.virtual_size
+    below = 0 if top else copy.base_allocated
+    return int((copy.allocated + below) * QCOW2_HEADROOM) + (1 << 20)
+
+
+def allocated(path: str) -> int:
+    """Bytes the file at ``path`` takes now (0 if it is not there)."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def still_to_land(config: DomainConfig, copies: list[DiskCopy], tops: Collection[int],
+                  created: list[str]) -> dict[str, int]:
+    """Bytes an arriving job's copies may still take, by pool: what each needs less
+    what its image already takes."""
+    out: dict[str, int] = {}
+    for c in copies:
+        disk = config.disks[c.index] if c.index < len(config.disks) else None
+        if disk is None or disk.pool is None or disk.path is None:
+            continue
+        landed = allocated(str(disk.path)) if str(disk.path) in created else 0
+        out[disk.pool] = out.get(disk.pool, 0) + max(0, need(c, c.index in tops) - landed)
+    return out
+
+
+def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
+             tops: Collection[int] = (), promised: Mapping[str, int] | None = None
              ) -> list[Blocker]:
     """Why this host can't take the copies (``config`` located here): a missing
     pool, an image already there, not enough free space (raw: its virtual size;
-    qcow2: what it takes on the source plus 10 %)."""
+    qcow2: what it takes on the source plus 10 %, its top only for the ``tops``),
+    less what other arriving copies may still take (``promised``, by pool)."""
     out: list[Blocker] = []
-    need: dict[str, int] = {}
+    wanted: dict[str, int] = {}
     for c in copies:
         if c.index >= len(config.disks):
             out.append(Blocker(code="disk", message=f"no disk{c.index} to copy"))
@@ -268,16 +338,13 @@ def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
                 f"disk {disk.where}: host {host.name} has no storage pool "
                 f"{disk.pool!r} to copy it to (its pools: {names})")))
             continue
-        if disk.path.exists():
+        if disk.path.exists() or disk.path.is_symlink():
             out.append(Blocker(code="disk", message=(
                 f"disk {disk.where}: image {disk.path} already exists on host "
                 f"{host.name}; Ferry never overwrites one (--copy-storage none uses it)")))
             continue
-        # (a flattened copy of an overlay takes its base's bytes too, at most)
-        size = c.virtual_size if c.format == DiskFormat.raw else \
-            int((c.allocated + c.base_allocated) * QCOW2_HEADROOM) + (1 << 20)
-        need[pool.name] = need.get(pool.name, 0) + size
-    for name, size in need.items():
+        wanted[pool.name] = wanted.get(pool.name, 0) + need(c, c.index in tops)
+    for name, size in wanted.items():
         pool = host.pool(name)
         assert pool is not None
         try:
@@ -287,11 +354,15 @@ def blockers(config: DomainConfig, host: HostConfig, copies: list[DiskCopy]
             out.append(Blocker(code="pool", message=f"pool {name} on host {host.name}: "
                                f"{exc.strerror}"))
             continue
-        if size > free:
+        others = (promised or {}).get(name, 0)
+        if size > free - others:
+            held = f", {others >> 20} MiB of it promised to copies arriving now" \
+                if others else ""
             out.append(Blocker(code="space", message=(
-                f"pool {name} on host {host.name} has {free >> 20} MiB free, the copies "
-                f"need {size >> 20} MiB (raw: the virtual size; qcow2: what it takes on "
-                "the source plus 10 %)")))
+                f"pool {name} on host {host.name} has {free >> 20} MiB free{held}; the "
+                f"copies need {size >> 20} MiB (raw: the virtual size; qcow2: what it "
+                "takes on the source, with the images below it unless only its top "
+                "goes, plus 10 %)")))
     return out
 
 

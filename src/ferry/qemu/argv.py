@@ -9,7 +9,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.models import Disk, DiskBus, DomainConfig, NicMode
+from ferry.models import Disk, DiskBus, DiskCache, DomainConfig, NicMode
 
 
 @dataclass(frozen=True)
@@ -117,13 +117,23 @@ def _blockdev_args(i: int, disk: Disk) -> list[str]:
     if disk.path is None:  # (every config is located on its host before this)
         raise ValueError(f"disk {disk.where} has no path on this host")
     ro = "on" if disk.readonly else "off"
+    # (both nodes, as -drive cache=MODE would set them; writeback is QEMU's default)
+    cache = f"cache.direct={'on' if disk.cache.direct else 'off'}"
+    if disk.cache == DiskCache.unsafe:
+        cache += ",cache.no-flush=on"
     return [
         "-blockdev",
         f"driver=file,filename={disk.path},node-name={node}-file,read-only={ro},"
-        "cache.direct=off,auto-read-only=on",
+        f"{cache},auto-read-only=on",
         "-blockdev", f"driver={disk.format.value},file={node}-file,node-name={node},"
-        f"read-only={ro}",
+        f"read-only={ro}" + ("" if disk.cache == DiskCache.writeback else f",{cache}"),
     ]
+
+
+def _write_cache(disk: Disk) -> str:
+    """The device's write cache: off where every write is to be flushed."""
+    return ",write-cache=off" if disk.cache in (DiskCache.writethrough,
+                                                DiskCache.directsync) else ""
 
 
 def _disk_args(config: DomainConfig) -> list[str]:
@@ -135,12 +145,15 @@ def _disk_args(config: DomainConfig) -> list[str]:
         node = f"disk{i}"
         args += _blockdev_args(i, disk)
         boot = f",bootindex={i}" if config.kernel is None else ""
+        wc = _write_cache(disk)
         if disk.bus == DiskBus.virtio:
-            args += ["-device", f"virtio-blk-pci,drive={node},id={node}-dev{boot}"]
+            args += ["-device", f"virtio-blk-pci,drive={node},id={node}-dev{boot}{wc}"]
         elif disk.bus == DiskBus.scsi:
-            args += ["-device", f"scsi-hd,drive={node},id={node}-dev,bus=scsi0.0{boot}"]
+            args += ["-device",
+                     f"scsi-hd,drive={node},id={node}-dev,bus=scsi0.0{boot}{wc}"]
         else:
-            args += ["-device", f"ide-hd,drive={node},id={node}-dev,bus=ide.{ide_unit}{boot}"]
+            args += ["-device",
+                     f"ide-hd,drive={node},id={node}-dev,bus=ide.{ide_unit}{boot}{wc}"]
             ide_unit += 1
     return args
 
