@@ -207,6 +207,50 @@ def test_refusals_and_failures_during_the_mirror_leave_the_source_whole(pair: Pa
         cleanup(pair, "mir", "mir.qcow2")
 
 
+def test_a_copy_that_cannot_land_is_refused_with_nothing_changed(pair: Pair) -> None:
+    """A second disk, raw and sparse, whose virtual size is more than the
+    destination pool has free: refused, naming the rule. Then a destination
+    without a pool of the disks' name: refused. Each time the guest runs on at
+    the source, intact, and the destination holds no image, job or QEMU."""
+    ma, mb = pair["ma"], pair["mb"]
+    ma.ferry("disk", "create", "local", "ref.qcow2", "--size", "64M")
+    ma.ferry("disk", "create", "local", "huge.raw", "--size", "1T", "--format", "raw")
+    port = free_port()
+    cfg = guest_config("ref", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
+                       f"{REGION_MIB}:2", disks=[{"pool": "local", "image": "ref.qcow2"},
+                                                 {"pool": "local", "image": "huge.raw",
+                                                  "format": "raw"}])
+    ma.create(cfg)
+    probe = Probe(port, *ADDRS.values())
+    pools = mb.settings["pools"]
+
+    def unchanged() -> None:
+        assert ma.domains()["ref"]["state"] == "running" and mb.domains() == {}
+        assert ma.json("jobs") == [] and mb.json("jobs") == [] and mb.qemu_pids() == []
+        assert list(pair.local["mb"].glob("*")) == []
+        assert disk_check(probe)["disk_bad"] == "0"
+
+    try:
+        probe.wait_up()
+        job = migrate(ma, "ref", "mb")
+        assert job["_rc"] == 1 and "raw: the virtual size" in job["_stderr"], job
+        unchanged()
+        mb.stop()
+        mb.settings["pools"] = [{"name": "elsewhere", "path": str(pair.local["mb"])}]
+        mb.start()
+        job = migrate(ma, "ref", "mb")
+        assert job["_rc"] == 1 and "no storage pool 'local'" in job["_stderr"], job
+        unchanged()
+    finally:
+        probe.close()
+        if mb.settings["pools"] is not pools:
+            mb.stop()
+            mb.settings["pools"] = pools
+            mb.start()
+        cleanup(pair, "ref", "ref.qcow2")
+        (pair.local["ma"] / "huge.raw").unlink(missing_ok=True)
+
+
 def test_a_disk_cached_by_the_host_on_a_shared_pool_needs_unsafe(pair: Pair,
                                                                   workdir: Path) -> None:
     """A running guest writing to a disk in the shared pool with the default cache
