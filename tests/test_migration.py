@@ -29,6 +29,7 @@ from helpers import (
     listening_ports,
     plain_qemu_argv,
     plain_qmp,
+    started,
     tls_context,
     tls_request,
     to_toml,
@@ -62,13 +63,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(guest: Any, workdir: Path) -> Iterator[Cluster]:
     c = Cluster(workdir)
-    try:
-        for h in c.hosts.values():
-            h.start()
+    with started(c.hosts):
         yield c
-    finally:
-        for h in c.hosts.values():
-            h.cleanup()
 
 
 def migrate(host: Host, name: str, dest: str, *flags: str, check: bool = True

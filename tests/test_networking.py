@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers import INITRD, KERNEL, Host, wait_for
+from helpers import INITRD, KERNEL, Host, started, wait_for
 from netlab import GUEST_IP, HOSTS, SUBNET, Lab
 
 MAC = "52:54:00:77:00:50"
@@ -41,13 +41,8 @@ def lan(lab: Lab, workdir: Path) -> Iterator[dict[str, Host]]:
                              if o != h})
         for h, addr in HOSTS.items()}
     LAN_HOSTS[:] = hosts.values()
-    try:
-        for h in hosts.values():
-            h.start()
+    with started(hosts):
         yield hosts
-    finally:
-        for h in hosts.values():
-            h.cleanup()
 
 
 def lan_guest(name: str, bridge: str = "br0", mac: str = MAC) -> dict[str, Any]:
