@@ -100,7 +100,8 @@ class Arrival:
     name: str
     uuid: str
     source: str
-    disks: tuple[Path, ...] = ()   # its images here (those copied are being made)
+    disks: tuple[Path, ...] = ()   # its images here (those copied are being made),
+                                   # and the bases its copies overlay
 
 
 class QemuLauncher:
@@ -576,10 +577,11 @@ class DomainService:
             dom.lock.release()
 
     def reserve_arrival(self, job_id: str, config: DomainConfig, source: str,
-                        memory: int) -> None:
-        """Take the arriving domain's name, UUID and (``memory`` MiB) memory."""
+                        memory: int, bases: tuple[Path, ...] = ()) -> None:
+        """Take the arriving domain's name, UUID and (``memory`` MiB) memory; its
+        images and ``bases`` (those its copies will overlay) are in use."""
         self.arrivals[job_id] = Arrival(job_id, config.name, str(config.uuid), source,
-                                        tuple(d.path for d in config.disks if d.path))
+                                        (*(d.path for d in config.disks if d.path), *bases))
         if memory:
             self.reservations[job_id] = memory
 

@@ -260,11 +260,14 @@ class HostConfig(BaseModel):
         if len(self.storage_dirs) > 1:
             # (named by position, a pool would change its name on a host that lists
             # them in another order, and a definition would find the wrong disk)
-            tables = "".join(f'[[pools]] name = "…", path = "{d}", shared = true; '
-                             for d in self.storage_dirs)
+            first, *rest = self.storage_dirs
+            tables = " ".join(f'[[pools]] name = "storage-{i}" path = "{d}" shared = true'
+                              for i, d in enumerate(rest, start=2))
             raise ValueError(f"storage_dirs lists {len(self.storage_dirs)} directories: "
-                             "only one is allowed (it is the shared pool 'storage'); name "
-                             f"each of the others as a pool instead: {tables.rstrip('; ')}")
+                             f"only one is allowed (the shared pool 'storage'); keep "
+                             f'storage_dirs = ["{first}"] and give each other directory '
+                             f"a [[pools]] table of its own, one key per line ({tables}: "
+                             "the names older Ferry gave them)")
         names = [p.name for p in self.storage_pools]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -11,8 +11,10 @@ otherwise (a migration copies them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -23,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ferry.errors import Conflict, Failed, InvalidInput, NotFound
 from ferry.hostconfig import HostConfig, Pool
 from ferry.models import DiskFormat, DomainConfig, ImageName
+
+log = logging.getLogger(__name__)
 
 QEMU_IMG_TIMEOUT = 120.0
 
@@ -159,8 +163,12 @@ class ImageIds:
 
     @staticmethod
     def _key(path: Path) -> tuple[str, str]:
+        """(the file's real path, a stamp that changes with its contents: another
+        file put in its place, even with the same size and mtime, has another
+        inode or change time, which no one can set by hand)."""
         st = path.stat()
-        return os.path.realpath(path), f"{st.st_size}:{st.st_mtime_ns}"
+        return os.path.realpath(path), \
+            f"{st.st_size}:{st.st_mtime_ns}:{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}"
 
     def _cache(self) -> dict[str, Any]:
         try:
@@ -202,8 +210,10 @@ class ImageIds:
             task = asyncio.ensure_future(self._compute(path, key, stamp))
             self._hashing[slot] = task
 
-            def forget(_: object) -> None:
+            def forget(t: asyncio.Task[str]) -> None:
                 self._hashing.pop(slot, None)
+                if not t.cancelled() and (exc := t.exception()) is not None:
+                    log.warning("cannot hash %s: %s", path, exc)  # (retrieved: no noise)
             task.add_done_callback(forget)
         return task
 
@@ -306,7 +316,8 @@ class Storage:
             info = await image_info(base, backing)
             args += ["-b", os.path.relpath(base, path.parent), "-F", info.format]
             if self.ids is not None and not info.backing:
-                self.ids.warm(base)  # (a base: a migration of its overlay asks for it)
+                with contextlib.suppress(OSError):  # (a base: its overlay's migration
+                    self.ids.warm(base)             # asks for its identity)
         path.parent.mkdir(parents=True, exist_ok=True)
         await qemu_img(*args, str(path), str(size))
         return await image_info(path, image)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ def test_storage_dirs_are_shared_pools_after_the_configured_ones(tmp_path: Path)
     with pytest.raises(ValidationError, match="two storage pools"):
         HostConfig.model_validate({"storage_dirs": [str(tmp_path)],
                                    "pools": [{"name": "storage", "path": str(tmp_path)}]})
-    with pytest.raises(ValidationError, match=r"only one is allowed.*name each"):
+    with pytest.raises(ValidationError, match=r"only one is allowed.*storage-2"):
         HostConfig.model_validate({"storage_dirs": [str(tmp_path), "/srv/b"]})
     with pytest.raises(ValidationError, match="invalid pool name"):
         HostConfig.model_validate({"pools": [{"name": "Bad Name", "path": "/x"}]})
@@ -170,7 +171,8 @@ def test_free_space_counts_the_top_only_and_what_other_arrivals_may_still_take(
     assert (64 << 20) - left >= 16 << 20
 
 
-def test_a_base_image_is_hashed_once_and_a_caller_need_not_wait(tmp_path: Path) -> None:
+def test_a_base_image_is_hashed_once_and_a_caller_need_not_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
     import hashlib
 
@@ -179,16 +181,77 @@ def test_a_base_image_is_hashed_once_and_a_caller_need_not_wait(tmp_path: Path) 
     base = tmp_path / "base.raw"
     base.write_bytes(b"x" * (3 << 20))
 
+    import ferry.storage
+    hashed: list[Path] = []
+    real = ferry.storage._sha256
+
+    def counting(path: Path, stop: Any) -> str:
+        hashed.append(path)
+        return real(path, stop)
+
     async def run() -> None:
         ids = ImageIds(tmp_path / "ids.json")
         assert ids.known(base) is None
         assert await ids.get(base, wait=0) is None      # not waited for: goes on
-        digest = await ids.get(base)
+        digests = await asyncio.gather(ids.get(base), ids.get(base))
+        assert hashed == [base]                         # one hash for all three asks
+        digest = digests[0]
         assert digest == hashlib.sha256(base.read_bytes()).hexdigest()
         assert ImageIds(tmp_path / "ids.json").known(base) == digest  # cached on disk
         base.write_bytes(b"y" * (1 << 20))               # changed: no longer known
         assert ids.known(base) is None
         assert await ids.get(base) == hashlib.sha256(b"y" * (1 << 20)).hexdigest()
+        assert hashed == [base, base]
         await ids.close()
 
+    monkeypatch.setattr(ferry.storage, "_sha256", counting)
     asyncio.run(run())
+
+
+def test_the_copies_arriving_now_hold_their_room(tmp_path: Path) -> None:
+    """Two arrivals promise what their copies may still take, by pool; a third
+    copy is measured against the free space less those promises."""
+    from types import SimpleNamespace
+
+    from ferry.migration.destination import RelocationService
+    from ferry.migration.models import DestinationFacts
+    b = host(tmp_path, "b")
+    raw = DiskCopy(index=0, format="raw", virtual_size=64 << 20, allocated=0)
+
+    def arriving(image: str) -> SimpleNamespace:
+        cfg = localize(domain(pool="local", image=image, format="raw"), b)
+        return SimpleNamespace(facts=DestinationFacts(config=cfg, copies=[raw]))
+
+    svc = SimpleNamespace(incoming={"j1": arriving("one.raw"), "j2": arriving("two.raw"),
+                                    "j3": SimpleNamespace(facts=DestinationFacts())})
+    promised = RelocationService._promised(svc)  # type: ignore[arg-type]
+    assert promised == {"local": 128 << 20}
+
+
+def test_the_wait_for_base_identities_bounds_the_whole_call(tmp_path: Path) -> None:
+    """Two copies whose bases are not hashed yet: the second is given only what is
+    left of the one wait, not a wait of its own; neither is top-only this time."""
+    import asyncio
+
+    from ferry.migration.storagecopy import top_only
+    b = host(tmp_path, "b")
+    waits: list[float | None] = []
+
+    class Slow:
+        async def get(self, path: Path, wait: float | None = None) -> str | None:
+            waits.append(wait)
+            await asyncio.sleep(wait or 0)
+            return None
+
+        def warm(self, path: Path) -> None:
+            raise AssertionError("the source sent identities")
+
+    cfg = localize(DomainConfig.model_validate({"name": "web", "memory": 64, "disks": [
+        {"pool": "local", "image": "a.qcow2"}, {"pool": "local", "image": "b.qcow2"}]}), b)
+    (tmp_path / "b-local" / "base.qcow2").write_bytes(b"base")
+    copies = [DiskCopy(index=i, format="qcow2", virtual_size=1 << 20, allocated=0,
+                       base="base.qcow2", base_id="0" * 64) for i in (0, 1)]
+    tops, pending = asyncio.run(top_only(cfg, b, copies, Slow(), 0.2))  # type: ignore[arg-type]
+    assert tops == [] and pending == [0, 1]
+    assert waits[0] is not None and waits[0] > 0.15
+    assert waits[1] is not None and waits[1] < 0.05

@@ -241,7 +241,9 @@ class RelocationService:
                                                        copies=req.copies, top_only=tops))
         inc = Incoming(record, req.source)
         self.incoming[req.job_id] = inc
-        self.domains.reserve_arrival(req.job_id, cfg, req.source, memory)
+        bases = tuple(b for c in req.copies if c.index in tops
+                      and (b := storagecopy.base_here(cfg, self.host, c)) is not None)
+        self.domains.reserve_arrival(req.job_id, cfg, req.source, memory, bases)
         self.records.enter(record, Phase.prepare)
         port, nbd_port = 0, None
         # under the job's lock: an abort (or the lease) that arrives meanwhile, say

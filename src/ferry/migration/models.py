@@ -29,8 +29,9 @@ __all__ = ["Compression", "MigrationStats", "MigrationStatus", "OnTimeout", "Pos
 # 1: Ferry 0.1 before versioning (requests without the field); 2: typed answers,
 # agreed outcomes, name reservation on the destination; 3: the stream's shape
 # (multifd channels, compression) in Prepare; 4: post-copy (Prepare's
-# ``postcopy``, Finish in post-copy, recover)
-PROTOCOL_VERSION = 4
+# ``postcopy``, Finish in post-copy, recover); 5: disks copied with the domain
+# (``copies``, the NBD answer, top-only layers) and disk cache modes
+PROTOCOL_VERSION = 5
 JOB_ID = r"^[0-9a-f]{12}$"
 
 

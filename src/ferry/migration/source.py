@@ -324,9 +324,6 @@ class MigrationService:
         except FerryError as exc:
             out.append(exc.message)
             copies = []
-        notes += [f"the identity of base {c.base} is still being computed on "
-                  f"{self.host.name}: ask again for a copy of only the top layer"
-                  for c in copies if c.base and c.base_id is None]
         rel = self._relocation("0" * 12, dom, opts, copies)
         async with self.connect(dest_name, endpoint, 30) as peer:
             try:
@@ -337,7 +334,7 @@ class MigrationService:
                 out.append(f"host {dest_name}: {older_peer(exc, dest_name).message}")
             else:
                 out += [b.message for b in res.blockers]
-                notes += res.notes
+                notes = res.notes
         return out, notes
 
     async def start(self, name: str, req: MigrateRequest) -> JobRecord:
@@ -1690,8 +1687,11 @@ class MigrationService:
                               done.domain, exc)
                     continue  # left held: nothing may run it
                 self.domains.let_go(stale)
+            leftover = SourceJob(done, None, None)
+            self._delete_copied(leftover)  # (never reached when the release failed)
             done.source_facts.stale_copy = False
-            done.cleanup_error = f"{done.cleanup_error} (cleaned up at a ferryd restart)"
+            done.cleanup_error = f"{done.cleanup_error} (cleaned up at a ferryd restart" \
+                f"{'; ' + leftover.cleanup_error if leftover.cleanup_error else ''})"
             self.records.save(done)
         for rec in self.records.running(Role.source.value):
             dom = self.domains.domains.get(rec.domain)

@@ -74,6 +74,7 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage,
     ``wait``: at most that many seconds for an identity not computed yet, after
     which it is left out and the hash goes on)."""
     out = []
+    deadline = None if wait is None else asyncio.get_running_loop().time() + wait
     for i, disk in enumerate(config.disks):
         if disk.path is None or copy == CopyStorage.none:
             continue
@@ -91,12 +92,23 @@ async def plan(config: DomainConfig, host: HostConfig, copy: CopyStorage,
                 and disk.format == DiskFormat.qcow2:
             base = (disk.path.parent / info.backing).resolve()
             if pool.holds(base) and base.is_file():
+                try:  # (unknown, or unreadable: the destination copies it in full)
+                    base_id = await ids.get(base, _left(deadline))
+                except OSError as exc:
+                    log.warning("cannot hash base image %s: %s", base, exc)
+                    base_id = None
                 copy_ = copy_.model_copy(update={
                     "base": str(base.relative_to(os.path.realpath(pool.path))),
-                    "base_id": await ids.get(base, wait),
-                    "base_format": DiskFormat(chain[1].format)})
+                    "base_id": base_id, "base_format": DiskFormat(chain[1].format)})
         out.append(copy_)
     return out
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (None: no deadline)."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 def cache_blockers(config: DomainConfig, host: HostConfig, copy: CopyStorage,
@@ -235,18 +247,18 @@ async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy
     """(the copies whose base image this host has, in the pool of the same name,
     with the same identity: they get only their top layer; those whose base is
     here but whose identity is still being computed after ``wait`` seconds: they
-    go in full this time)."""
+    go in full this time). ``wait`` bounds the whole call."""
     tops, pending = [], []
+    deadline = None if wait is None else asyncio.get_running_loop().time() + wait
     for c in copies:
-        disk = config.disks[c.index] if c.index < len(config.disks) else None
-        pool = host.pool(disk.pool) if disk is not None and disk.pool else None
-        if c.base is None or c.base_id is None or pool is None:
-            continue
-        base = pool.path / c.base
-        if not base.is_file() or not pool.holds(base):
+        base = base_here(config, host, c)
+        if base is None:
             continue
         try:
-            found = await ids.get(base, wait)
+            if c.base_id is None:  # (the source's is not known yet: for next time)
+                ids.warm(base)
+                continue
+            found = await ids.get(base, _left(deadline))
         except OSError:
             continue
         if found is None:
@@ -254,6 +266,17 @@ async def top_only(config: DomainConfig, host: HostConfig, copies: list[DiskCopy
         elif found == c.base_id:
             tops.append(c.index)
     return tops, pending
+
+
+def base_here(config: DomainConfig, host: HostConfig, c: DiskCopy) -> Path | None:
+    """The copy's base image in this host's pool of the disk's pool name, if it is
+    there."""
+    disk = config.disks[c.index] if c.index < len(config.disks) else None
+    pool = host.pool(disk.pool) if disk is not None and disk.pool else None
+    if c.base is None or pool is None:
+        return None
+    base = pool.path / c.base
+    return base if base.is_file() and pool.holds(base) else None
 
 
 def notes(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
@@ -274,11 +297,16 @@ def notes(config: DomainConfig, host: HostConfig, copies: list[DiskCopy],
                    f"{host.name} already, {c.base_allocated >> 20} MiB not sent)")
         else:
             why = ""
-            if c.index in pending:
+            if c.base and base_here(config, host, c) is None:
+                why = f", base {c.base} not on {host.name}"
+            elif c.base and c.base_id is None:
+                why = (f", the source is still computing the identity of its base "
+                       f"{c.base}: ask again for a copy of only the top layer")
+            elif c.index in pending:
                 why = (f", {host.name} is still computing the identity of its base "
                        f"{c.base}: ask again for a copy of only the top layer")
             elif c.base:
-                why = f", base {c.base} not on {host.name}"
+                why = f", base {c.base} on {host.name} differs from the source's"
             how = f"in full ({c.virtual_size >> 20} MiB virtual, {c.allocated >> 20} " \
                   f"MiB allocated{why})"
         out.append(f"disk {disk.where} copies {how}{free}")
