@@ -32,16 +32,20 @@ REGION_MIB = 16   # the part of the disk the guest writes, cyclically
 
 class Pair:
     """Two hosts, each with its own local pool (different paths) and the work
-    dir as the shared pool "storage"."""
+    dir as the shared pool "storage"; ma also has a local pool "scratch" that mb
+    lacks."""
 
     def __init__(self, root: Path) -> None:
         ports = {n: free_port(socket.SOCK_STREAM, a) for n, a in ADDRS.items()}
         self.local = {n: root / f"{n}-local" for n in ADDRS}
-        for d in self.local.values():
+        self.scratch = root / "ma-scratch"
+        for d in (*self.local.values(), self.scratch):
             d.mkdir(exist_ok=True)
         self.hosts = {
             n: Host(root, n, a, control_port=ports[n], storage_dirs=[str(root)],
-                    pools=[{"name": "local", "path": str(self.local[n])}],
+                    pools=[{"name": "local", "path": str(self.local[n])},
+                           *([{"name": "scratch", "path": str(self.scratch)}]
+                             if n == "ma" else [])],
                     peers={p: f"{ADDRS[p]}:{ports[p]}" for p in ADDRS if p != n})
             for n, a in ADDRS.items()}
 
@@ -64,14 +68,17 @@ def pair(guest: Any, workdir: Path) -> Iterator[Pair]:
                 f.unlink()
 
 
-def disk_guest(pair: Pair, name: str, image: str, rate: float = 2.0,
-               extra: str = "") -> tuple[dict[str, Any], Probe]:
-    """``image`` made in ma's local pool, and a guest on ma writing to it."""
-    pair["ma"].ferry("disk", "create", "local", image, "--size", "64M")
+def disk_guest(pair: Pair, name: str, image: str, rate: float = 2.0, extra: str = "",
+               pool: str = "local", backing: str | None = None,
+               more: tuple[dict[str, Any], ...] = ()) -> tuple[dict[str, Any], Probe]:
+    """``image`` made in ma's ``pool`` (over ``backing``, an image there), and a
+    guest on ma writing to it (``more``: its other disks)."""
+    pair["ma"].ferry("disk", "create", pool, image, "--size", "64M",
+                     *(("--backing", backing) if backing else ()))
     port = free_port()
     cfg = guest_config(name, port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
                        f"{REGION_MIB}:{rate} {extra}".strip(),
-                       disks=[{"pool": "local", "image": image}])
+                       disks=[{"pool": pool, "image": image}, *more])
     pair["ma"].create(cfg)
     probe = Probe(port, *ADDRS.values())
     probe.wait_up()
@@ -208,47 +215,30 @@ def test_refusals_and_failures_during_the_mirror_leave_the_source_whole(pair: Pa
 
 
 def test_a_copy_that_cannot_land_is_refused_with_nothing_changed(pair: Pair) -> None:
-    """A second disk, raw and sparse, whose virtual size is more than the
-    destination pool has free: refused, naming the rule. Then a destination
-    without a pool of the disks' name: refused. Each time the guest runs on at
-    the source, intact, and the destination holds no image, job or QEMU."""
+    """Besides its disk, the guest has a raw, sparse one whose virtual size is more
+    than the destination pool has free, and one in a pool the destination lacks:
+    the migration is refused naming both (the space rule too); the guest runs on
+    at the source, intact, and the destination holds no image, job or QEMU."""
     ma, mb = pair["ma"], pair["mb"]
-    ma.ferry("disk", "create", "local", "ref.qcow2", "--size", "64M")
     ma.ferry("disk", "create", "local", "huge.raw", "--size", "1T", "--format", "raw")
-    port = free_port()
-    cfg = guest_config("ref", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
-                       f"{REGION_MIB}:2", disks=[{"pool": "local", "image": "ref.qcow2"},
-                                                 {"pool": "local", "image": "huge.raw",
-                                                  "format": "raw"}])
-    ma.create(cfg)
-    probe = Probe(port, *ADDRS.values())
-    pools = mb.settings["pools"]
-
-    def unchanged() -> None:
+    ma.ferry("disk", "create", "scratch", "tmp.raw", "--size", "1M", "--format", "raw")
+    _, probe = disk_guest(pair, "ref", "ref.qcow2", more=(
+        {"pool": "local", "image": "huge.raw", "format": "raw"},
+        {"pool": "scratch", "image": "tmp.raw", "format": "raw"}))
+    try:
+        job = migrate(ma, "ref", "mb")
+        assert job["_rc"] == 1, job
+        assert "raw: the virtual size" in job["_stderr"], job
+        assert "no storage pool 'scratch'" in job["_stderr"], job
         assert ma.domains()["ref"]["state"] == "running" and mb.domains() == {}
         assert ma.json("jobs") == [] and mb.json("jobs") == [] and mb.qemu_pids() == []
         assert list(pair.local["mb"].glob("*")) == []
         assert disk_check(probe)["disk_bad"] == "0"
-
-    try:
-        probe.wait_up()
-        job = migrate(ma, "ref", "mb")
-        assert job["_rc"] == 1 and "raw: the virtual size" in job["_stderr"], job
-        unchanged()
-        mb.stop()
-        mb.settings["pools"] = [{"name": "elsewhere", "path": str(pair.local["mb"])}]
-        mb.start()
-        job = migrate(ma, "ref", "mb")
-        assert job["_rc"] == 1 and "no storage pool 'local'" in job["_stderr"], job
-        unchanged()
     finally:
         probe.close()
-        if mb.settings["pools"] is not pools:
-            mb.stop()
-            mb.settings["pools"] = pools
-            mb.start()
         cleanup(pair, "ref", "ref.qcow2")
         (pair.local["ma"] / "huge.raw").unlink(missing_ok=True)
+        (pair.scratch / "tmp.raw").unlink(missing_ok=True)
 
 
 def test_a_disk_cached_by_the_host_on_a_shared_pool_needs_unsafe(pair: Pair,
@@ -258,14 +248,8 @@ def test_a_disk_cached_by_the_host_on_a_shared_pool_needs_unsafe(pair: Pair,
     nothing changed on either host; with --unsafe it moves, the disk stays where
     both hosts see it (nothing copied) and the guest's check of every block passes."""
     ma, mb = pair["ma"], pair["mb"]
-    ma.ferry("disk", "create", "storage", "shr.qcow2", "--size", "64M")
-    port = free_port()
-    cfg = guest_config("shr", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
-                       f"{REGION_MIB}:2", disks=[{"pool": "storage", "image": "shr.qcow2"}])
-    ma.create(cfg)
-    probe = Probe(port, *ADDRS.values())
+    _, probe = disk_guest(pair, "shr", "shr.qcow2", pool="storage")
     try:
-        probe.wait_up()
         check = ma.ferry("migrate", "shr", "mb", "--live", "--check", check=False).stdout
         assert "cache writeback" in check and "--unsafe" in check, check
         job = migrate(ma, "shr", "mb")
@@ -295,15 +279,8 @@ def test_only_the_top_layer_moves_when_the_base_is_there(pair: Pair) -> None:
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 32M 32M",
                     str(pair.local["ma"] / "base.qcow2")], check=True, capture_output=True)
     shutil.copy2(pair.local["ma"] / "base.qcow2", pair.local["mb"] / "base.qcow2")
-    ma.ferry("disk", "create", "local", "inc.qcow2", "--size", "64M", "--backing",
-             "base.qcow2")
-    port = free_port()
-    cfg = guest_config("inc", port, bind="", cmdline_extra=f"ferry.mem=8 ferry.diskwrite="
-                       f"{REGION_MIB}:2", disks=[{"pool": "local", "image": "inc.qcow2"}])
-    ma.create(cfg)
-    probe = Probe(port, *ADDRS.values())
+    _, probe = disk_guest(pair, "inc", "inc.qcow2", backing="base.qcow2")
     try:
-        probe.wait_up()
         check = ma.ferry("migrate", "inc", "mb", "--live", "--check").stdout
         assert "only its top layer" in check and "base base.qcow2" in check, check
         job = migrate(ma, "inc", "mb")
