@@ -102,25 +102,25 @@ async def qemu_img(*args: str) -> str:
     return out.decode()
 
 
-async def image_info(path: Path, name: str = "") -> ImageInfo:
-    """The image at ``path`` (``-U``: also while a QEMU has it open)."""
-    data: dict[str, Any] = json.loads(await qemu_img("info", "-U", "--output=json",
-                                                     str(path)))
-    return ImageInfo(name=name or path.name, format=str(data.get("format")),
+def _info(data: dict[str, Any], name: str) -> ImageInfo:
+    """One image of ``qemu-img info --output=json``'s answer."""
+    return ImageInfo(name=name, format=str(data.get("format")),
                      virtual_size=int(data.get("virtual-size", 0)),
                      actual_size=int(data.get("actual-size", 0)),
                      backing=data.get("backing-filename"))
+
+
+async def image_info(path: Path, name: str = "") -> ImageInfo:
+    """The image at ``path`` (``-U``: also while a QEMU has it open)."""
+    data = json.loads(await qemu_img("info", "-U", "--output=json", str(path)))
+    return _info(data, name or path.name)
 
 
 async def image_chain(path: Path) -> list[ImageInfo]:
     """The image at ``path`` and every image below it, top first."""
     data = json.loads(await qemu_img("info", "-U", "--backing-chain", "--output=json",
                                      str(path)))
-    return [ImageInfo(name=Path(str(d.get("filename", path))).name,
-                      format=str(d.get("format")),
-                      virtual_size=int(d.get("virtual-size", 0)),
-                      actual_size=int(d.get("actual-size", 0)),
-                      backing=d.get("backing-filename"))
+    return [_info(d, Path(str(d.get("filename", path))).name)
             for d in (data if isinstance(data, list) else [data])]
 
 
@@ -151,8 +151,8 @@ def _sha256(path: Path, stop: threading.Event) -> str:
 
 class ImageIds:
     """Base images' identities: the SHA-256 of each file, computed once and cached
-    (in ``cache_file``) by its path, size and modification time, so two hosts can
-    tell they hold the same base without sending it. A file is hashed at most once
+    (in ``cache_file``) by its path and a stamp of its size, times and inode, so
+    two hosts can tell they hold the same base without sending it. A file is hashed at most once
     at a time, in the background, so a caller may wait a while and go on without
     the answer (``get(..., wait=)``) while the hash completes for next time."""
 
